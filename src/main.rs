@@ -1,0 +1,59 @@
+//! The rerank-server binary: configuration, logging, and signal handling around `server::start`.
+
+use clap::Parser;
+use rerank_server::config::{Cli, Config};
+use rerank_server::server;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), rerank_server::error::StartupError> {
+    let config = Config::load(&cli)?;
+    let effective = serde_json::to_string(&config).unwrap_or_default();
+    tracing::info!(config = %effective, "effective configuration");
+    let mut running = server::start(config).await?;
+    tokio::select! {
+        ready = running.ready() => ready?,
+        _ = shutdown_signal() => return running.shutdown().await,
+    }
+    tracing::info!(addr = %running.local_addr, "serving rerank.v1.Reranker");
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight calls");
+    running.shutdown().await
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

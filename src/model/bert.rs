@@ -1,0 +1,88 @@
+//! BertForSequenceClassification: BERT embeddings, the shared encoder, optional pooler and the classifier.
+
+use candle_core::{Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::encoder::Encoder;
+use super::hf_config::ModelConfig;
+use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear};
+use super::{CrossEncoder, PaddedBatch};
+
+pub const ARCHITECTURE: &str = "BertForSequenceClassification";
+
+pub struct Bert {
+    tables: EmbeddingTables,
+    embedding_norm: LayerNorm,
+    encoder: Encoder,
+    /// dense + tanh on [CLS]; absent in checkpoints saved without a pooler, then [CLS] feeds the classifier.
+    pooler: Option<Linear>,
+    classifier: Linear,
+    device: Device,
+}
+
+impl Bert {
+    /// Loads weights stored with or without the `bert.` prefix; the `position_ids` buffer is never read.
+    pub fn load(
+        vb: VarBuilder,
+        config: &ModelConfig,
+        activation: FeedForwardActivation,
+    ) -> Result<Self> {
+        let body = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb.clone()
+        };
+        let h = config.hidden_size;
+        let embeddings = body.pp("embeddings");
+        let tables = EmbeddingTables {
+            word: embeddings.get((config.vocab_size, h), "word_embeddings.weight")?,
+            position: embeddings.get(
+                (config.max_position_embeddings, h),
+                "position_embeddings.weight",
+            )?,
+            token_type: Some(
+                embeddings.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
+            ),
+        };
+        let pooler = if body.contains_tensor("pooler.dense.weight") {
+            Some(Linear::load(&body.pp("pooler.dense"), h, h)?)
+        } else {
+            tracing::warn!(
+                "checkpoint has no pooler; the classifier reads the [CLS] hidden state directly"
+            );
+            None
+        };
+        Ok(Self {
+            tables,
+            embedding_norm: LayerNorm::load(&embeddings.pp("LayerNorm"), h, config.layer_norm_eps)?,
+            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
+            pooler,
+            classifier: Linear::load(&vb.pp("classifier"), h, config.num_labels())?,
+            device: vb.device().clone(),
+        })
+    }
+}
+
+impl CrossEncoder for Bert {
+    fn forward(&self, batch: &PaddedBatch) -> Result<Tensor> {
+        let (size, seq) = (batch.size(), batch.seq_len);
+        let ids = Tensor::from_slice(&batch.input_ids, size * seq, &self.device)?;
+        let type_ids = Tensor::from_slice(&batch.type_ids, size * seq, &self.device)?;
+        let positions: Vec<u32> = (0..size).flat_map(|_| 0..seq as u32).collect();
+        let positions = Tensor::from_vec(positions, size * seq, &self.device)?;
+        let hidden = ops::embed(
+            &self.tables,
+            &ids,
+            &positions,
+            Some(&type_ids),
+            &self.embedding_norm,
+        )?;
+        let mask = ops::padding_mask_bias(&batch.lengths, seq, &self.device)?;
+        let first = self.encoder.forward_first_token(hidden, &mask, size, seq)?;
+        let pooled = match &self.pooler {
+            Some(pooler) => ops::dense_tanh(pooler, &first)?,
+            None => first,
+        };
+        self.classifier.forward(&pooled)
+    }
+}

@@ -1,0 +1,181 @@
+//! The post-LayerNorm transformer encoder shared by BERT and (XLM-)RoBERTa: fused-QKV self-attention and feed-forward.
+
+use candle_core::{IndexOp, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::hf_config::ModelConfig;
+use super::ops::{self, FeedForwardActivation, LayerNorm, Linear};
+
+/// One encoder layer, weights as in transformers' `encoder.layer.{i}`; Q, K and V fused into one GEMM at load.
+struct EncoderLayer {
+    qkv: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// Shapes every layer shares.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+    activation: FeedForwardActivation,
+}
+
+/// A stack of encoder layers.
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+    dims: Dims,
+}
+
+impl Encoder {
+    /// Loads `encoder.layer.*` from `vb` (already pointed at the encoder).
+    pub fn load(
+        vb: &VarBuilder,
+        config: &ModelConfig,
+        activation: FeedForwardActivation,
+    ) -> Result<Self> {
+        let hidden = config.hidden_size;
+        if config.num_attention_heads == 0 || !hidden.is_multiple_of(config.num_attention_heads) {
+            candle_core::bail!(
+                "hidden_size {hidden} is not a multiple of num_attention_heads {}",
+                config.num_attention_heads
+            );
+        }
+        let dims = Dims {
+            hidden,
+            heads: config.num_attention_heads,
+            head_dim: hidden / config.num_attention_heads,
+            activation,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::load(&vb.pp(format!("layer.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, dims })
+    }
+
+    /// Runs every layer over a right-padded batch and returns the hidden state of each sequence's first token,
+    /// [batch, hidden]. `hidden`: [batch * seq, hidden]. The last layer computes only the first-token rows
+    /// after attention, since nothing else reaches the classification head.
+    pub fn forward_first_token(
+        &self,
+        hidden: Tensor,
+        mask_bias: &Tensor,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Tensor> {
+        let Some((last, rest)) = self.layers.split_last() else {
+            return hidden
+                .reshape((batch, seq, self.dims.hidden))?
+                .i((.., 0))?
+                .contiguous();
+        };
+        let mut hidden = hidden;
+        for layer in rest {
+            hidden = layer.forward(&hidden, mask_bias, batch, seq, &self.dims)?;
+        }
+        last.forward_first_token(&hidden, mask_bias, batch, seq, &self.dims)
+    }
+}
+
+impl EncoderLayer {
+    fn load(vb: &VarBuilder, config: &ModelConfig) -> Result<Self> {
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let attention = vb.pp("attention");
+        let projections = ["query", "key", "value"]
+            .map(|name| Linear::load(&attention.pp("self").pp(name), h, h))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            qkv: Linear::concat(&projections)?,
+            attention_output: Linear::load(&attention.pp("output.dense"), h, h)?,
+            attention_norm: LayerNorm::load(&attention.pp("output.LayerNorm"), h, eps)?,
+            intermediate: Linear::load(&vb.pp("intermediate.dense"), h, config.intermediate_size)?,
+            output: Linear::load(&vb.pp("output.dense"), config.intermediate_size, h)?,
+            output_norm: LayerNorm::load(&vb.pp("output.LayerNorm"), h, eps)?,
+        })
+    }
+
+    /// Full layer: [batch * seq, hidden] -> [batch * seq, hidden].
+    fn forward(
+        &self,
+        hidden: &Tensor,
+        mask_bias: &Tensor,
+        batch: usize,
+        seq: usize,
+        dims: &Dims,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.split_heads(hidden, batch, seq, dims)?;
+        let context = merge_heads(&ops::attention(&q, &k, &v, mask_bias)?, batch * seq, dims)?;
+        let attended = self.attention_epilogue(&context, hidden)?;
+        self.feed_forward(&attended, dims)
+    }
+
+    /// The layer for first-token rows only: K and V from every token, Q and everything after attention from
+    /// the first token. Returns [batch, hidden].
+    fn forward_first_token(
+        &self,
+        hidden: &Tensor,
+        mask_bias: &Tensor,
+        batch: usize,
+        seq: usize,
+        dims: &Dims,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.split_heads(hidden, batch, seq, dims)?;
+        let q_first = q.narrow(2, 0, 1)?.contiguous()?;
+        let context = merge_heads(&ops::attention(&q_first, &k, &v, mask_bias)?, batch, dims)?;
+        let residual = hidden
+            .reshape((batch, seq, dims.hidden))?
+            .i((.., 0))?
+            .contiguous()?;
+        let attended = self.attention_epilogue(&context, &residual)?;
+        self.feed_forward(&attended, dims)
+    }
+
+    /// Fused QKV projection, split into [batch, heads, seq, head_dim] each.
+    fn split_heads(
+        &self,
+        hidden: &Tensor,
+        batch: usize,
+        seq: usize,
+        dims: &Dims,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let qkv = self
+            .qkv
+            .forward(hidden)?
+            .reshape((batch, seq, 3, dims.heads, dims.head_dim))?;
+        let part = |i: usize| qkv.i((.., .., i))?.transpose(1, 2)?.contiguous();
+        Ok((part(0)?, part(1)?, part(2)?))
+    }
+
+    fn attention_epilogue(&self, context: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let projected = self.attention_output.matmul(context)?;
+        ops::add_bias_layer_norm(
+            &projected,
+            self.attention_output.bias(),
+            residual,
+            &self.attention_norm,
+        )
+    }
+
+    fn feed_forward(&self, x: &Tensor, dims: &Dims) -> Result<Tensor> {
+        let inner = ops::bias_activation(
+            &self.intermediate.matmul(x)?,
+            self.intermediate.bias(),
+            dims.activation,
+        )?;
+        let projected = self.output.matmul(&inner)?;
+        ops::add_bias_layer_norm(&projected, self.output.bias(), x, &self.output_norm)
+    }
+}
+
+/// [batch, heads, rows, head_dim] -> [batch * rows, hidden].
+fn merge_heads(context: &Tensor, rows: usize, dims: &Dims) -> Result<Tensor> {
+    context
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, dims.hidden))
+}

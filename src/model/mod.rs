@@ -1,0 +1,210 @@
+//! Cross-encoder models: loading a Hugging Face model directory and running a padded batch to logits.
+
+pub mod bert;
+mod encoder;
+pub mod hf_config;
+pub mod ops;
+pub mod scoring;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::error::StartupError;
+use hf_config::{ModelConfig, SentenceTransformersConfig};
+use ops::FeedForwardActivation;
+use scoring::Scoring;
+
+/// A right-padded batch of token sequences, device-independent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PaddedBatch {
+    /// [size * seq_len], row-major; padding positions hold the pad id.
+    pub input_ids: Vec<u32>,
+    /// [size * seq_len]; 0 on padding.
+    pub type_ids: Vec<u32>,
+    /// Real length of each sequence; the rest of its row is padding.
+    pub lengths: Vec<usize>,
+    pub seq_len: usize,
+}
+
+impl PaddedBatch {
+    pub fn size(&self) -> usize {
+        self.lengths.len()
+    }
+
+    pub fn padded_tokens(&self) -> usize {
+        self.size() * self.seq_len
+    }
+
+    pub fn real_tokens(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    /// Pads sequences (ids, type ids) to the longest one.
+    pub fn from_sequences<'a>(
+        sequences: impl IntoIterator<Item = (&'a [u32], &'a [u32])> + Clone,
+        pad_id: u32,
+    ) -> Self {
+        let seq_len = sequences
+            .clone()
+            .into_iter()
+            .map(|(ids, _)| ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut batch = PaddedBatch {
+            seq_len,
+            ..Default::default()
+        };
+        for (ids, types) in sequences {
+            batch.lengths.push(ids.len());
+            batch.input_ids.extend_from_slice(ids);
+            batch
+                .input_ids
+                .resize(batch.lengths.len() * seq_len, pad_id);
+            batch.type_ids.extend_from_slice(types);
+            batch.type_ids.resize(batch.lengths.len() * seq_len, 0);
+        }
+        batch
+    }
+}
+
+/// A sequence-classification model: a padded batch in, logits [batch, num_labels] out.
+pub trait CrossEncoder: Send + Sync {
+    fn forward(&self, batch: &PaddedBatch) -> candle_core::Result<Tensor>;
+}
+
+/// A loaded model with what the rest of the server needs to know about it.
+pub struct LoadedModel {
+    pub model: Box<dyn CrossEncoder>,
+    pub architecture: String,
+    /// Longest sequence the position embeddings allow.
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    pub scoring: Scoring,
+    pub dtype: DType,
+    /// Id that fills padding positions (config.json pad_token_id, else 0).
+    pub pad_token_id: u32,
+}
+
+impl LoadedModel {
+    /// Runs a batch and returns each sequence's logits as rows.
+    pub fn logits(&self, batch: &PaddedBatch) -> candle_core::Result<Vec<Vec<f32>>> {
+        self.model.forward(batch)?.to_dtype(DType::F32)?.to_vec2()
+    }
+}
+
+/// Architectures this server runs.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[bert::ARCHITECTURE];
+
+/// Loads the model of a local Hugging Face model directory onto `device`.
+pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, StartupError> {
+    let config_path = dir.join("config.json");
+    let config: ModelConfig = hf_config::read_json(
+        &config_path,
+        "the model's config.json (architecture and shapes)",
+    )?;
+    let st_config: Option<SentenceTransformersConfig> =
+        hf_config::read_optional_json(&dir.join("config_sentence_transformers.json"))?;
+    let scoring = hf_config::scoring_for(&config, &config_path, st_config.as_ref())?;
+    let activation = FeedForwardActivation::from_config(&config.hidden_act).ok_or_else(|| {
+        StartupError::Unsupported(format!(
+            "hidden_act {:?} in {}",
+            config.hidden_act,
+            config_path.display()
+        ))
+    })?;
+    let architecture = config.architecture().unwrap_or_default().to_string();
+    let dtype = DType::F32;
+    let weights = weight_files(dir)?;
+    // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, dtype, device)? };
+    let model: Box<dyn CrossEncoder> = match architecture.as_str() {
+        bert::ARCHITECTURE => Box::new(bert::Bert::load(vb, &config, activation)?),
+        other => {
+            return Err(StartupError::Unsupported(format!(
+                "architecture {other:?} in {} (supported: {})",
+                config_path.display(),
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )))
+        }
+    };
+    Ok(LoadedModel {
+        model,
+        architecture,
+        max_positions: config.max_position_embeddings,
+        vocab_size: config.vocab_size,
+        scoring,
+        dtype,
+        pad_token_id: config.pad_token_id.unwrap_or(0),
+    })
+}
+
+#[derive(Deserialize)]
+struct SafetensorsIndex {
+    weight_map: std::collections::BTreeMap<String, String>,
+}
+
+/// The safetensors files holding the weights: `model.safetensors`, or the shards named by its index.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, StartupError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.is_file() {
+        let index: SafetensorsIndex =
+            hf_config::read_json(&index_path, "a safetensors shard index")?;
+        let mut shards: Vec<PathBuf> = index.weight_map.values().map(|f| dir.join(f)).collect();
+        shards.sort();
+        shards.dedup();
+        if let Some(missing) = shards.iter().find(|p| !p.is_file()) {
+            return Err(StartupError::MissingFile {
+                path: missing.clone(),
+                expected: format!("a weight shard named in {}", index_path.display()),
+            });
+        }
+        return Ok(shards);
+    }
+    let expected = if dir.join("pytorch_model.bin").exists() {
+        "the weights in safetensors format; this model only has pytorch_model.bin, which is not loaded (convert \
+         it, e.g. with transformers' save_pretrained(safe_serialization=True))"
+    } else {
+        "the model weights in safetensors format (model.safetensors or model.safetensors.index.json)"
+    };
+    Err(StartupError::MissingFile {
+        path: single,
+        expected: expected.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_to_the_longest_sequence() {
+        let a = ([1u32, 2, 3], [0u32, 0, 1]);
+        let b = ([4u32], [0u32]);
+        let seqs = [(&a.0[..], &a.1[..]), (&b.0[..], &b.1[..])];
+        let batch = PaddedBatch::from_sequences(seqs.iter().copied(), 9);
+        assert_eq!(batch.input_ids, vec![1, 2, 3, 4, 9, 9]);
+        assert_eq!(batch.type_ids, vec![0, 0, 1, 0, 0, 0]);
+        assert_eq!(batch.lengths, vec![3, 1]);
+        assert_eq!((batch.padded_tokens(), batch.real_tokens()), (6, 4));
+    }
+
+    #[test]
+    fn missing_weights_name_the_file_and_the_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("pytorch_model.bin"), b"").expect("write");
+        let err = weight_files(dir.path())
+            .expect_err("no safetensors")
+            .to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("pytorch_model.bin"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! The device operations every encoder architecture is built from (GEMM, fused bias/activation, residual LayerNorm,
+//! masked attention, embeddings). Architectures call only these, so a device backend can replace each one.
+
+use candle_core::{Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// A dense layer y = x·Wᵀ (+ b), W stored [out, in] as in the checkpoints.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: vb.get(out_dim, "bias")?,
+        })
+    }
+
+    /// Stacks layers that read the same input into one wider layer (e.g. Q, K and V into one GEMM).
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
+        })
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// x·Wᵀ without the bias, for callers that fuse the bias into the next operation. x: [rows, in].
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)
+    }
+
+    /// x·Wᵀ + b. x: [rows, in].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul(x)?.broadcast_add(&self.bias)
+    }
+}
+
+/// LayerNorm over the last dimension.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// The feed-forward activation named by `hidden_act` in config.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedForwardActivation {
+    /// Exact GELU, 0.5·x·(1 + erf(x/√2)): transformers' "gelu".
+    GeluErf,
+    /// The tanh approximation: "gelu_new", "gelu_pytorch_tanh".
+    GeluTanh,
+    Relu,
+}
+
+impl FeedForwardActivation {
+    pub fn from_config(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            "relu" => Some(Self::Relu),
+            _ => None,
+        }
+    }
+}
+
+/// act(x + bias), the first feed-forward projection's epilogue.
+pub fn bias_activation(
+    x: &Tensor,
+    bias: &Tensor,
+    activation: FeedForwardActivation,
+) -> Result<Tensor> {
+    let x = x.broadcast_add(bias)?;
+    match activation {
+        FeedForwardActivation::GeluErf => x.gelu_erf(),
+        FeedForwardActivation::GeluTanh => x.gelu(),
+        FeedForwardActivation::Relu => x.relu(),
+    }
+}
+
+/// LayerNorm(x + bias + residual): a sublayer's output projection epilogue in post-LN encoders.
+pub fn add_bias_layer_norm(
+    x: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    norm: &LayerNorm,
+) -> Result<Tensor> {
+    norm.forward(&x.broadcast_add(bias)?.add(residual)?)
+}
+
+/// Sum of the word, position and token-type embeddings of each token, then LayerNorm. All id tensors: [tokens].
+pub fn embed(
+    tables: &EmbeddingTables,
+    input_ids: &Tensor,
+    position_ids: &Tensor,
+    type_ids: Option<&Tensor>,
+    norm: &LayerNorm,
+) -> Result<Tensor> {
+    let mut sum = tables
+        .word
+        .index_select(input_ids, 0)?
+        .add(&tables.position.index_select(position_ids, 0)?)?;
+    if let (Some(table), Some(ids)) = (&tables.token_type, type_ids) {
+        sum = sum.add(&table.index_select(ids, 0)?)?;
+    }
+    norm.forward(&sum)
+}
+
+/// The embedding matrices of an encoder, [rows, hidden] each.
+#[derive(Debug, Clone)]
+pub struct EmbeddingTables {
+    pub word: Tensor,
+    pub position: Tensor,
+    pub token_type: Option<Tensor>,
+}
+
+/// Additive attention bias for a right-padded batch: 0 on real keys, the most negative float on padding keys,
+/// shaped [batch, 1, 1, seq] to broadcast over heads and query rows.
+pub fn padding_mask_bias(lengths: &[usize], seq_len: usize, device: &Device) -> Result<Tensor> {
+    let bias: Vec<f32> = lengths
+        .iter()
+        .flat_map(|&len| (0..seq_len).map(move |pos| if pos < len { 0.0 } else { f32::MIN }))
+        .collect();
+    Tensor::from_vec(bias, (lengths.len(), 1, 1, seq_len), device)
+}
+
+/// Scaled dot-product attention with padding keys excluded. q: [batch, heads, q_rows, head_dim]; k, v:
+/// [batch, heads, seq, head_dim]; mask_bias from `padding_mask_bias`. Padded query rows stay finite because
+/// every sequence has at least one real key.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
+    let head_dim = q.dim(D::Minus1)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask_bias)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(v)
+}
+
+/// tanh(x·Wᵀ + b): the pooler and RoBERTa head's dense layer.
+pub fn dense_tanh(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    layer.forward(x)?.tanh()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, IndexOp};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        a.sub(b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar())
+            .expect("diff")
+    }
+
+    #[test]
+    fn attention_ignores_padding_keys_and_keeps_padded_rows_finite() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, seq, hd) = (2, 5, 4);
+        let q = Tensor::randn(0f32, 1.0, (2, heads, seq, hd), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, heads, seq, hd), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, heads, seq, hd), &dev)?;
+        let lengths = [5, 3];
+        let out = attention(&q, &k, &v, &padding_mask_bias(&lengths, seq, &dev)?)?;
+        // The second sequence computed alone on its 3 real keys must give the same first 3 rows.
+        let alone = attention(
+            &q.i(1..2)?.narrow(2, 0, 3)?,
+            &k.i(1..2)?.narrow(2, 0, 3)?,
+            &v.i(1..2)?.narrow(2, 0, 3)?,
+            &padding_mask_bias(&[3], 3, &dev)?,
+        )?;
+        assert!(max_abs_diff(&out.i(1..2)?.narrow(2, 0, 3)?, &alone) < 1e-6);
+        let all: Vec<f32> = out.flatten_all()?.to_vec1()?;
+        assert!(all.iter().all(|x| x.is_finite()));
+        Ok(())
+    }
+
+    #[test]
+    fn fused_epilogues_match_their_definitions() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 8, &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        let gelu = bias_activation(&x, &b, FeedForwardActivation::GeluErf)?;
+        let xb: Vec<f32> = x.broadcast_add(&b)?.flatten_all()?.to_vec1()?;
+        let expected: Vec<f32> = xb
+            .iter()
+            .map(|v| 0.5 * v * (1.0 + libm_erf(v / std::f32::consts::SQRT_2)))
+            .collect();
+        let got: Vec<f32> = gelu.flatten_all()?.to_vec1()?;
+        assert!(
+            got.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-5),
+            "{got:?} vs {expected:?}"
+        );
+
+        let norm = LayerNorm {
+            weight: Tensor::ones(8, DType::F32, &dev)?,
+            bias: Tensor::zeros(8, DType::F32, &dev)?,
+            eps: 1e-12,
+        };
+        let y = add_bias_layer_norm(&x, &b, &r, &norm)?;
+        let mean = y
+            .mean_keepdim(1)?
+            .abs()?
+            .max_keepdim(0)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(mean[0] < 1e-5);
+        let var: Vec<f32> = y.sqr()?.mean_keepdim(1)?.flatten_all()?.to_vec1()?;
+        assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-4), "{var:?}");
+        Ok(())
+    }
+
+    /// erf by Abramowitz–Stegun 7.1.26 is too coarse; use a series that is exact to f32 for |x| < 4.
+    fn libm_erf(x: f32) -> f32 {
+        let x = x as f64;
+        let mut sum = 0.0;
+        let mut term = x;
+        let mut n = 0.0;
+        while n < 60.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+        }
+        (sum * 2.0 / std::f64::consts::PI.sqrt()) as f32
+    }
+
+    #[test]
+    fn concatenated_linear_equals_its_parts() -> Result<()> {
+        let dev = Device::Cpu;
+        let part = |seed: f32| -> Result<Linear> {
+            Ok(Linear {
+                weight: (Tensor::randn(0f32, 1.0, (4, 6), &dev)? + seed as f64)?,
+                bias: Tensor::randn(0f32, 1.0, 4, &dev)?,
+            })
+        };
+        let (a, b) = (part(0.0)?, part(1.0)?);
+        let x = Tensor::randn(0f32, 1.0, (5, 6), &dev)?;
+        let joint = Linear::concat(&[a.clone(), b.clone()])?.forward(&x)?;
+        let separate = Tensor::cat(&[a.forward(&x)?, b.forward(&x)?], 1)?;
+        assert!(max_abs_diff(&joint, &separate) < 1e-5);
+        Ok(())
+    }
+}

@@ -1,0 +1,381 @@
+//! The one rerank path shared by every endpoint: validate, tokenize, queue pairs, collect scores, rank.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::error::RerankError;
+use crate::model::scoring::Scoring;
+use crate::scheduler::request::{BatchOutcome, Pair, RequestHandle};
+use crate::scheduler::{BatchPolicy, SchedulerHandle, StatsSnapshot};
+use crate::tokenization::{PairTokenizer, QueryTokens, Truncation};
+
+/// Per-request limits; violations are InvalidArgument errors that name the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_documents: usize,
+    pub max_stream_documents: usize,
+    pub max_document_bytes: usize,
+    pub max_query_bytes: usize,
+}
+
+/// Options of one rerank call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RerankOptions {
+    /// 0 = all documents.
+    pub top_n: usize,
+    pub return_documents: bool,
+    pub raw_scores: bool,
+    pub truncation: Truncation,
+}
+
+/// A scored document, by its global index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankedDocument {
+    pub index: u32,
+    pub score: f32,
+    pub document: Option<String>,
+}
+
+/// Where a request's time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub pairs: u32,
+    pub tokens: u64,
+    /// From the first pair entering the queue until its first batch started.
+    pub queue_ns: u64,
+    pub tokenize_ns: u64,
+    /// Model time of the batches the request's pairs ran in.
+    pub inference_ns: u64,
+    pub total_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerankOutcome {
+    pub results: Vec<RankedDocument>,
+    pub usage: Usage,
+}
+
+/// What the server reports about itself.
+#[derive(Debug, Clone)]
+pub struct ModelDescription {
+    pub model_id: String,
+    pub architecture: String,
+    pub max_length: usize,
+    pub device: String,
+    pub dtype: String,
+    pub scoring: Scoring,
+    pub max_message_bytes: usize,
+}
+
+/// Cheap-to-clone entry point of the rerank path.
+#[derive(Clone)]
+pub struct Reranker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tokenizer: Arc<PairTokenizer>,
+    scheduler: SchedulerHandle,
+    limits: Limits,
+    policy: BatchPolicy,
+    description: ModelDescription,
+}
+
+impl Reranker {
+    pub fn new(
+        tokenizer: Arc<PairTokenizer>,
+        scheduler: SchedulerHandle,
+        limits: Limits,
+        policy: BatchPolicy,
+        description: ModelDescription,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                tokenizer,
+                scheduler,
+                limits,
+                policy,
+                description,
+            }),
+        }
+    }
+
+    pub fn description(&self) -> &ModelDescription {
+        &self.inner.description
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.inner.policy
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.scheduler.stats()
+    }
+
+    /// Scores all documents against the query and ranks them.
+    pub async fn rerank(
+        &self,
+        query: &str,
+        documents: Vec<String>,
+        options: RerankOptions,
+    ) -> Result<RerankOutcome, RerankError> {
+        if documents.is_empty() {
+            return Err(RerankError::invalid("documents must not be empty"));
+        }
+        let mut session = self.start(query, options)?;
+        session.push(documents).await?;
+        session.finish().await
+    }
+
+    /// Opens a session: validates and tokenizes the query once. Documents follow with `push`.
+    pub fn start(&self, query: &str, options: RerankOptions) -> Result<RerankSession, RerankError> {
+        let received_at = Instant::now();
+        let limits = &self.inner.limits;
+        if query.trim().is_empty() {
+            return Err(RerankError::invalid("query must not be empty"));
+        }
+        if query.len() > limits.max_query_bytes {
+            return Err(RerankError::invalid(format!(
+                "query is {} bytes, over the limit of {} (max_query_bytes)",
+                query.len(),
+                limits.max_query_bytes
+            )));
+        }
+        let query = Arc::new(self.inner.tokenizer.encode_query(query)?);
+        let (request, outcomes) = self.inner.scheduler.new_request();
+        Ok(RerankSession {
+            reranker: self.clone(),
+            options,
+            query,
+            request,
+            outcomes,
+            received_at,
+            scores: Vec::new(),
+            documents: Vec::new(),
+            pushed: 0,
+            scored: 0,
+            usage: Usage::default(),
+            first_enqueued: None,
+            first_started: None,
+            done: false,
+        })
+    }
+}
+
+/// Scores of documents as their batches finish (global indices, no particular order).
+pub type ScoredChunk = Vec<RankedDocument>;
+
+/// One query and the documents pushed so far; scores arrive as batches finish. Dropping an unfinished
+/// session cancels its pairs that have not reached the model.
+pub struct RerankSession {
+    reranker: Reranker,
+    options: RerankOptions,
+    query: Arc<QueryTokens>,
+    request: Arc<RequestHandle>,
+    outcomes: mpsc::UnboundedReceiver<BatchOutcome>,
+    received_at: Instant,
+    /// Score (or raw score) by global index; NaN until computed.
+    scores: Vec<f32>,
+    /// Chunks of documents kept for return_documents, with the global index of their first document.
+    documents: Vec<(usize, Arc<[String]>)>,
+    pushed: usize,
+    scored: usize,
+    usage: Usage,
+    first_enqueued: Option<Instant>,
+    first_started: Option<Instant>,
+    done: bool,
+}
+
+impl RerankSession {
+    /// Documents pushed whose scores have not arrived yet.
+    pub fn outstanding(&self) -> usize {
+        self.pushed - self.scored
+    }
+
+    pub fn pushed(&self) -> usize {
+        self.pushed
+    }
+
+    /// Validates, tokenizes and queues documents; their global indices continue from earlier pushes.
+    pub async fn push(&mut self, documents: Vec<String>) -> Result<(), RerankError> {
+        if documents.is_empty() {
+            return Ok(());
+        }
+        self.validate(&documents)?;
+        let first_index = self.pushed;
+        let documents: Arc<[String]> = documents.into();
+        let started = Instant::now();
+        let inner = &self.reranker.inner;
+        let tokens = inner
+            .tokenizer
+            .encode_documents(
+                Arc::clone(&self.query),
+                Arc::clone(&documents),
+                first_index,
+                self.options.truncation,
+            )
+            .await?;
+        self.usage.tokenize_ns += nanos(started.elapsed());
+        let enqueued_at = Instant::now();
+        self.first_enqueued.get_or_insert(enqueued_at);
+        let pairs: Vec<Pair> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, tokens)| Pair {
+                request: Arc::clone(&self.request),
+                index: (first_index + i) as u32,
+                tokens,
+                enqueued_at,
+            })
+            .collect();
+        self.pushed += pairs.len();
+        self.scores.resize(self.pushed, f32::NAN);
+        inner.scheduler.submit(pairs)?;
+        if self.options.return_documents {
+            self.documents.push((first_index, documents));
+        }
+        Ok(())
+    }
+
+    fn validate(&self, documents: &[String]) -> Result<(), RerankError> {
+        let limits = &self.reranker.inner.limits;
+        if documents.len() > limits.max_documents {
+            return Err(RerankError::invalid(format!(
+                "{} documents, over the limit of {} per request or stream chunk (max_documents)",
+                documents.len(),
+                limits.max_documents
+            )));
+        }
+        if self.pushed + documents.len() > limits.max_stream_documents {
+            return Err(RerankError::invalid(format!(
+                "{} documents in this stream, over the limit of {} (max_stream_documents)",
+                self.pushed + documents.len(),
+                limits.max_stream_documents
+            )));
+        }
+        if let Some((i, doc)) = documents
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.len() > limits.max_document_bytes)
+        {
+            return Err(RerankError::invalid(format!(
+                "documents[{}] is {} bytes, over the limit of {} (max_document_bytes)",
+                self.pushed + i,
+                doc.len(),
+                limits.max_document_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits for the next batch of this request's scores. Ok(None) when nothing is outstanding.
+    pub async fn next_scores(&mut self) -> Result<Option<ScoredChunk>, RerankError> {
+        if self.outstanding() == 0 {
+            return Ok(None);
+        }
+        match self.outcomes.recv().await {
+            Some(BatchOutcome::Scored(scored)) => {
+                let scoring = self.reranker.inner.description.scoring;
+                let raw = self.options.raw_scores;
+                self.usage.tokens += scored.tokens;
+                self.usage.inference_ns += nanos(scored.inference);
+                let first = *self.first_started.get_or_insert(scored.started);
+                self.first_started = Some(first.min(scored.started));
+                let mut chunk = Vec::with_capacity(scored.pairs.len());
+                for (index, logits) in scored.pairs {
+                    let score = if raw {
+                        scoring.raw(&logits)
+                    } else {
+                        scoring.score(&logits)
+                    };
+                    if let Some(slot) = self.scores.get_mut(index as usize) {
+                        *slot = score;
+                        self.scored += 1;
+                        chunk.push(RankedDocument {
+                            index,
+                            score,
+                            document: None,
+                        });
+                    }
+                }
+                Ok(Some(chunk))
+            }
+            Some(BatchOutcome::Failed(error)) => Err(error),
+            None => Err(RerankError::internal("the scheduler dropped this request")),
+        }
+    }
+
+    /// Waits for every outstanding score and ranks all documents pushed.
+    pub async fn finish(mut self) -> Result<RerankOutcome, RerankError> {
+        if self.pushed == 0 {
+            return Err(RerankError::invalid(
+                "documents must not be empty: no documents were sent",
+            ));
+        }
+        while self.next_scores().await?.is_some() {}
+        self.done = true;
+        let results = self.rank();
+        let mut usage = self.usage;
+        usage.pairs = self.pushed as u32;
+        usage.queue_ns = match (self.first_enqueued, self.first_started) {
+            (Some(enqueued), Some(started)) => nanos(started.saturating_duration_since(enqueued)),
+            _ => 0,
+        };
+        usage.total_ns = nanos(self.received_at.elapsed());
+        Ok(RerankOutcome { results, usage })
+    }
+
+    /// All scores sorted highest first (ties by index), cut to top_n, documents attached if asked.
+    fn rank(&self) -> Vec<RankedDocument> {
+        let mut order: Vec<u32> = (0..self.scores.len() as u32).collect();
+        let by_score = |a: &u32, b: &u32| {
+            self.scores[*b as usize]
+                .total_cmp(&self.scores[*a as usize])
+                .then(a.cmp(b))
+        };
+        let top_n = match self.options.top_n {
+            0 => order.len(),
+            n => n.min(order.len()),
+        };
+        if top_n < order.len() {
+            order.select_nth_unstable_by(top_n, by_score);
+            order.truncate(top_n);
+        }
+        order.sort_unstable_by(by_score);
+        order
+            .into_iter()
+            .map(|index| RankedDocument {
+                index,
+                score: self.scores[index as usize],
+                document: self.document(index as usize).map(str::to_owned),
+            })
+            .collect()
+    }
+
+    fn document(&self, index: usize) -> Option<&str> {
+        let chunk = self
+            .documents
+            .partition_point(|(start, _)| *start <= index)
+            .checked_sub(1)?;
+        let (start, docs) = &self.documents[chunk];
+        docs.get(index - start).map(String::as_str)
+    }
+}
+
+impl Drop for RerankSession {
+    fn drop(&mut self) {
+        if !self.done && self.outstanding() > 0 {
+            self.reranker.inner.scheduler.cancel(&self.request);
+        }
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}

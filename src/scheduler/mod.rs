@@ -1,0 +1,364 @@
+//! The scheduler task: takes pairs from every request into one queue and feeds cut batches to the engine.
+
+mod queue;
+pub mod request;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub use queue::{bucket_bounds, Batch, BatchPolicy, BatchQueue};
+use request::{BatchOutcome, Pair, RequestHandle, RequestId};
+
+use crate::error::RerankError;
+
+/// Counters since start, shared with `Info`.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub batches: AtomicU64,
+    pub pairs: AtomicU64,
+    pub padded_tokens: AtomicU64,
+    pub real_tokens: AtomicU64,
+    pub cancelled_pairs: AtomicU64,
+    pub queued_pairs: AtomicU64,
+}
+
+/// A point-in-time copy of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StatsSnapshot {
+    pub batches: u64,
+    pub pairs: u64,
+    pub padded_tokens: u64,
+    pub real_tokens: u64,
+    pub cancelled_pairs: u64,
+    pub queued_pairs: u64,
+}
+
+impl StatsSnapshot {
+    /// Padded tokens per real token (1.0 = no padding waste).
+    pub fn padding_ratio(&self) -> f64 {
+        if self.real_tokens == 0 {
+            1.0
+        } else {
+            self.padded_tokens as f64 / self.real_tokens as f64
+        }
+    }
+}
+
+impl SchedulerStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            batches: get(&self.batches),
+            pairs: get(&self.pairs),
+            padded_tokens: get(&self.padded_tokens),
+            real_tokens: get(&self.real_tokens),
+            cancelled_pairs: get(&self.cancelled_pairs),
+            queued_pairs: get(&self.queued_pairs),
+        }
+    }
+
+    fn record_batch(&self, batch: &Batch) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.pairs
+            .fetch_add(batch.pairs.len() as u64, Ordering::Relaxed);
+        self.padded_tokens
+            .fetch_add(batch.inputs.padded_tokens() as u64, Ordering::Relaxed);
+        self.real_tokens
+            .fetch_add(batch.inputs.real_tokens() as u64, Ordering::Relaxed);
+    }
+}
+
+enum Command {
+    Submit(Vec<Pair>),
+    Cancel(RequestId),
+}
+
+/// The way into the scheduler; cheap to clone.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    stats: Arc<SchedulerStats>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl SchedulerHandle {
+    /// Registers a new request; its outcomes arrive on the returned receiver.
+    pub fn new_request(&self) -> (Arc<RequestHandle>, mpsc::UnboundedReceiver<BatchOutcome>) {
+        RequestHandle::new(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Queues pairs for computation.
+    pub fn submit(&self, pairs: Vec<Pair>) -> Result<(), RerankError> {
+        self.commands
+            .send(Command::Submit(pairs))
+            .map_err(|_| RerankError::Unavailable("the scheduler has stopped".into()))
+    }
+
+    /// Drops a request's pairs that are still queued.
+    pub fn cancel(&self, request: &RequestHandle) {
+        request.cancel();
+        let _ = self.commands.send(Command::Cancel(request.id));
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+}
+
+/// Starts the scheduler task on the current tokio runtime. Batches go to `engine`, a bounded channel, so the
+/// next batch is assembled while the engine runs the current one.
+pub fn spawn(
+    policy: BatchPolicy,
+    max_length: usize,
+    pad_id: u32,
+    engine: mpsc::Sender<Batch>,
+) -> SchedulerHandle {
+    let (commands, receiver) = mpsc::unbounded_channel();
+    let stats = Arc::new(SchedulerStats::default());
+    let queue = BatchQueue::new(policy, max_length, pad_id);
+    tokio::spawn(run(queue, receiver, engine, Arc::clone(&stats)));
+    SchedulerHandle {
+        commands,
+        stats,
+        next_id: Arc::new(AtomicU64::new(1)),
+    }
+}
+
+async fn run(
+    mut queue: BatchQueue,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    engine: mpsc::Sender<Batch>,
+    stats: Arc<SchedulerStats>,
+) {
+    loop {
+        while let Ok(command) = commands.try_recv() {
+            apply(&mut queue, command, &stats);
+        }
+        stats
+            .queued_pairs
+            .store(queue.len() as u64, Ordering::Relaxed);
+        if queue.has_ready(Instant::now()) {
+            tokio::select! {
+                biased;
+                permit = engine.reserve() => {
+                    let Ok(permit) = permit else { break };
+                    // Cut only now that the engine can take it, so the batch includes the latest arrivals.
+                    if let Some((batch, report)) = queue.cut(Instant::now()) {
+                        stats.cancelled_pairs.fetch_add(report.dropped_cancelled as u64, Ordering::Relaxed);
+                        stats.record_batch(&batch);
+                        log_batch(&batch);
+                        permit.send(batch);
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(command) => apply(&mut queue, command, &stats),
+                    None => return,
+                },
+            }
+        } else {
+            let deadline = queue.next_deadline();
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => apply(&mut queue, command, &stats),
+                    None => return,
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {}
+            }
+        }
+    }
+    fail_everything(queue, commands, &stats).await;
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+fn apply(queue: &mut BatchQueue, command: Command, stats: &SchedulerStats) {
+    match command {
+        Command::Submit(pairs) => pairs.into_iter().for_each(|pair| queue.push(pair)),
+        Command::Cancel(request) => {
+            let dropped = queue.cancel(request);
+            stats
+                .cancelled_pairs
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+fn log_batch(batch: &Batch) {
+    let (padded, real) = (batch.inputs.padded_tokens(), batch.inputs.real_tokens());
+    tracing::debug!(
+        pairs = batch.pairs.len(),
+        seq_len = batch.inputs.seq_len,
+        padded_tokens = padded,
+        real_tokens = real,
+        padding_ratio = padded as f64 / real.max(1) as f64,
+        "batch cut"
+    );
+}
+
+/// The engine is gone: every queued and future pair fails instead of waiting forever.
+async fn fail_everything(
+    mut queue: BatchQueue,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    stats: &SchedulerStats,
+) {
+    tracing::error!("the engine stopped; failing all pending requests");
+    let error = || BatchOutcome::Failed(RerankError::internal("the inference engine has stopped"));
+    let policy = *queue.policy();
+    let far_future = Instant::now() + policy.max_wait + std::time::Duration::from_secs(3600);
+    while let Some((batch, _)) = queue.cut(far_future) {
+        batch
+            .pairs
+            .iter()
+            .for_each(|pair| pair.request.deliver(error()));
+    }
+    stats.queued_pairs.store(0, Ordering::Relaxed);
+    while let Some(command) = commands.recv().await {
+        if let Command::Submit(pairs) = command {
+            pairs.iter().for_each(|pair| pair.request.deliver(error()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenization::PairTokens;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    fn policy() -> BatchPolicy {
+        BatchPolicy {
+            max_batch_tokens: 512,
+            max_batch_size: 8,
+            max_wait: Duration::from_millis(1),
+        }
+    }
+
+    fn pairs(request: &Arc<RequestHandle>, count: u32, len: usize) -> Vec<Pair> {
+        (0..count)
+            .map(|index| Pair {
+                request: Arc::clone(request),
+                index,
+                tokens: PairTokens {
+                    input_ids: vec![1; len],
+                    type_ids: vec![0; len],
+                },
+                enqueued_at: Instant::now(),
+            })
+            .collect()
+    }
+
+    /// Answers each batch row with its document index as the logit, like an engine would.
+    fn echo(batch: Batch) {
+        type Rows = Vec<(u32, Vec<f32>)>;
+        let mut by_request: Vec<(Arc<RequestHandle>, Rows)> = Vec::new();
+        for pair in batch.pairs {
+            match by_request.iter_mut().find(|(r, _)| r.id == pair.request.id) {
+                Some((_, rows)) => rows.push((pair.index, vec![pair.index as f32])),
+                None => by_request.push((
+                    Arc::clone(&pair.request),
+                    vec![(pair.index, vec![pair.index as f32])],
+                )),
+            }
+        }
+        for (request, rows) in by_request {
+            let scored = request::ScoredPairs {
+                pairs: rows,
+                tokens: 0,
+                started: Instant::now(),
+                inference: Duration::ZERO,
+            };
+            request.deliver(BatchOutcome::Scored(scored));
+        }
+    }
+
+    #[tokio::test]
+    async fn every_pair_of_concurrent_requests_is_answered_exactly_once() {
+        let (engine, mut inbox) = mpsc::channel(1);
+        let scheduler = spawn(policy(), 128, 0, engine);
+        tokio::spawn(async move {
+            while let Some(batch) = inbox.recv().await {
+                echo(batch);
+            }
+        });
+        let mut receivers = Vec::new();
+        for (i, count) in [1u32, 7, 250, 33].into_iter().enumerate() {
+            let (request, receiver) = scheduler.new_request();
+            scheduler
+                .submit(pairs(&request, count, 5 + i * 30))
+                .expect("submit");
+            receivers.push((request, receiver, count));
+        }
+        for (_request, mut receiver, count) in receivers {
+            let mut seen = HashSet::new();
+            while seen.len() < count as usize {
+                let outcome = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+                    .await
+                    .expect("in time");
+                let Some(BatchOutcome::Scored(scored)) = outcome else {
+                    panic!("scored outcome expected")
+                };
+                for (index, logits) in scored.pairs {
+                    assert_eq!(logits, vec![index as f32]);
+                    assert!(seen.insert(index), "index {index} answered twice");
+                }
+            }
+            assert!(
+                receiver.try_recv().is_err(),
+                "nothing beyond the request's pairs"
+            );
+        }
+        let stats = scheduler.stats();
+        assert_eq!(stats.pairs, 291);
+        assert!(stats.padded_tokens >= stats.real_tokens && stats.batches >= 291 / 8);
+    }
+
+    #[tokio::test]
+    async fn cancelling_drops_pairs_that_have_not_reached_the_engine() {
+        let (engine, mut inbox) = mpsc::channel(1);
+        let scheduler = spawn(policy(), 128, 0, engine);
+        let (request, _receiver) = scheduler.new_request();
+        scheduler.submit(pairs(&request, 80, 20)).expect("submit");
+        // The engine is busy: one batch sits in its inbox, the rest wait in the queue.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        scheduler.cancel(&request);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut reached_engine = 0;
+        while let Ok(Some(batch)) =
+            tokio::time::timeout(Duration::from_millis(100), inbox.recv()).await
+        {
+            reached_engine += batch.pairs.len();
+        }
+        assert!(
+            reached_engine <= 16,
+            "{reached_engine} pairs reached the engine after cancel"
+        );
+        let stats = scheduler.stats();
+        assert_eq!(stats.cancelled_pairs as usize + reached_engine, 80);
+        assert_eq!(stats.queued_pairs, 0);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_engine_fails_requests_instead_of_hanging() {
+        let (engine, inbox) = mpsc::channel(1);
+        drop(inbox);
+        let scheduler = spawn(policy(), 128, 0, engine);
+        let (request, mut receiver) = scheduler.new_request();
+        scheduler.submit(pairs(&request, 3, 10)).expect("submit");
+        let outcome = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
+            .await
+            .expect("in time");
+        assert!(matches!(
+            outcome,
+            Some(BatchOutcome::Failed(RerankError::Internal(_)))
+        ));
+    }
+}

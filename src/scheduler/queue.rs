@@ -1,0 +1,548 @@
+//! The batching policy: pending pairs in length buckets, fair turns between requests, and when to cut a batch.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::request::{Pair, RequestId};
+use crate::model::PaddedBatch;
+
+/// Limits that decide when a batch is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Padded tokens (pairs x longest pair) a batch may hold; a single longer pair runs alone.
+    pub max_batch_tokens: usize,
+    pub max_batch_size: usize,
+    /// A bucket that is not full is cut once its oldest pair has waited this long.
+    pub max_wait: Duration,
+}
+
+/// A cut batch: its pairs (in row order) and their padded model input.
+#[derive(Debug)]
+pub struct Batch {
+    pub pairs: Vec<Pair>,
+    pub inputs: PaddedBatch,
+}
+
+/// Pairs of one request inside one bucket, oldest first.
+#[derive(Debug)]
+struct Lane {
+    request: RequestId,
+    pairs: VecDeque<Pair>,
+}
+
+/// Pending pairs whose lengths fall in (previous bound, bound].
+#[derive(Debug)]
+struct Bucket {
+    bound: usize,
+    /// One lane per request; the front lane gives the next pair when the bucket is drained round-robin.
+    lanes: VecDeque<Lane>,
+    count: usize,
+}
+
+impl Bucket {
+    fn oldest(&self) -> Option<Instant> {
+        self.lanes
+            .iter()
+            .filter_map(|lane| lane.pairs.front())
+            .map(|p| p.enqueued_at)
+            .min()
+    }
+
+    /// Enough pairs to fill a batch by size or by tokens (at the bucket's bound, an upper bound of the padding).
+    fn is_full(&self, policy: &BatchPolicy) -> bool {
+        self.count >= policy.max_batch_size
+            || self.count.saturating_mul(self.bound) >= policy.max_batch_tokens
+    }
+
+    fn is_ready(&self, policy: &BatchPolicy, now: Instant) -> bool {
+        self.count > 0
+            && (self.is_full(policy)
+                || self
+                    .oldest()
+                    .is_some_and(|t| now.saturating_duration_since(t) >= policy.max_wait))
+    }
+
+    fn lane_position(&self, request: RequestId) -> Option<usize> {
+        self.lanes.iter().position(|lane| lane.request == request)
+    }
+}
+
+/// Per-request bookkeeping: how many of its pairs wait, and in which buckets.
+#[derive(Debug)]
+struct RequestEntry {
+    queued: usize,
+    per_bucket: Vec<usize>,
+}
+
+/// What one cut removed besides the batch itself.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CutReport {
+    /// Pairs of cancelled requests dropped instead of computed.
+    pub dropped_cancelled: usize,
+}
+
+/// The scheduler's pending pairs and the policy that turns them into batches. Pure logic: time comes in as
+/// arguments, so behaviour is deterministic under test.
+#[derive(Debug)]
+pub struct BatchQueue {
+    policy: BatchPolicy,
+    pad_id: u32,
+    buckets: Vec<Bucket>,
+    requests: HashMap<RequestId, RequestEntry>,
+    /// Requests with queued pairs; the front one anchors the next batch, then goes to the back.
+    turns: VecDeque<RequestId>,
+    queued: usize,
+}
+
+/// Bucket bounds from 16 tokens up to max_length, each at most about 25% above the previous, multiples of 8,
+/// so padding inside a bucket wastes at most about a fifth of the tokens.
+pub fn bucket_bounds(max_length: usize) -> Vec<usize> {
+    let mut bounds = Vec::new();
+    let mut bound = 16;
+    while bound < max_length {
+        bounds.push(bound);
+        bound += ((bound / 4) & !7).max(8);
+    }
+    bounds.push(max_length.max(1));
+    bounds
+}
+
+impl BatchQueue {
+    pub fn new(policy: BatchPolicy, max_length: usize, pad_id: u32) -> Self {
+        let buckets = bucket_bounds(max_length)
+            .into_iter()
+            .map(|bound| Bucket {
+                bound,
+                lanes: VecDeque::new(),
+                count: 0,
+            })
+            .collect();
+        Self {
+            policy,
+            pad_id,
+            buckets,
+            requests: HashMap::new(),
+            turns: VecDeque::new(),
+            queued: 0,
+        }
+    }
+
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
+    }
+
+    /// Pairs waiting.
+    pub fn len(&self) -> usize {
+        self.queued
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queued == 0
+    }
+
+    /// Pairs of `request` waiting.
+    pub fn queued_for(&self, request: RequestId) -> usize {
+        self.requests.get(&request).map_or(0, |entry| entry.queued)
+    }
+
+    fn bucket_of(&self, len: usize) -> usize {
+        self.buckets
+            .partition_point(|b| b.bound < len)
+            .min(self.buckets.len() - 1)
+    }
+
+    pub fn push(&mut self, pair: Pair) {
+        let bucket_index = self.bucket_of(pair.len());
+        let request = pair.request.id;
+        let bucket_count = self.buckets.len();
+        let entry = self
+            .requests
+            .entry(request)
+            .or_insert_with(|| RequestEntry {
+                queued: 0,
+                per_bucket: vec![0; bucket_count],
+            });
+        if entry.queued == 0 {
+            self.turns.push_back(request);
+        }
+        entry.queued += 1;
+        entry.per_bucket[bucket_index] += 1;
+        let bucket = &mut self.buckets[bucket_index];
+        match bucket.lane_position(request) {
+            Some(i) => bucket.lanes[i].pairs.push_back(pair),
+            None => bucket.lanes.push_back(Lane {
+                request,
+                pairs: VecDeque::from([pair]),
+            }),
+        }
+        bucket.count += 1;
+        self.queued += 1;
+    }
+
+    /// Drops every pending pair of `request`; returns how many.
+    pub fn cancel(&mut self, request: RequestId) -> usize {
+        let Some(entry) = self.requests.remove(&request) else {
+            return 0;
+        };
+        for (bucket, &count) in self.buckets.iter_mut().zip(&entry.per_bucket) {
+            if count > 0 {
+                bucket.lanes.retain(|lane| lane.request != request);
+                bucket.count -= count;
+            }
+        }
+        self.turns.retain(|&r| r != request);
+        self.queued -= entry.queued;
+        entry.queued
+    }
+
+    /// Whether some bucket is ready to be cut at `now`.
+    pub fn has_ready(&self, now: Instant) -> bool {
+        self.buckets.iter().any(|b| b.is_ready(&self.policy, now))
+    }
+
+    /// The earliest time a not-yet-ready bucket becomes due by max_wait.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.buckets
+            .iter()
+            .filter_map(Bucket::oldest)
+            .min()
+            .map(|t| t + self.policy.max_wait)
+    }
+
+    /// Cuts the next batch if a bucket is ready. Requests take turns anchoring batches: the first request in
+    /// turn order that has pairs in a ready bucket picks the bucket holding its oldest such pair, and the batch
+    /// is filled round-robin across all requests in that bucket. So a huge request cannot starve a small one.
+    pub fn cut(&mut self, now: Instant) -> Option<(Batch, CutReport)> {
+        let mut report = CutReport::default();
+        loop {
+            let (turn, bucket_index) = self.anchor(now)?;
+            if let Some(request) = self.turns.remove(turn) {
+                self.turns.push_back(request);
+            }
+            let pairs = self.take_from_bucket(bucket_index, &mut report);
+            if !pairs.is_empty() {
+                let inputs = PaddedBatch::from_sequences(
+                    pairs
+                        .iter()
+                        .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
+                    self.pad_id,
+                );
+                return Some((Batch { pairs, inputs }, report));
+            }
+            // Everything taken belonged to cancelled requests: look again.
+        }
+    }
+
+    /// (position in turn order, bucket) of the next batch's anchor.
+    fn anchor(&self, now: Instant) -> Option<(usize, usize)> {
+        let ready: Vec<bool> = self
+            .buckets
+            .iter()
+            .map(|b| b.is_ready(&self.policy, now))
+            .collect();
+        self.turns.iter().enumerate().find_map(|(turn, request)| {
+            let entry = self.requests.get(request)?;
+            let bucket = (0..self.buckets.len())
+                .filter(|&b| ready[b] && entry.per_bucket[b] > 0)
+                .min_by_key(|&b| {
+                    let bucket = &self.buckets[b];
+                    bucket
+                        .lane_position(*request)
+                        .and_then(|i| bucket.lanes[i].pairs.front())
+                        .map(|p| p.enqueued_at)
+                })?;
+            Some((turn, bucket))
+        })
+    }
+
+    /// Takes pairs from a bucket round-robin over its lanes (the anchor's lane is first) until the next pair
+    /// would break the size or token budget. Pairs of cancelled requests are dropped, not batched.
+    fn take_from_bucket(&mut self, bucket_index: usize, report: &mut CutReport) -> Vec<Pair> {
+        let policy = self.policy;
+        let anchor = self.turns.back().copied();
+        let bucket = &mut self.buckets[bucket_index];
+        if let Some(position) = anchor.and_then(|r| bucket.lane_position(r)) {
+            bucket.lanes.rotate_left(position);
+        }
+        let mut batch: Vec<Pair> = Vec::new();
+        let mut padded_len = 0;
+        let mut taken: Vec<RequestId> = Vec::new();
+        while let Some(mut lane) = bucket.lanes.pop_front() {
+            let Some(pair) = lane.pairs.front() else {
+                continue;
+            };
+            if pair.request.is_cancelled() {
+                report.dropped_cancelled += lane.pairs.len();
+                taken.extend(std::iter::repeat_n(lane.request, lane.pairs.len()));
+                bucket.count -= lane.pairs.len();
+                continue;
+            }
+            let new_len = padded_len.max(pair.len());
+            let fits = batch.is_empty()
+                || (batch.len() < policy.max_batch_size
+                    && (batch.len() + 1) * new_len <= policy.max_batch_tokens);
+            if !fits {
+                bucket.lanes.push_front(lane);
+                break;
+            }
+            padded_len = new_len;
+            if let Some(pair) = lane.pairs.pop_front() {
+                taken.push(lane.request);
+                batch.push(pair);
+                bucket.count -= 1;
+            }
+            if !lane.pairs.is_empty() {
+                bucket.lanes.push_back(lane);
+            }
+        }
+        for request in taken {
+            self.forget_one(request, bucket_index);
+        }
+        batch
+    }
+
+    fn forget_one(&mut self, request: RequestId, bucket_index: usize) {
+        self.queued -= 1;
+        if let Some(entry) = self.requests.get_mut(&request) {
+            entry.queued -= 1;
+            entry.per_bucket[bucket_index] -= 1;
+            if entry.queued == 0 {
+                self.requests.remove(&request);
+                self.turns.retain(|&r| r != request);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::request::RequestHandle;
+    use crate::tokenization::PairTokens;
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn policy(tokens: usize, size: usize, wait_ms: u64) -> BatchPolicy {
+        BatchPolicy {
+            max_batch_tokens: tokens,
+            max_batch_size: size,
+            max_wait: Duration::from_millis(wait_ms),
+        }
+    }
+
+    fn pair(request: &Arc<RequestHandle>, index: u32, len: usize, at: Instant) -> Pair {
+        let tokens = PairTokens {
+            input_ids: vec![7; len],
+            type_ids: vec![0; len],
+        };
+        Pair {
+            request: Arc::clone(request),
+            index,
+            tokens,
+            enqueued_at: at,
+        }
+    }
+
+    fn request(id: RequestId) -> Arc<RequestHandle> {
+        let (handle, receiver) = RequestHandle::new(id);
+        std::mem::forget(receiver); // keep the sink open: a closed sink reads as cancelled
+        handle
+    }
+
+    fn drain(queue: &mut BatchQueue, now: Instant) -> Vec<Batch> {
+        std::iter::from_fn(|| queue.cut(now).map(|(b, _)| b)).collect()
+    }
+
+    #[test]
+    fn bounds_grow_by_at_most_a_quarter_and_end_at_max_length() {
+        let bounds = bucket_bounds(512);
+        assert_eq!(bounds.first(), Some(&16));
+        assert_eq!(bounds.last(), Some(&512));
+        assert!(bounds
+            .windows(2)
+            .all(|w| w[1] > w[0] && (w[1] - w[0]) * 4 <= w[0].max(32)));
+        assert_eq!(bucket_bounds(8), vec![8]);
+        assert_eq!(bucket_bounds(8194).last(), Some(&8194));
+    }
+
+    #[test]
+    fn budget_and_size_are_never_exceeded() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(1000, 16, 5), 512, 0);
+        let r = request(1);
+        let mut seed = 17u64;
+        for i in 0..600 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            queue.push(pair(&r, i, 3 + (seed >> 33) as usize % 300, t0));
+        }
+        let batches = drain(&mut queue, t0 + 10 * MS);
+        assert_eq!(batches.iter().map(|b| b.pairs.len()).sum::<usize>(), 600);
+        for batch in &batches {
+            assert!(batch.pairs.len() <= 16);
+            assert!(
+                batch.inputs.padded_tokens() <= 1000,
+                "{} padded tokens",
+                batch.inputs.padded_tokens()
+            );
+            assert_eq!(
+                batch.inputs.seq_len,
+                batch.pairs.iter().map(Pair::len).max().unwrap_or(0)
+            );
+        }
+    }
+
+    #[test]
+    fn a_pair_longer_than_the_budget_runs_alone() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(100, 8, 5), 512, 0);
+        let r = request(1);
+        queue.push(pair(&r, 0, 400, t0));
+        queue.push(pair(&r, 1, 410, t0));
+        assert!(
+            queue.has_ready(t0),
+            "an over-budget pair is a full batch at once"
+        );
+        let batches = drain(&mut queue, t0);
+        assert_eq!(
+            batches.iter().map(|b| b.pairs.len()).collect::<Vec<_>>(),
+            vec![1, 1]
+        );
+    }
+
+    #[test]
+    fn max_wait_is_honoured() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(10_000, 64, 5), 512, 0);
+        let r = request(1);
+        queue.push(pair(&r, 0, 20, t0));
+        assert!(
+            !queue.has_ready(t0 + 4 * MS),
+            "a lone pair waits for company until max_wait"
+        );
+        assert!(queue.cut(t0 + 4 * MS).is_none());
+        assert_eq!(queue.next_deadline(), Some(t0 + 5 * MS));
+        assert!(queue.has_ready(t0 + 5 * MS));
+        let (batch, _) = queue.cut(t0 + 5 * MS).expect("due at max_wait");
+        assert_eq!(batch.pairs.len(), 1);
+        assert!(queue.is_empty() && queue.next_deadline().is_none());
+    }
+
+    #[test]
+    fn a_full_bucket_is_cut_without_waiting() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(10_000, 4, 1000), 512, 0);
+        let r = request(1);
+        for i in 0..4 {
+            queue.push(pair(&r, i, 30, t0));
+        }
+        let (batch, _) = queue.cut(t0).expect("full by size");
+        assert_eq!(batch.pairs.len(), 4);
+    }
+
+    #[test]
+    fn pairs_are_grouped_by_length() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(100_000, 64, 0), 512, 0);
+        let r = request(1);
+        for i in 0..20 {
+            queue.push(pair(&r, i, if i % 2 == 0 { 10 } else { 300 }, t0));
+        }
+        let batches = drain(&mut queue, t0);
+        assert_eq!(batches.len(), 2);
+        for batch in &batches {
+            assert_eq!(
+                batch.inputs.padded_tokens(),
+                batch.inputs.real_tokens(),
+                "no padding across lengths"
+            );
+        }
+    }
+
+    #[test]
+    fn a_small_request_is_not_starved_by_a_huge_one() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(100_000, 32, 2), 512, 0);
+        let (huge, small) = (request(1), request(2));
+        for i in 0..5000 {
+            queue.push(pair(&huge, i, 16 + (i as usize * 7) % 400, t0));
+        }
+        for i in 0..10 {
+            queue.push(pair(&small, i, 16 + (i as usize * 37) % 400, t0 + MS));
+        }
+        let mut batches_until_small_done = 0;
+        let now = t0 + 10 * MS;
+        while queue.queued_for(2) > 0 {
+            queue.cut(now).expect("work remains");
+            batches_until_small_done += 1;
+        }
+        // The small request spans at most 10 buckets and anchors every other batch.
+        assert!(
+            batches_until_small_done <= 20,
+            "small request waited {batches_until_small_done} batches"
+        );
+        assert!(
+            queue.len() > 4000,
+            "the huge request is still mostly queued"
+        );
+    }
+
+    #[test]
+    fn cancelled_requests_are_dropped_before_batching() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(100_000, 64, 0), 512, 0);
+        let (keep, gone, flagged) = (request(1), request(2), request(3));
+        for i in 0..10 {
+            queue.push(pair(&keep, i, 40, t0));
+            queue.push(pair(&gone, i, 40, t0));
+            queue.push(pair(&flagged, i, 40, t0));
+        }
+        assert_eq!(queue.cancel(2), 10);
+        assert_eq!(queue.cancel(2), 0);
+        flagged.cancel(); // flagged but not yet removed: must still never reach a batch
+        let mut dropped = 0;
+        let mut seen = Vec::new();
+        while let Some((batch, report)) = queue.cut(t0) {
+            dropped += report.dropped_cancelled;
+            seen.extend(batch.pairs.iter().map(|p| p.request.id));
+        }
+        assert_eq!(dropped, 10);
+        assert_eq!(seen, vec![1; 10]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn every_pair_leaves_exactly_once_under_interleaved_pushes() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(2048, 24, 3), 256, 0);
+        let requests: Vec<_> = (0..7).map(request).collect();
+        let mut expected = HashSet::new();
+        let mut seen = HashSet::new();
+        let mut seed = 99u64;
+        for step in 0..400u32 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = &requests[(seed >> 40) as usize % requests.len()];
+            let now = t0 + Duration::from_micros(step as u64 * 300);
+            queue.push(pair(r, step, 1 + (seed >> 20) as usize % 256, now));
+            expected.insert((r.id, step));
+            if step % 3 == 0 {
+                if let Some((batch, _)) = queue.cut(now) {
+                    for p in batch.pairs {
+                        assert!(seen.insert((p.request.id, p.index)), "pair computed twice");
+                    }
+                }
+            }
+        }
+        for batch in drain(&mut queue, t0 + Duration::from_secs(1)) {
+            for p in batch.pairs {
+                assert!(seen.insert((p.request.id, p.index)), "pair computed twice");
+            }
+        }
+        assert_eq!(seen, expected);
+    }
+}

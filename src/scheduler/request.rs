@@ -1,0 +1,86 @@
+//! What a request shares with the scheduler and the engine: its pairs, its cancellation flag and its result sink.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::error::RerankError;
+use crate::tokenization::PairTokens;
+
+pub type RequestId = u64;
+
+/// The engine's report to one request for one batch its pairs ran in.
+#[derive(Debug)]
+pub enum BatchOutcome {
+    Scored(ScoredPairs),
+    Failed(RerankError),
+}
+
+/// Logits of a request's pairs from one batch.
+#[derive(Debug)]
+pub struct ScoredPairs {
+    /// (global document index, logits) for each pair of this request in the batch.
+    pub pairs: Vec<(u32, Vec<f32>)>,
+    /// Real tokens of these pairs.
+    pub tokens: u64,
+    /// When the batch started on the model, and how long it ran.
+    pub started: Instant,
+    pub inference: Duration,
+}
+
+/// A live request as the scheduler and engine see it.
+#[derive(Debug)]
+pub struct RequestHandle {
+    pub id: RequestId,
+    cancelled: AtomicBool,
+    sink: mpsc::UnboundedSender<BatchOutcome>,
+}
+
+impl RequestHandle {
+    pub fn new(id: RequestId) -> (Arc<Self>, mpsc::UnboundedReceiver<BatchOutcome>) {
+        let (sink, receiver) = mpsc::unbounded_channel();
+        (
+            Arc::new(Self {
+                id,
+                cancelled: AtomicBool::new(false),
+                sink,
+            }),
+            receiver,
+        )
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire) || self.sink.is_closed()
+    }
+
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    /// Sends an outcome; a request that went away simply does not receive it.
+    pub fn deliver(&self, outcome: BatchOutcome) {
+        let _ = self.sink.send(outcome);
+    }
+}
+
+/// One (query, document) pair waiting to be computed.
+#[derive(Debug)]
+pub struct Pair {
+    pub request: Arc<RequestHandle>,
+    /// Global index of the document in its request.
+    pub index: u32,
+    pub tokens: PairTokens,
+    pub enqueued_at: Instant,
+}
+
+impl Pair {
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}

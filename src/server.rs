@@ -1,0 +1,259 @@
+//! Assembles the server: loads the model, starts engine and scheduler, and serves gRPC with health and reflection.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::engine;
+use crate::error::StartupError;
+use crate::hub;
+use crate::model::{self, LoadedModel, PaddedBatch};
+use crate::proto::reranker_server::RerankerServer;
+use crate::rerank::{Limits, ModelDescription, Reranker};
+use crate::scheduler::{self, BatchPolicy};
+use crate::tokenization::PairTokenizer;
+use crate::transport::grpc::GrpcReranker;
+
+/// The gRPC service name health reports on, besides the overall "" entry.
+const SERVICE_NAME: &str = "rerank.v1.Reranker";
+
+/// Loading state, observable by `RunningServer::ready`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+/// A started server: listening at once (health answers NOT_SERVING) while the model loads.
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    readiness: watch::Receiver<Readiness>,
+    shutdown: Option<oneshot::Sender<()>>,
+    serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    health: HealthReporter,
+}
+
+impl RunningServer {
+    /// Waits until the model is loaded and warmed up (Ok) or failed to load (Err, with why).
+    pub async fn ready(&mut self) -> Result<(), StartupError> {
+        loop {
+            match &*self.readiness.borrow_and_update() {
+                Readiness::Ready => return Ok(()),
+                Readiness::Failed(reason) => return Err(StartupError::Config(reason.clone())),
+                Readiness::Loading => {}
+            }
+            if self.readiness.changed().await.is_err() {
+                return Err(StartupError::Config("the loader stopped".into()));
+            }
+        }
+    }
+
+    /// Marks health NOT_SERVING, stops accepting calls, lets in-flight calls finish, and returns.
+    pub async fn shutdown(mut self) -> Result<(), StartupError> {
+        set_health(&self.health, ServingStatus::NotServing).await;
+        if let Some(signal) = self.shutdown.take() {
+            let _ = signal.send(());
+        }
+        match self.serve.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StartupError::Config(format!("server error: {e}"))),
+            Err(e) => Err(StartupError::Config(format!("server task failed: {e}"))),
+        }
+    }
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Binds the listener and starts serving; the model loads in the background.
+pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
+    let listener = TcpListener::bind(config.listen_addr()?).await?;
+    let local_addr = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let slot = Arc::new(OnceLock::new());
+    let rerank_service = RerankerServer::new(GrpcReranker::new(Arc::clone(&slot)))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let reflection = reflection_services()?;
+    let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+    let serve = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection.0)
+            .add_service(reflection.1)
+            .add_service(rerank_service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = shutdown_signal.await;
+            }),
+    );
+    tracing::info!(%local_addr, "listening (NOT_SERVING until the model is loaded)");
+    let (ready_sender, readiness) = watch::channel(Readiness::Loading);
+    let loader_health = health.clone();
+    tokio::spawn(async move {
+        let state = match build_reranker(&config).await {
+            Ok(reranker) => {
+                let _ = slot.set(reranker);
+                set_health(&loader_health, ServingStatus::Serving).await;
+                tracing::info!("model loaded and warmed up; SERVING");
+                Readiness::Ready
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "model failed to load");
+                Readiness::Failed(e.to_string())
+            }
+        };
+        let _ = ready_sender.send(state);
+    });
+    Ok(RunningServer {
+        local_addr,
+        readiness,
+        shutdown: Some(shutdown),
+        serve,
+        health,
+    })
+}
+
+type Reflection<A, B> = (A, B);
+
+fn reflection_services() -> Result<
+    Reflection<
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    >,
+    StartupError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error =
+        |e: tonic_reflection::server::Error| StartupError::Config(format!("reflection: {e}"));
+    Ok((
+        builder().build_v1().map_err(reflection_error)?,
+        builder().build_v1alpha().map_err(reflection_error)?,
+    ))
+}
+
+/// Loads model and tokenizer, warms the model up at the largest batch shape, and starts engine and scheduler.
+pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
+    let started = Instant::now();
+    let dir = hub::resolve(&config.model_id, &config.revision).await?;
+    let device = engine::device(&config.device)?;
+    let (model, tokenizer) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || load_model_and_tokenizer(&dir, &device, &config))
+            .await
+            .map_err(|e| StartupError::Config(format!("model loader failed: {e}")))??
+    };
+    let policy = BatchPolicy {
+        max_batch_tokens: config.max_batch_tokens,
+        max_batch_size: config.max_batch_size,
+        max_wait: config.max_wait,
+    };
+    let max_length = tokenizer.max_length();
+    let model = Arc::new(model);
+    let warm = Arc::clone(&model);
+    tokio::task::spawn_blocking(move || warm_up(&warm, &policy, max_length))
+        .await
+        .map_err(|e| StartupError::Config(format!("warm-up failed: {e}")))??;
+    let description = ModelDescription {
+        model_id: config.model_id.clone(),
+        architecture: model.architecture.clone(),
+        max_length,
+        device: config.device.clone(),
+        dtype: format!("{:?}", model.dtype).to_lowercase(),
+        scoring: model.scoring,
+        max_message_bytes: config.max_message_bytes,
+    };
+    let (batches, engine_inbox) = tokio::sync::mpsc::channel(engine::QUEUE_DEPTH);
+    let pad_id = model.pad_token_id;
+    engine::spawn(model, engine_inbox)?;
+    let scheduler = scheduler::spawn(policy, max_length, pad_id, batches);
+    let limits = Limits {
+        max_documents: config.max_documents,
+        max_stream_documents: config.max_stream_documents,
+        max_document_bytes: config.max_document_bytes,
+        max_query_bytes: config.max_query_bytes,
+    };
+    tracing::info!(
+        architecture = %description.architecture,
+        max_length,
+        scoring = description.scoring.name(),
+        seconds = started.elapsed().as_secs_f32(),
+        "model ready"
+    );
+    Ok(Reranker::new(
+        Arc::new(tokenizer),
+        scheduler,
+        limits,
+        policy,
+        description,
+    ))
+}
+
+fn load_model_and_tokenizer(
+    dir: &Path,
+    device: &candle_core::Device,
+    config: &Config,
+) -> Result<(LoadedModel, PairTokenizer), StartupError> {
+    let model = model::load(dir, device)?;
+    let tokenizer = PairTokenizer::load(
+        dir,
+        config.max_length,
+        model.max_positions,
+        config.tokenizer_threads(),
+    )?;
+    if tokenizer.vocab_size() > model.vocab_size {
+        return Err(StartupError::InvalidFile {
+            path: dir.join("tokenizer.json"),
+            reason: format!(
+                "the tokenizer has {} tokens but the model's vocab_size is {}",
+                tokenizer.vocab_size(),
+                model.vocab_size
+            ),
+        });
+    }
+    Ok((model, tokenizer))
+}
+
+/// Runs the largest batch the policy allows, so a shape that does not fit fails at start, not under load.
+fn warm_up(
+    model: &LoadedModel,
+    policy: &BatchPolicy,
+    max_length: usize,
+) -> Result<(), StartupError> {
+    let rows = (policy.max_batch_tokens / max_length).clamp(1, policy.max_batch_size);
+    let ids = vec![model.pad_token_id; max_length];
+    let types = vec![0; max_length];
+    let batch = PaddedBatch::from_sequences(
+        (0..rows).map(|_| (&ids[..], &types[..])),
+        model.pad_token_id,
+    );
+    let started = Instant::now();
+    engine::run_batch(model, &batch)
+        .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
+    tracing::info!(
+        rows,
+        max_length,
+        ms = started.elapsed().as_millis() as u64,
+        "warm-up batch done"
+    );
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Pair tokenization with the model's own tokenizer: query once per request, documents on a bounded worker pool,
+//! the tokenizer's pair template, and longest-first truncation exactly as Hugging Face tokenizers apply it.
+
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use tokenizers::utils::truncation::{
+    truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
+};
+use tokenizers::{Encoding, PostProcessor, Tokenizer};
+
+use crate::error::{RerankError, StartupError};
+
+/// What to do with a pair longer than max_length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Truncation {
+    /// Remove tokens from the longer of query and document first, as tokenizers' `longest_first`.
+    #[default]
+    LongestFirst,
+    /// Refuse the request.
+    Reject,
+}
+
+/// A query tokenized without special tokens, shared by all of its pairs.
+#[derive(Debug, Clone)]
+pub struct QueryTokens {
+    encoding: Encoding,
+}
+
+impl QueryTokens {
+    pub fn len(&self) -> usize {
+        self.encoding.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.encoding.is_empty()
+    }
+}
+
+/// Model input of one (query, document) pair, special tokens included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairTokens {
+    pub input_ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+impl PairTokens {
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+}
+
+/// The model's tokenizer, configured for pairs, with its worker pool.
+pub struct PairTokenizer {
+    tokenizer: Tokenizer,
+    max_length: usize,
+    /// Special tokens the pair template adds (3 for BERT's `[CLS] q [SEP] d [SEP]`).
+    added_pair_tokens: usize,
+    pool: rayon::ThreadPool,
+}
+
+impl PairTokenizer {
+    /// Loads `tokenizer.json` and switches off its own truncation and padding (ours apply instead).
+    /// max_length: `configured`, else min(tokenizer_config model_max_length, `max_positions`).
+    pub fn load(
+        dir: &Path,
+        configured: Option<usize>,
+        max_positions: usize,
+        workers: usize,
+    ) -> Result<Self, StartupError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(StartupError::MissingFile {
+                path,
+                expected: "the model's fast tokenizer (tokenizer.json, as saved by Hugging Face tokenizers)".into(),
+            });
+        }
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| StartupError::InvalidFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| StartupError::InvalidFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        tokenizer.with_padding(None);
+        let added_pair_tokens = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        let max_length = resolve_max_length(dir, configured, max_positions, added_pair_tokens)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(workers.max(1))
+            .thread_name(|i| format!("tokenizer-{i}"))
+            .build()
+            .map_err(|e| StartupError::Config(format!("tokenizer worker pool: {e}")))?;
+        Ok(Self {
+            tokenizer,
+            max_length,
+            added_pair_tokens,
+            pool,
+        })
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Tokenizes the query once, without special tokens.
+    pub fn encode_query(&self, query: &str) -> Result<QueryTokens, RerankError> {
+        let encoding = guarded(|| self.tokenizer.encode_fast(query, false))
+            .map_err(|e| RerankError::invalid(format!("query could not be tokenized: {e}")))?;
+        Ok(QueryTokens { encoding })
+    }
+
+    /// Builds one pair's model input. `index` names the document in errors.
+    pub fn encode_pair(
+        &self,
+        query: &QueryTokens,
+        document: &str,
+        truncation: Truncation,
+        index: usize,
+    ) -> Result<PairTokens, RerankError> {
+        let mut doc = guarded(|| self.tokenizer.encode_fast(document, false)).map_err(|e| {
+            RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
+        })?;
+        // The second sequence of a pair has type id 1 before the template runs, as tokenizers encodes pairs.
+        doc.set_type_ids(vec![1; doc.len()]);
+        let total = query.len() + doc.len() + self.added_pair_tokens;
+        let (first, second) = if total <= self.max_length {
+            (query.encoding.clone(), doc)
+        } else if truncation == Truncation::Reject {
+            return Err(RerankError::invalid(format!(
+                "documents[{index}]: the pair is {total} tokens, over max_length {} (truncation is NONE)",
+                self.max_length
+            )));
+        } else {
+            self.truncate(query.encoding.clone(), doc)?
+        };
+        let pair =
+            guarded(|| self.tokenizer.post_process(first, Some(second), true)).map_err(|e| {
+                RerankError::internal(format!("documents[{index}]: pair template failed: {e}"))
+            })?;
+        Ok(PairTokens {
+            input_ids: pair.get_ids().to_vec(),
+            type_ids: pair.get_type_ids().to_vec(),
+        })
+    }
+
+    fn truncate(
+        &self,
+        query: Encoding,
+        doc: Encoding,
+    ) -> Result<(Encoding, Encoding), RerankError> {
+        let params = TruncationParams {
+            max_length: self.max_length - self.added_pair_tokens,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+            direction: TruncationDirection::Right,
+        };
+        match truncate_encodings(query, Some(doc), &params) {
+            Ok((query, Some(doc))) => Ok((query, doc)),
+            Ok((_, None)) => Err(RerankError::internal("truncation lost the document")),
+            Err(e) => Err(RerankError::internal(format!("truncation failed: {e}"))),
+        }
+    }
+
+    /// Tokenizes documents in parallel on the worker pool, off the async runtime. Index i of the result is
+    /// `documents[i]`; `first_index` is the global index of `documents[0]`, for error messages.
+    pub async fn encode_documents(
+        self: &Arc<Self>,
+        query: Arc<QueryTokens>,
+        documents: Arc<[String]>,
+        first_index: usize,
+        truncation: Truncation,
+    ) -> Result<Vec<PairTokens>, RerankError> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let this = Arc::clone(self);
+        self.pool.spawn(move || {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                this.pool.install(|| {
+                    documents
+                        .par_iter()
+                        .enumerate()
+                        .map(|(i, doc)| this.encode_pair(&query, doc, truncation, first_index + i))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            }))
+            .unwrap_or_else(|_| {
+                Err(RerankError::internal(
+                    "the tokenizer failed on this request",
+                ))
+            });
+            // The receiver is gone only if the request was cancelled; nothing to report then.
+            let _ = sender.send(result);
+        });
+        receiver
+            .await
+            .map_err(|_| RerankError::internal("tokenizer worker stopped"))?
+    }
+}
+
+/// Runs a tokenizer call, turning a panic inside the tokenizer into an error.
+fn guarded<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("tokenizer panicked".into()),
+    }
+}
+
+fn resolve_max_length(
+    dir: &Path,
+    configured: Option<usize>,
+    max_positions: usize,
+    added_pair_tokens: usize,
+) -> Result<usize, StartupError> {
+    let max_length = match configured {
+        Some(n) if n > max_positions => {
+            return Err(StartupError::Config(format!(
+                "max_length {n} is over the model's {max_positions} position embeddings"
+            )))
+        }
+        Some(n) => n,
+        None => crate::model::hf_config::tokenizer_max_length(dir)?
+            .map_or(max_positions, |n| n.min(max_positions)),
+    };
+    if max_length <= added_pair_tokens {
+        return Err(StartupError::Config(format!(
+            "max_length {max_length} leaves no room for text after the {added_pair_tokens} special tokens of a pair"
+        )));
+    }
+    Ok(max_length)
+}

@@ -1,0 +1,266 @@
+//! The gRPC transport (tonic): maps `rerank.v1` messages to the core rerank path and errors to status codes.
+
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::RerankError;
+use crate::proto::reranker_server::Reranker as RerankerRpc;
+use crate::proto::{self, rerank_stream_request, rerank_stream_response};
+use crate::rerank::{RankedDocument, RerankOptions, RerankOutcome, Reranker, Usage};
+use crate::tokenization::Truncation;
+
+/// The one place rerank errors become gRPC status codes.
+impl From<RerankError> for Status {
+    fn from(error: RerankError) -> Self {
+        match error {
+            RerankError::InvalidArgument(message) => Status::invalid_argument(message),
+            RerankError::Unavailable(message) => Status::unavailable(message),
+            RerankError::Internal(message) => Status::internal(message),
+        }
+    }
+}
+
+/// Serves `rerank.v1.Reranker`; answers UNAVAILABLE until the model is loaded.
+#[derive(Clone)]
+pub struct GrpcReranker {
+    reranker: Arc<OnceLock<Reranker>>,
+}
+
+/// Messages the server may have in flight towards a slow stream reader before it stops reading its input.
+const STREAM_OUTBOX: usize = 16;
+
+impl GrpcReranker {
+    pub fn new(reranker: Arc<OnceLock<Reranker>>) -> Self {
+        Self { reranker }
+    }
+
+    fn reranker(&self) -> Result<&Reranker, Status> {
+        self.reranker
+            .get()
+            .ok_or_else(|| Status::unavailable("the model is still loading"))
+    }
+}
+
+fn options(
+    top_n: u32,
+    return_documents: bool,
+    raw_scores: bool,
+    truncation: i32,
+) -> Result<RerankOptions, Status> {
+    let truncation = match proto::Truncation::try_from(truncation) {
+        Ok(proto::Truncation::Unspecified) => Truncation::LongestFirst,
+        Ok(proto::Truncation::None) => Truncation::Reject,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "truncation: unknown value {truncation}"
+            )))
+        }
+    };
+    Ok(RerankOptions {
+        top_n: top_n as usize,
+        return_documents,
+        raw_scores,
+        truncation,
+    })
+}
+
+fn ranked(doc: RankedDocument) -> proto::RankedDocument {
+    proto::RankedDocument {
+        index: doc.index,
+        score: doc.score,
+        document: doc.document,
+    }
+}
+
+fn usage(usage: Usage) -> proto::Usage {
+    proto::Usage {
+        pairs: usage.pairs,
+        tokens: usage.tokens,
+        queue_ns: usage.queue_ns,
+        tokenize_ns: usage.tokenize_ns,
+        inference_ns: usage.inference_ns,
+        total_ns: usage.total_ns,
+    }
+}
+
+fn response(outcome: RerankOutcome, model: &str) -> proto::RerankResponse {
+    proto::RerankResponse {
+        results: outcome.results.into_iter().map(ranked).collect(),
+        usage: Some(usage(outcome.usage)),
+        model: model.to_string(),
+    }
+}
+
+fn stream_message(item: rerank_stream_response::Item) -> proto::RerankStreamResponse {
+    proto::RerankStreamResponse { item: Some(item) }
+}
+
+#[tonic::async_trait]
+impl RerankerRpc for GrpcReranker {
+    async fn rerank(
+        &self,
+        request: Request<proto::RerankRequest>,
+    ) -> Result<Response<proto::RerankResponse>, Status> {
+        let reranker = self.reranker()?;
+        let request = request.into_inner();
+        let options = options(
+            request.top_n,
+            request.return_documents,
+            request.raw_scores,
+            request.truncation,
+        )?;
+        let outcome = reranker
+            .rerank(&request.query, request.documents, options)
+            .await?;
+        Ok(Response::new(response(
+            outcome,
+            &reranker.description().model_id,
+        )))
+    }
+
+    type RerankStreamStream = ReceiverStream<Result<proto::RerankStreamResponse, Status>>;
+
+    async fn rerank_stream(
+        &self,
+        request: Request<Streaming<proto::RerankStreamRequest>>,
+    ) -> Result<Response<Self::RerankStreamStream>, Status> {
+        let reranker = self.reranker()?.clone();
+        let inbound = request.into_inner();
+        let (outbox, receiver) = mpsc::channel(STREAM_OUTBOX);
+        tokio::spawn(async move {
+            if let Err(status) = drive_stream(reranker, inbound, &outbox).await {
+                let _ = outbox.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn info(
+        &self,
+        _: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::InfoResponse>, Status> {
+        let reranker = self.reranker()?;
+        Ok(Response::new(info(reranker)))
+    }
+}
+
+type Outbox = mpsc::Sender<Result<proto::RerankStreamResponse, Status>>;
+
+/// Runs one RerankStream: `start`, then document chunks; partial scores flow back as batches finish, and the
+/// final ranking follows the client's half-close. Returning (or the client going away) drops the session,
+/// which cancels its pairs still queued.
+async fn drive_stream(
+    reranker: Reranker,
+    mut inbound: Streaming<proto::RerankStreamRequest>,
+    outbox: &Outbox,
+) -> Result<(), Status> {
+    let start = match inbound.next().await {
+        Some(Ok(proto::RerankStreamRequest {
+            item: Some(rerank_stream_request::Item::Start(start)),
+        })) => start,
+        Some(Ok(_)) => {
+            return Err(Status::invalid_argument(
+                "the first stream message must be `start`",
+            ))
+        }
+        Some(Err(status)) => return Err(status),
+        None => {
+            return Err(Status::invalid_argument(
+                "the stream ended before its `start` message",
+            ))
+        }
+    };
+    let options = options(
+        start.top_n,
+        start.return_documents,
+        start.raw_scores,
+        start.truncation,
+    )?;
+    let mut session = reranker.start(&start.query, options)?;
+    loop {
+        tokio::select! {
+            message = inbound.next() => match message {
+                Some(Ok(proto::RerankStreamRequest { item: Some(rerank_stream_request::Item::Documents(chunk)) })) => {
+                    session.push(chunk.documents).await?;
+                }
+                Some(Ok(proto::RerankStreamRequest { item: Some(rerank_stream_request::Item::Start(_)) })) => {
+                    return Err(Status::invalid_argument("`start` was sent twice; it must be the first message only"));
+                }
+                Some(Ok(proto::RerankStreamRequest { item: None })) => {
+                    return Err(Status::invalid_argument("a stream message carried neither `start` nor `documents`"));
+                }
+                Some(Err(status)) => return Err(status),
+                None => break,
+            },
+            scores = session.next_scores(), if session.outstanding() > 0 => {
+                send_scores(outbox, scores?).await?;
+            }
+            _ = outbox.closed() => return Ok(()),
+        }
+    }
+    while let Some(scores) = session.next_scores().await? {
+        send_scores(outbox, Some(scores)).await?;
+    }
+    let model = reranker.description().model_id.clone();
+    let outcome = session.finish().await?;
+    let final_message = stream_message(rerank_stream_response::Item::Final(response(
+        outcome, &model,
+    )));
+    outbox
+        .send(Ok(final_message))
+        .await
+        .map_err(|_| Status::cancelled("the client went away"))
+}
+
+async fn send_scores(outbox: &Outbox, scores: Option<Vec<RankedDocument>>) -> Result<(), Status> {
+    let Some(scores) = scores.filter(|s| !s.is_empty()) else {
+        return Ok(());
+    };
+    let chunk = proto::ScoredChunk {
+        results: scores.into_iter().map(ranked).collect(),
+    };
+    outbox
+        .send(Ok(stream_message(rerank_stream_response::Item::Scores(
+            chunk,
+        ))))
+        .await
+        .map_err(|_| Status::cancelled("the client went away"))
+}
+
+fn info(reranker: &Reranker) -> proto::InfoResponse {
+    let description = reranker.description();
+    let limits = reranker.limits();
+    let policy = reranker.policy();
+    let stats = reranker.stats();
+    let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    proto::InfoResponse {
+        model: description.model_id.clone(),
+        architecture: description.architecture.clone(),
+        max_length: clamp(description.max_length),
+        device: description.device.clone(),
+        dtype: description.dtype.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        max_batch_tokens: clamp(policy.max_batch_tokens),
+        max_batch_size: clamp(policy.max_batch_size),
+        max_wait_us: u64::try_from(policy.max_wait.as_micros()).unwrap_or(u64::MAX),
+        max_documents: clamp(limits.max_documents),
+        max_document_bytes: clamp(limits.max_document_bytes),
+        max_query_bytes: clamp(limits.max_query_bytes),
+        max_message_bytes: clamp(description.max_message_bytes),
+        activation: description.scoring.name().to_string(),
+        num_labels: clamp(description.scoring.num_labels()),
+        stats: Some(proto::SchedulerStats {
+            batches: stats.batches,
+            pairs: stats.pairs,
+            padded_tokens: stats.padded_tokens,
+            real_tokens: stats.real_tokens,
+            padding_ratio: stats.padding_ratio(),
+            cancelled_pairs: stats.cancelled_pairs,
+            queued_pairs: stats.queued_pairs,
+        }),
+    }
+}

@@ -1,0 +1,3 @@
+//! Network transports over the one rerank path. Each stays thin: decode, call `Reranker`, encode.
+
+pub mod grpc;

@@ -1,0 +1,136 @@
+//! Parity with sentence-transformers' CrossEncoder on the seeded fixtures: token ids, logits and scores.
+
+mod common;
+
+use common::{expected, fixture, test_config, ONE_LABEL, TWO_LABEL};
+use rerank_server::model::{self, PaddedBatch};
+use rerank_server::rerank::RerankOptions;
+use rerank_server::server::build_reranker;
+use rerank_server::tokenization::{PairTokenizer, Truncation};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn token_ids_are_identical_to_the_reference() {
+    for name in [ONE_LABEL, TWO_LABEL] {
+        let expected = expected(name);
+        let model = model::load(&fixture(name), &candle_core::Device::Cpu).expect("model loads");
+        let tokenizer = PairTokenizer::load(&fixture(name), None, model.max_positions, 1)
+            .expect("tokenizer loads");
+        assert_eq!(
+            tokenizer.max_length(),
+            expected.max_length,
+            "max_length from tokenizer_config, not tokenizer.json"
+        );
+        for case in &expected.cases {
+            let query = tokenizer.encode_query(&case.query).expect("query");
+            for (i, doc) in case.documents.iter().enumerate() {
+                let pair = tokenizer
+                    .encode_pair(&query, doc, Truncation::LongestFirst, i)
+                    .expect("pair");
+                assert_eq!(
+                    pair.input_ids, case.input_ids[i],
+                    "{name} {} document {i} ids",
+                    case.name
+                );
+                assert_eq!(
+                    pair.type_ids, case.token_type_ids[i],
+                    "{name} {} document {i} type ids",
+                    case.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn model_logits_match_the_reference_per_label() {
+    for name in [ONE_LABEL, TWO_LABEL] {
+        let expected = expected(name);
+        let model = model::load(&fixture(name), &candle_core::Device::Cpu).expect("model loads");
+        let mut worst = 0.0f32;
+        for case in &expected.cases {
+            let sequences = case
+                .input_ids
+                .iter()
+                .zip(&case.token_type_ids)
+                .map(|(i, t)| (&i[..], &t[..]));
+            let batch = PaddedBatch::from_sequences(sequences, 0);
+            let logits = model.logits(&batch).expect("forward");
+            for (row, want) in logits.iter().zip(&case.logits) {
+                assert_eq!(row.len(), expected.num_labels);
+                let diff = max_abs_diff(row, want);
+                worst = worst.max(diff);
+                assert!(
+                    diff <= TOLERANCE,
+                    "{name} {}: logits {row:?} vs reference {want:?}",
+                    case.name
+                );
+            }
+        }
+        println!("{name}: max |logit - reference| = {worst:.2e}");
+    }
+}
+
+#[tokio::test]
+async fn scores_through_the_rerank_path_match_the_reference() {
+    for name in [ONE_LABEL, TWO_LABEL] {
+        let expected = expected(name);
+        let reranker = build_reranker(&test_config(name))
+            .await
+            .expect("reranker builds");
+        let (mut worst_score, mut worst_raw) = (0.0f32, 0.0f32);
+        for case in &expected.cases {
+            for raw_scores in [false, true] {
+                let options = RerankOptions {
+                    raw_scores,
+                    ..Default::default()
+                };
+                let outcome = reranker
+                    .rerank(&case.query, case.documents.clone(), options)
+                    .await
+                    .expect("rerank");
+                assert_eq!(outcome.results.len(), case.documents.len());
+                for result in &outcome.results {
+                    let i = result.index as usize;
+                    let want = if raw_scores {
+                        match case.logits[i][..] {
+                            [l0, l1] => l1 - l0,
+                            [l] => l,
+                            _ => unreachable!("fixtures have 1 or 2 labels"),
+                        }
+                    } else {
+                        case.scores[i]
+                    };
+                    let diff = (result.score - want).abs();
+                    let worst = if raw_scores {
+                        &mut worst_raw
+                    } else {
+                        &mut worst_score
+                    };
+                    *worst = worst.max(diff);
+                    assert!(
+                        diff <= TOLERANCE,
+                        "{name} {} doc {i}: {} vs reference {want}",
+                        case.name,
+                        result.score
+                    );
+                }
+                let tokens: usize = case.input_ids.iter().map(Vec::len).sum();
+                assert_eq!(
+                    outcome.usage.tokens, tokens as u64,
+                    "usage counts real tokens"
+                );
+            }
+        }
+        println!("{name}: max |score - reference| = {worst_score:.2e}, max |raw - reference| = {worst_raw:.2e}");
+    }
+}
