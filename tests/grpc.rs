@@ -481,3 +481,64 @@ async fn health_is_not_serving_while_the_model_loads_and_rpcs_are_unavailable() 
     assert_eq!(status.code(), Code::Unavailable);
     server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_has_its_pending_pairs_dropped() {
+    let mut config = test_config(ONE_LABEL);
+    config.max_batch_size = 1; // many small batches, so most pairs are still queued when the client leaves
+    config.max_documents = 3000;
+    let server = start(config).await;
+    let mut c = client(&server).await;
+    let documents: Vec<String> = (0..3000)
+        .map(|i| format!("document {i} about the harbour market"))
+        .collect();
+    let messages = vec![
+        start_message(RerankStart {
+            query: "harbour".into(),
+            ..Default::default()
+        }),
+        chunk_message(documents),
+    ];
+    let mut inbound = c
+        .rerank_stream(tokio_stream::iter(messages))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = inbound
+        .message()
+        .await
+        .expect("message")
+        .expect("some scores");
+    assert!(matches!(
+        first.item,
+        Some(rerank_stream_response::Item::Scores(_))
+    ));
+    drop(inbound);
+    drop(c);
+
+    let mut info_client = client(&server).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stats = loop {
+        let stats = info_client
+            .info(InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner()
+            .stats
+            .expect("stats");
+        if stats.queued_pairs == 0 || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(stats.queued_pairs, 0, "the queue is empty again");
+    assert!(
+        stats.cancelled_pairs > 0,
+        "pending pairs were dropped, not computed: {stats:?}"
+    );
+    assert!(
+        stats.pairs < 3000,
+        "{} of 3000 pairs were computed after the client left",
+        stats.pairs
+    );
+}

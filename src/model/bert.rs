@@ -77,7 +77,7 @@ impl CrossEncoder for Bert {
             Some(&type_ids),
             &self.embedding_norm,
         )?;
-        let mask = ops::padding_mask_bias(&batch.lengths, seq, &self.device)?;
+        let mask = ops::PaddingMask::new(&batch.lengths, seq, &self.device);
         let first = self.encoder.forward_first_token(hidden, &mask, size, seq)?;
         let pooled = match &self.pooler {
             Some(pooler) => ops::dense_tanh(pooler, &first)?,

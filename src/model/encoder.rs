@@ -4,7 +4,7 @@ use candle_core::{IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::hf_config::ModelConfig;
-use super::ops::{self, FeedForwardActivation, LayerNorm, Linear};
+use super::ops::{self, FeedForwardActivation, LayerNorm, Linear, PaddingMask};
 
 /// One encoder layer, weights as in transformers' `encoder.layer.{i}`; Q, K and V fused into one GEMM at load.
 struct EncoderLayer {
@@ -63,7 +63,7 @@ impl Encoder {
     pub fn forward_first_token(
         &self,
         hidden: Tensor,
-        mask_bias: &Tensor,
+        mask: &PaddingMask,
         batch: usize,
         seq: usize,
     ) -> Result<Tensor> {
@@ -75,9 +75,9 @@ impl Encoder {
         };
         let mut hidden = hidden;
         for layer in rest {
-            hidden = layer.forward(&hidden, mask_bias, batch, seq, &self.dims)?;
+            hidden = layer.forward(&hidden, mask, batch, seq, &self.dims)?;
         }
-        last.forward_first_token(&hidden, mask_bias, batch, seq, &self.dims)
+        last.forward_first_token(&hidden, mask, batch, seq, &self.dims)
     }
 }
 
@@ -103,13 +103,13 @@ impl EncoderLayer {
     fn forward(
         &self,
         hidden: &Tensor,
-        mask_bias: &Tensor,
+        mask: &PaddingMask,
         batch: usize,
         seq: usize,
         dims: &Dims,
     ) -> Result<Tensor> {
         let (q, k, v) = self.split_heads(hidden, batch, seq, dims)?;
-        let context = merge_heads(&ops::attention(&q, &k, &v, mask_bias)?, batch * seq, dims)?;
+        let context = merge_heads(&ops::attention(&q, &k, &v, mask)?, batch * seq, dims)?;
         let attended = self.attention_epilogue(&context, hidden)?;
         self.feed_forward(&attended, dims)
     }
@@ -119,14 +119,14 @@ impl EncoderLayer {
     fn forward_first_token(
         &self,
         hidden: &Tensor,
-        mask_bias: &Tensor,
+        mask: &PaddingMask,
         batch: usize,
         seq: usize,
         dims: &Dims,
     ) -> Result<Tensor> {
         let (q, k, v) = self.split_heads(hidden, batch, seq, dims)?;
         let q_first = q.narrow(2, 0, 1)?.contiguous()?;
-        let context = merge_heads(&ops::attention(&q_first, &k, &v, mask_bias)?, batch, dims)?;
+        let context = merge_heads(&ops::attention(&q_first, &k, &v, mask)?, batch, dims)?;
         let residual = hidden
             .reshape((batch, seq, dims.hidden))?
             .i((.., 0))?

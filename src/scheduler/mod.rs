@@ -147,8 +147,9 @@ async fn run(
                 permit = engine.reserve() => {
                     let Ok(permit) = permit else { break };
                     // Cut only now that the engine can take it, so the batch includes the latest arrivals.
-                    if let Some((batch, report)) = queue.cut(Instant::now()) {
-                        stats.cancelled_pairs.fetch_add(report.dropped_cancelled as u64, Ordering::Relaxed);
+                    let batch = queue.cut(Instant::now());
+                    stats.cancelled_pairs.fetch_add(queue.take_dropped() as u64, Ordering::Relaxed);
+                    if let Some(batch) = batch {
                         stats.record_batch(&batch);
                         log_batch(&batch);
                         permit.send(batch);
@@ -213,7 +214,7 @@ async fn fail_everything(
     let error = || BatchOutcome::Failed(RerankError::internal("the inference engine has stopped"));
     let policy = *queue.policy();
     let far_future = Instant::now() + policy.max_wait + std::time::Duration::from_secs(3600);
-    while let Some((batch, _)) = queue.cut(far_future) {
+    while let Some(batch) = queue.cut(far_future) {
         batch
             .pairs
             .iter()

@@ -74,13 +74,6 @@ struct RequestEntry {
     per_bucket: Vec<usize>,
 }
 
-/// What one cut removed besides the batch itself.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct CutReport {
-    /// Pairs of cancelled requests dropped instead of computed.
-    pub dropped_cancelled: usize,
-}
-
 /// The scheduler's pending pairs and the policy that turns them into batches. Pure logic: time comes in as
 /// arguments, so behaviour is deterministic under test.
 #[derive(Debug)]
@@ -92,6 +85,8 @@ pub struct BatchQueue {
     /// Requests with queued pairs; the front one anchors the next batch, then goes to the back.
     turns: VecDeque<RequestId>,
     queued: usize,
+    /// Pairs of cancelled requests dropped instead of computed, not yet collected by `take_dropped`.
+    dropped: usize,
 }
 
 /// Bucket bounds from 16 tokens up to max_length, each at most about 25% above the previous, multiples of 8,
@@ -124,6 +119,7 @@ impl BatchQueue {
             requests: HashMap::new(),
             turns: VecDeque::new(),
             queued: 0,
+            dropped: 0,
         }
     }
 
@@ -192,7 +188,13 @@ impl BatchQueue {
         }
         self.turns.retain(|&r| r != request);
         self.queued -= entry.queued;
+        self.dropped += entry.queued;
         entry.queued
+    }
+
+    /// Pairs dropped for cancelled requests since the last call.
+    pub fn take_dropped(&mut self) -> usize {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Whether some bucket is ready to be cut at `now`.
@@ -212,14 +214,13 @@ impl BatchQueue {
     /// Cuts the next batch if a bucket is ready. Requests take turns anchoring batches: the first request in
     /// turn order that has pairs in a ready bucket picks the bucket holding its oldest such pair, and the batch
     /// is filled round-robin across all requests in that bucket. So a huge request cannot starve a small one.
-    pub fn cut(&mut self, now: Instant) -> Option<(Batch, CutReport)> {
-        let mut report = CutReport::default();
+    pub fn cut(&mut self, now: Instant) -> Option<Batch> {
         loop {
             let (turn, bucket_index) = self.anchor(now)?;
             if let Some(request) = self.turns.remove(turn) {
                 self.turns.push_back(request);
             }
-            let pairs = self.take_from_bucket(bucket_index, &mut report);
+            let pairs = self.take_from_bucket(bucket_index);
             if !pairs.is_empty() {
                 let inputs = PaddedBatch::from_sequences(
                     pairs
@@ -227,7 +228,7 @@ impl BatchQueue {
                         .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
                     self.pad_id,
                 );
-                return Some((Batch { pairs, inputs }, report));
+                return Some(Batch { pairs, inputs });
             }
             // Everything taken belonged to cancelled requests: look again.
         }
@@ -257,7 +258,7 @@ impl BatchQueue {
 
     /// Takes pairs from a bucket round-robin over its lanes (the anchor's lane is first) until the next pair
     /// would break the size or token budget. Pairs of cancelled requests are dropped, not batched.
-    fn take_from_bucket(&mut self, bucket_index: usize, report: &mut CutReport) -> Vec<Pair> {
+    fn take_from_bucket(&mut self, bucket_index: usize) -> Vec<Pair> {
         let policy = self.policy;
         let anchor = self.turns.back().copied();
         let bucket = &mut self.buckets[bucket_index];
@@ -267,12 +268,13 @@ impl BatchQueue {
         let mut batch: Vec<Pair> = Vec::new();
         let mut padded_len = 0;
         let mut taken: Vec<RequestId> = Vec::new();
+        let mut dropped = 0;
         while let Some(mut lane) = bucket.lanes.pop_front() {
             let Some(pair) = lane.pairs.front() else {
                 continue;
             };
             if pair.request.is_cancelled() {
-                report.dropped_cancelled += lane.pairs.len();
+                dropped += lane.pairs.len();
                 taken.extend(std::iter::repeat_n(lane.request, lane.pairs.len()));
                 bucket.count -= lane.pairs.len();
                 continue;
@@ -295,6 +297,7 @@ impl BatchQueue {
                 bucket.lanes.push_back(lane);
             }
         }
+        self.dropped += dropped;
         for request in taken {
             self.forget_one(request, bucket_index);
         }
@@ -352,7 +355,7 @@ mod tests {
     }
 
     fn drain(queue: &mut BatchQueue, now: Instant) -> Vec<Batch> {
-        std::iter::from_fn(|| queue.cut(now).map(|(b, _)| b)).collect()
+        std::iter::from_fn(|| queue.cut(now)).collect()
     }
 
     #[test]
@@ -426,7 +429,7 @@ mod tests {
         assert!(queue.cut(t0 + 4 * MS).is_none());
         assert_eq!(queue.next_deadline(), Some(t0 + 5 * MS));
         assert!(queue.has_ready(t0 + 5 * MS));
-        let (batch, _) = queue.cut(t0 + 5 * MS).expect("due at max_wait");
+        let batch = queue.cut(t0 + 5 * MS).expect("due at max_wait");
         assert_eq!(batch.pairs.len(), 1);
         assert!(queue.is_empty() && queue.next_deadline().is_none());
     }
@@ -439,7 +442,7 @@ mod tests {
         for i in 0..4 {
             queue.push(pair(&r, i, 30, t0));
         }
-        let (batch, _) = queue.cut(t0).expect("full by size");
+        let batch = queue.cut(t0).expect("full by size");
         assert_eq!(batch.pairs.len(), 4);
     }
 
@@ -502,14 +505,17 @@ mod tests {
         }
         assert_eq!(queue.cancel(2), 10);
         assert_eq!(queue.cancel(2), 0);
+        assert_eq!(queue.take_dropped(), 10);
         flagged.cancel(); // flagged but not yet removed: must still never reach a batch
-        let mut dropped = 0;
         let mut seen = Vec::new();
-        while let Some((batch, report)) = queue.cut(t0) {
-            dropped += report.dropped_cancelled;
+        while let Some(batch) = queue.cut(t0) {
             seen.extend(batch.pairs.iter().map(|p| p.request.id));
         }
-        assert_eq!(dropped, 10);
+        assert_eq!(
+            queue.take_dropped(),
+            10,
+            "flagged pairs are counted even when no batch follows"
+        );
         assert_eq!(seen, vec![1; 10]);
         assert!(queue.is_empty());
     }
@@ -531,7 +537,7 @@ mod tests {
             queue.push(pair(r, step, 1 + (seed >> 20) as usize % 256, now));
             expected.insert((r.id, step));
             if step % 3 == 0 {
-                if let Some((batch, _)) = queue.cut(now) {
+                if let Some(batch) = queue.cut(now) {
                     for p in batch.pairs {
                         assert!(seen.insert((p.request.id, p.index)), "pair computed twice");
                     }
