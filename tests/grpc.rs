@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{client, expected, start, test_config, ONE_LABEL, TWO_LABEL};
+use common::{client, expected, start, test_config, ONE_LABEL, TWO_LABEL, XLMR};
 use rerank_server::proto::{
     rerank_stream_request, rerank_stream_response, DocumentChunk, InfoRequest, RerankRequest,
     RerankStart, RerankStreamRequest, Truncation,
@@ -33,9 +33,15 @@ fn chunk_message(documents: Vec<String>) -> RerankStreamRequest {
 
 #[tokio::test]
 async fn unary_rerank_ranks_with_reference_scores_and_honours_options() {
-    let server = start(test_config(ONE_LABEL)).await;
+    for model in [ONE_LABEL, XLMR] {
+        unary_rerank_for(model).await;
+    }
+}
+
+async fn unary_rerank_for(model: &str) {
+    let server = start(test_config(model)).await;
     let mut client = client(&server).await;
-    let case = &expected(ONE_LABEL).cases[0];
+    let case = &expected(model).cases[0];
     let docs: Vec<&str> = case.documents.iter().map(String::as_str).collect();
 
     let full = client
@@ -58,7 +64,7 @@ async fn unary_rerank_ranks_with_reference_scores_and_honours_options() {
     let usage = full.usage.expect("usage");
     assert_eq!(usage.pairs, docs.len() as u32);
     assert!(usage.tokens > 0 && usage.total_ns >= usage.tokenize_ns && usage.inference_ns > 0);
-    assert!(full.model.ends_with(ONE_LABEL));
+    assert!(full.model.ends_with(model));
 
     let top = client
         .rerank(RerankRequest {
@@ -122,7 +128,13 @@ async fn two_label_models_score_the_probability_of_label_one() {
 
 #[tokio::test]
 async fn a_stream_of_5000_documents_matches_the_unary_ranking() {
-    let mut config = test_config(ONE_LABEL);
+    for model in [ONE_LABEL, XLMR] {
+        stream_matches_unary_for(model).await;
+    }
+}
+
+async fn stream_matches_unary_for(model: &str) {
+    let mut config = test_config(model);
     config.max_documents = 5000;
     let server = start(config).await;
     let mut client = client(&server).await;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{expected, fixture, test_config, ONE_LABEL, TWO_LABEL};
+use common::{expected, fixture, test_config, ALL_MODELS};
 use rerank_server::model::{self, PaddedBatch};
 use rerank_server::rerank::RerankOptions;
 use rerank_server::server::build_reranker;
@@ -20,7 +20,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn token_ids_are_identical_to_the_reference() {
-    for name in [ONE_LABEL, TWO_LABEL] {
+    for name in ALL_MODELS {
         let expected = expected(name);
         let model = model::load(&fixture(name), &candle_core::Device::Cpu).expect("model loads");
         let tokenizer = PairTokenizer::load(&fixture(name), None, model.max_positions, 1)
@@ -53,7 +53,7 @@ fn token_ids_are_identical_to_the_reference() {
 
 #[test]
 fn model_logits_match_the_reference_per_label() {
-    for name in [ONE_LABEL, TWO_LABEL] {
+    for name in ALL_MODELS {
         let expected = expected(name);
         let model = model::load(&fixture(name), &candle_core::Device::Cpu).expect("model loads");
         let mut worst = 0.0f32;
@@ -63,7 +63,7 @@ fn model_logits_match_the_reference_per_label() {
                 .iter()
                 .zip(&case.token_type_ids)
                 .map(|(i, t)| (&i[..], &t[..]));
-            let batch = PaddedBatch::from_sequences(sequences, 0);
+            let batch = PaddedBatch::from_sequences(sequences, model.pad_token_id);
             let logits = model.logits(&batch).expect("forward");
             for (row, want) in logits.iter().zip(&case.logits) {
                 assert_eq!(row.len(), expected.num_labels);
@@ -82,7 +82,7 @@ fn model_logits_match_the_reference_per_label() {
 
 #[tokio::test]
 async fn scores_through_the_rerank_path_match_the_reference() {
-    for name in [ONE_LABEL, TWO_LABEL] {
+    for name in ALL_MODELS {
         let expected = expected(name);
         let reranker = build_reranker(&test_config(name))
             .await

@@ -5,6 +5,7 @@ mod encoder;
 pub mod hf_config;
 pub mod ops;
 pub mod scoring;
+pub mod xlm_roberta;
 
 use std::path::{Path, PathBuf};
 
@@ -96,7 +97,11 @@ impl LoadedModel {
 }
 
 /// Architectures this server runs.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[bert::ARCHITECTURE];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    bert::ARCHITECTURE,
+    xlm_roberta::ARCHITECTURES[0],
+    xlm_roberta::ARCHITECTURES[1],
+];
 
 /// Loads the model of a local Hugging Face model directory onto `device`.
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, StartupError> {
@@ -120,8 +125,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, StartupError> {
     let weights = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, dtype, device)? };
-    let model: Box<dyn CrossEncoder> = match architecture.as_str() {
-        bert::ARCHITECTURE => Box::new(bert::Bert::load(vb, &config, activation)?),
+    let (model, max_positions): (Box<dyn CrossEncoder>, usize) = match architecture.as_str() {
+        bert::ARCHITECTURE => (
+            Box::new(bert::Bert::load(vb, &config, activation)?),
+            config.max_position_embeddings,
+        ),
+        name if xlm_roberta::ARCHITECTURES.contains(&name) => (
+            Box::new(xlm_roberta::XlmRoberta::load(vb, &config, activation)?),
+            xlm_roberta::max_positions(&config),
+        ),
         other => {
             return Err(StartupError::Unsupported(format!(
                 "architecture {other:?} in {} (supported: {})",
@@ -133,7 +145,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, StartupError> {
     Ok(LoadedModel {
         model,
         architecture,
-        max_positions: config.max_position_embeddings,
+        max_positions,
         vocab_size: config.vocab_size,
         scoring,
         dtype,

@@ -417,6 +417,30 @@ mod tests {
     }
 
     #[test]
+    fn long_context_pairs_share_a_batch_only_within_the_budget() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(16_384, 64, 5), 8192, 1);
+        let r = request(1);
+        for i in 0..3 {
+            queue.push(pair(&r, i, 8000, t0));
+        }
+        queue.push(pair(&r, 3, 8192, t0));
+        let sizes: Vec<(usize, usize)> = drain(&mut queue, t0)
+            .iter()
+            .map(|b| (b.pairs.len(), b.inputs.seq_len))
+            .collect();
+        assert_eq!(sizes.iter().map(|(n, _)| n).sum::<usize>(), 4);
+        assert!(sizes.iter().all(|&(n, len)| n * len <= 16_384), "{sizes:?}");
+        let mut small_budget = BatchQueue::new(policy(4096, 64, 5), 8192, 1);
+        small_budget.push(pair(&r, 0, 8192, t0));
+        assert!(
+            small_budget.has_ready(t0),
+            "a pair over the budget is ready at once and runs alone"
+        );
+        assert_eq!(small_budget.cut(t0).map(|b| b.pairs.len()), Some(1));
+    }
+
+    #[test]
     fn max_wait_is_honoured() {
         let t0 = Instant::now();
         let mut queue = BatchQueue::new(policy(10_000, 64, 5), 512, 0);

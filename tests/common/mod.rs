@@ -11,6 +11,9 @@ use tonic::transport::Channel;
 
 pub const ONE_LABEL: &str = "bert-tiny-1label";
 pub const TWO_LABEL: &str = "bert-tiny-2label";
+pub const XLMR: &str = "xlmr-tiny-1label";
+/// Every fixture model, one per architecture and label count.
+pub const ALL_MODELS: [&str; 3] = [ONE_LABEL, TWO_LABEL, XLMR];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,132 @@
+//! XLMRobertaForSequenceClassification (and RobertaForSequenceClassification): RoBERTa embeddings with
+//! positions counted from padding_idx + 1, the shared encoder, and the dense → tanh → out_proj head on `<s>`.
+
+use candle_core::{Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::encoder::Encoder;
+use super::hf_config::ModelConfig;
+use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear};
+use super::{CrossEncoder, PaddedBatch};
+
+pub const ARCHITECTURES: &[&str] = &[
+    "XLMRobertaForSequenceClassification",
+    "RobertaForSequenceClassification",
+];
+
+pub struct XlmRoberta {
+    tables: EmbeddingTables,
+    embedding_norm: LayerNorm,
+    encoder: Encoder,
+    head_dense: Linear,
+    head_out: Linear,
+    padding_idx: u32,
+    device: Device,
+}
+
+/// Longest sequence the position table allows: positions start at padding_idx + 1.
+pub fn max_positions(config: &ModelConfig) -> usize {
+    config
+        .max_position_embeddings
+        .saturating_sub(padding_idx(config) as usize + 1)
+}
+
+fn padding_idx(config: &ModelConfig) -> u32 {
+    config.pad_token_id.unwrap_or(1)
+}
+
+impl XlmRoberta {
+    /// Loads weights stored with or without the `roberta.` prefix.
+    pub fn load(
+        vb: VarBuilder,
+        config: &ModelConfig,
+        activation: FeedForwardActivation,
+    ) -> Result<Self> {
+        let body = if vb.contains_tensor("roberta.embeddings.word_embeddings.weight") {
+            vb.pp("roberta")
+        } else {
+            vb.clone()
+        };
+        let h = config.hidden_size;
+        let embeddings = body.pp("embeddings");
+        let tables = EmbeddingTables {
+            word: embeddings.get((config.vocab_size, h), "word_embeddings.weight")?,
+            position: embeddings.get(
+                (config.max_position_embeddings, h),
+                "position_embeddings.weight",
+            )?,
+            token_type: Some(
+                embeddings.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
+            ),
+        };
+        let head = vb.pp("classifier");
+        Ok(Self {
+            tables,
+            embedding_norm: LayerNorm::load(&embeddings.pp("LayerNorm"), h, config.layer_norm_eps)?,
+            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
+            head_dense: Linear::load(&head.pp("dense"), h, h)?,
+            head_out: Linear::load(&head.pp("out_proj"), h, config.num_labels())?,
+            padding_idx: padding_idx(config),
+            device: vb.device().clone(),
+        })
+    }
+}
+
+/// Position ids as the reference computes them from the ids: each non-pad token gets padding_idx + its
+/// 1-based count among the non-pad tokens of its row; pad tokens (padding and a literal `<pad>` alike) get
+/// padding_idx.
+pub fn position_ids(input_ids: &[u32], seq_len: usize, padding_idx: u32) -> Vec<u32> {
+    input_ids
+        .chunks(seq_len.max(1))
+        .flat_map(|row| {
+            row.iter().scan(0u32, move |count, &id| {
+                Some(if id == padding_idx {
+                    padding_idx
+                } else {
+                    *count += 1;
+                    padding_idx + *count
+                })
+            })
+        })
+        .collect()
+}
+
+impl CrossEncoder for XlmRoberta {
+    fn forward(&self, batch: &PaddedBatch) -> Result<Tensor> {
+        let (size, seq) = (batch.size(), batch.seq_len);
+        let ids = Tensor::from_slice(&batch.input_ids, size * seq, &self.device)?;
+        let positions = Tensor::from_vec(
+            position_ids(&batch.input_ids, seq, self.padding_idx),
+            size * seq,
+            &self.device,
+        )?;
+        // The XLM-R tokenizer returns no token type ids: every token uses type 0, as in the reference.
+        let type_ids = Tensor::zeros(size * seq, candle_core::DType::U32, &self.device)?;
+        let hidden = ops::embed(
+            &self.tables,
+            &ids,
+            &positions,
+            Some(&type_ids),
+            &self.embedding_norm,
+        )?;
+        let mask = ops::PaddingMask::new(&batch.lengths, seq, &self.device);
+        let first = self.encoder.forward_first_token(hidden, &mask, size, seq)?;
+        self.head_out
+            .forward(&ops::dense_tanh(&self.head_dense, &first)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_start_after_padding_idx_and_skip_pad_tokens() {
+        // Row 1: <s> a <pad>(literal) b </s> then padding; row 2 full.
+        let ids = [0, 5, 1, 6, 2, 1, 1, 0, 7, 8, 9, 10, 11, 2];
+        assert_eq!(
+            position_ids(&ids, 7, 1),
+            vec![2, 3, 1, 4, 5, 1, 1, 2, 3, 4, 5, 6, 7, 8]
+        );
+    }
+}
