@@ -19,6 +19,9 @@ pub enum StartupError {
     Weights(#[from] candle_core::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The background model load failed; the reason is the original error's text.
+    #[error("model failed to load: {0}")]
+    Load(String),
 }
 
 /// Why one rerank request failed. Each variant maps to exactly one gRPC status code.

@@ -48,11 +48,11 @@ impl RunningServer {
         loop {
             match &*self.readiness.borrow_and_update() {
                 Readiness::Ready => return Ok(()),
-                Readiness::Failed(reason) => return Err(StartupError::Config(reason.clone())),
+                Readiness::Failed(reason) => return Err(StartupError::Load(reason.clone())),
                 Readiness::Loading => {}
             }
             if self.readiness.changed().await.is_err() {
-                return Err(StartupError::Config("the loader stopped".into()));
+                return Err(StartupError::Load("the loader stopped".into()));
             }
         }
     }

