@@ -1,14 +1,54 @@
-//! Compiles the gRPC API (proto/) into Rust with a vendored protoc, so no system protoc is needed.
+//! Compiles the gRPC API (proto/) with a vendored protoc, and, with the `cuda` feature, our CUDA kernels
+//! (kernels/ops.cu) to PTX with nvcc for CUDA_COMPUTE_CAP (default 90: H100/H200).
+
+use std::path::{Path, PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    compile_protos(&out_dir)?;
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        compile_kernels(&out_dir)?;
+    }
+    Ok(())
+}
+
+fn compile_protos(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
-        // SAFETY-free: build scripts are single-threaded; this only affects the prost-build child process.
+        // Build scripts run single-threaded; this only affects the protoc child process below.
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
-    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("rerank_descriptor.bin"))
         .compile_protos(&["proto/rerank/v1/rerank.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}
+
+fn compile_kernels(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    let compute_cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let ptx = out_dir.join("ops.ptx");
+    let status = std::process::Command::new(&nvcc)
+        .args([
+            "--ptx",
+            &format!("-arch=compute_{compute_cap}"),
+            "-O3",
+            "-std=c++17",
+            "kernels/ops.cu",
+            "-o",
+        ])
+        .arg(&ptx)
+        .status()
+        .map_err(|e| {
+            format!(
+                "running {nvcc} for the CUDA kernels: {e} (install the CUDA toolkit or see README)"
+            )
+        })?;
+    if !status.success() {
+        return Err(format!("{nvcc} failed to compile kernels/ops.cu ({status})").into());
+    }
     Ok(())
 }

@@ -20,8 +20,10 @@ pub struct Config {
     pub revision: String,
     /// Longest pair in tokens; defaults to min(tokenizer model_max_length, model positions).
     pub max_length: Option<usize>,
-    /// Compute device: "cpu".
+    /// Compute device: "auto" (cuda:0 when built with CUDA and a GPU is present, else cpu), "cpu", "cuda:N".
     pub device: String,
+    /// Weight and activation dtype: "auto" (f16 on CUDA, f32 on CPU), "f16", "bf16", "f32".
+    pub dtype: String,
     pub host: String,
     pub port: u16,
     /// Padded tokens (batch size x longest pair) one batch may hold; a single longer pair runs alone.
@@ -51,7 +53,8 @@ impl Default for Config {
             model_id: "cross-encoder/ms-marco-MiniLM-L6-v2".into(),
             revision: "main".into(),
             max_length: None,
-            device: "cpu".into(),
+            device: "auto".into(),
+            dtype: "auto".into(),
             host: "0.0.0.0".into(),
             port: 50051,
             max_batch_tokens: 16_384,
@@ -79,6 +82,11 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Instead of serving: ask the gRPC health service at this address (e.g. http://127.0.0.1:50051) and exit
+    /// 0 if it is SERVING, 1 otherwise. For container health checks.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip)]
+    pub health_check: Option<String>,
     /// Local model directory or Hugging Face Hub model id.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,10 +99,14 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_length: Option<usize>,
-    /// Compute device ("cpu").
+    /// Compute device: auto, cpu, cuda:N.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Model dtype: auto, f16, bf16, f32.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
     /// Address to listen on.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
 use crate::error::{RerankError, StartupError};
@@ -16,17 +16,85 @@ use crate::scheduler::Batch;
 /// Batches the scheduler may have ready while the engine computes one.
 pub const QUEUE_DEPTH: usize = 1;
 
-/// The compute device named in the configuration.
-pub fn device(name: &str) -> Result<Device, StartupError> {
-    match name.trim() {
-        "cpu" => Ok(Device::Cpu),
-        other if other.starts_with("cuda") => Err(StartupError::Config(format!(
-            "device {other:?}: this build has no CUDA support; use device = \"cpu\""
-        ))),
-        other => Err(StartupError::Config(format!(
-            "unknown device {other:?}; expected \"cpu\""
-        ))),
+/// The compute device and dtype the configuration asks for, resolved against what this build and machine have.
+#[derive(Debug, Clone)]
+pub struct ComputeTarget {
+    pub device: Device,
+    /// "cpu" or "cuda:N".
+    pub name: String,
+    pub dtype: DType,
+}
+
+/// Resolves `device` ("auto", "cpu", "cuda:N") and `dtype` ("auto", "f16", "bf16", "f32").
+pub fn compute_target(device: &str, dtype: &str) -> Result<ComputeTarget, StartupError> {
+    let (device, name) = match device.trim() {
+        "auto" => auto_device(),
+        "cpu" => (Device::Cpu, "cpu".to_string()),
+        other => match other
+            .strip_prefix("cuda")
+            .map(|rest| rest.trim_start_matches(':'))
+        {
+            Some(ordinal) => {
+                let ordinal: usize = if ordinal.is_empty() {
+                    0
+                } else {
+                    ordinal.parse().map_err(|_| bad_device(other))?
+                };
+                (cuda_device(ordinal)?, format!("cuda:{ordinal}"))
+            }
+            None => return Err(bad_device(other)),
+        },
+    };
+    let dtype = match (dtype.trim(), device.is_cuda()) {
+        ("auto", true) | ("f16", _) => DType::F16,
+        ("auto", false) | ("f32", _) => DType::F32,
+        ("bf16", _) => DType::BF16,
+        (other, _) => {
+            return Err(StartupError::Config(format!(
+                "unknown dtype {other:?}; expected auto, f16, bf16 or f32"
+            )))
+        }
+    };
+    tracing::info!(device = %name, ?dtype, "compute device");
+    Ok(ComputeTarget {
+        device,
+        name,
+        dtype,
+    })
+}
+
+fn bad_device(name: &str) -> StartupError {
+    StartupError::Config(format!(
+        "unknown device {name:?}; expected auto, cpu or cuda:N"
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device, StartupError> {
+    // A stream of its own for this engine, so its work never queues behind other users of the context.
+    Device::new_cuda_with_stream(ordinal).map_err(|e| {
+        StartupError::Config(format!("CUDA device {ordinal} could not be opened: {e}"))
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize) -> Result<Device, StartupError> {
+    Err(StartupError::Config(
+        "this build has no CUDA support; build with `--features cuda` (scripts/build-cuda.sh) or use device = \"cpu\"".into(),
+    ))
+}
+
+fn auto_device() -> (Device, String) {
+    #[cfg(feature = "cuda")]
+    if candle_core::utils::cuda_is_available() {
+        match cuda_device(0) {
+            Ok(device) => return (device, "cuda:0".into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "a GPU was detected but could not be used; running on the CPU")
+            }
+        }
     }
+    (Device::Cpu, "cpu".into())
 }
 
 /// Runs one batch and catches a panic inside the model, so a bad batch cannot kill the engine.
@@ -64,26 +132,51 @@ fn process(model: &LoadedModel, batch: Batch) {
         return;
     }
     let started = Instant::now();
-    let result = run_batch(model, &batch.inputs);
+    let rows = score_rows(model, &batch.inputs);
     let inference = started.elapsed();
-    match result {
-        Ok(rows) => {
-            for (request, scored) in group_by_request(&batch, rows, started, inference) {
-                request.deliver(BatchOutcome::Scored(scored));
-            }
+    let failed: Vec<(u64, &String)> = batch
+        .pairs
+        .iter()
+        .zip(&rows)
+        .filter_map(|(pair, row)| row.as_ref().err().map(|reason| (pair.request.id, reason)))
+        .collect();
+    let mut notified: Vec<u64> = Vec::new();
+    for (id, reason) in &failed {
+        if let Some(pair) = batch
+            .pairs
+            .iter()
+            .find(|p| p.request.id == *id && !notified.contains(id))
+        {
+            notified.push(*id);
+            pair.request
+                .deliver(BatchOutcome::Failed(RerankError::internal(format!(
+                    "inference failed for a batch of this request: {reason}"
+                ))));
+        }
+    }
+    let scored: Vec<Vec<f32>> = rows.into_iter().map(Result::unwrap_or_default).collect();
+    for (request, scored) in group_by_request(&batch, scored, started, inference) {
+        if !notified.contains(&request.id) {
+            request.deliver(BatchOutcome::Scored(scored));
+        }
+    }
+}
+
+/// Scores every row of a batch. A failed batch (a device error, out of memory) is retried in halves, so only
+/// the rows that also fail on their own fail, and their requests with them.
+fn score_rows(model: &LoadedModel, inputs: &PaddedBatch) -> Vec<Result<Vec<f32>, String>> {
+    match run_batch(model, inputs) {
+        Ok(rows) => rows.into_iter().map(Ok).collect(),
+        Err(reason) if inputs.size() <= 1 => {
+            tracing::error!(seq_len = inputs.seq_len, %reason, "pair failed");
+            vec![Err(reason)]
         }
         Err(reason) => {
-            tracing::error!(pairs = batch.pairs.len(), seq_len = batch.inputs.seq_len, %reason, "batch failed");
-            let mut notified: Vec<u64> = Vec::new();
-            for pair in &batch.pairs {
-                if !notified.contains(&pair.request.id) {
-                    notified.push(pair.request.id);
-                    pair.request
-                        .deliver(BatchOutcome::Failed(RerankError::internal(format!(
-                            "inference failed for a batch of this request: {reason}"
-                        ))));
-                }
-            }
+            tracing::warn!(pairs = inputs.size(), seq_len = inputs.seq_len, %reason, "batch failed; retrying in halves");
+            let (first, rest) = inputs.split_at(inputs.size() / 2, model.pad_token_id);
+            let mut rows = score_rows(model, &first);
+            rows.extend(score_rows(model, &rest));
+            rows
         }
     }
 }
@@ -118,4 +211,87 @@ fn group_by_request(
         scored.tokens += pair.len() as u64;
     }
     groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::scoring::{Activation, Scoring};
+    use crate::model::CrossEncoder;
+    use crate::scheduler::request::Pair;
+    use crate::tokenization::PairTokens;
+
+    const POISON: u32 = 666;
+
+    /// Scores each row by its first id, and fails any batch holding the poison id, as a device fault would.
+    struct Fragile;
+
+    impl CrossEncoder for Fragile {
+        fn forward(&self, batch: &PaddedBatch) -> candle_core::Result<candle_core::Tensor> {
+            if batch.input_ids.contains(&POISON) {
+                candle_core::bail!("simulated device fault");
+            }
+            let firsts: Vec<f32> = batch.rows().map(|(ids, _)| ids[0] as f32).collect();
+            candle_core::Tensor::from_vec(firsts, (batch.size(), 1), &Device::Cpu)
+        }
+    }
+
+    #[test]
+    fn a_failing_batch_fails_only_the_requests_of_the_rows_that_fail_alone() {
+        let model = LoadedModel {
+            model: Box::new(Fragile),
+            architecture: "test".into(),
+            max_positions: 16,
+            vocab_size: 1000,
+            scoring: Scoring::SingleLogit(Activation::Identity),
+            dtype: DType::F32,
+            pad_token_id: 0,
+        };
+        let (good, mut good_rx) = RequestHandle::new(1);
+        let (bad, mut bad_rx) = RequestHandle::new(2);
+        let mut pairs = Vec::new();
+        for (i, first) in [5u32, 6, POISON, 7, 8].into_iter().enumerate() {
+            let request = if first == POISON { &bad } else { &good };
+            let tokens = PairTokens {
+                input_ids: vec![first, 1, 2],
+                type_ids: vec![0; 3],
+            };
+            pairs.push(Pair {
+                request: Arc::clone(request),
+                index: i as u32,
+                tokens,
+                enqueued_at: Instant::now(),
+            });
+        }
+        let inputs = PaddedBatch::from_sequences(
+            pairs
+                .iter()
+                .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
+            0,
+        );
+        process(&model, Batch { pairs, inputs });
+        match good_rx.try_recv() {
+            Ok(BatchOutcome::Scored(scored)) => {
+                let logits: Vec<(u32, Vec<f32>)> = scored.pairs;
+                assert_eq!(
+                    logits,
+                    vec![
+                        (0, vec![5.0]),
+                        (1, vec![6.0]),
+                        (3, vec![7.0]),
+                        (4, vec![8.0])
+                    ]
+                );
+            }
+            other => panic!("the healthy request is scored, got {other:?}"),
+        }
+        assert!(matches!(
+            bad_rx.try_recv(),
+            Ok(BatchOutcome::Failed(RerankError::Internal(_)))
+        ));
+        assert!(
+            bad_rx.try_recv().is_err(),
+            "one failure message per request"
+        );
+    }
 }

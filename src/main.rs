@@ -12,7 +12,11 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    if let Some(addr) = &cli.health_check {
+        return health_check(addr).await;
+    }
+    match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -35,6 +39,45 @@ async fn run(cli: Cli) -> Result<(), rerank_server::error::StartupError> {
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight calls");
     running.shutdown().await
+}
+
+/// Exit status for container health checks: success only when the server reports SERVING.
+async fn health_check(addr: &str) -> std::process::ExitCode {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let status = async {
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = HealthClient::new(channel);
+        let response = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<i32, String>(response.into_inner().status)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), status).await {
+        Ok(Ok(status)) if status == ServingStatus::Serving as i32 => {
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(Ok(status)) => {
+            eprintln!("not serving (status {status})");
+            std::process::ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("health check failed: {e}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("health check timed out");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// SIGINT or SIGTERM.

@@ -155,12 +155,15 @@ fn reflection_services() -> Result<
 pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
     let started = Instant::now();
     let dir = hub::resolve(&config.model_id, &config.revision).await?;
-    let device = engine::device(&config.device)?;
+    let target = engine::compute_target(&config.device, &config.dtype)?;
+    let device_name = target.name.clone();
     let (model, tokenizer) = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || load_model_and_tokenizer(&dir, &device, &config))
-            .await
-            .map_err(|e| StartupError::Config(format!("model loader failed: {e}")))??
+        tokio::task::spawn_blocking(move || {
+            load_model_and_tokenizer(&dir, &target.device, target.dtype, &config)
+        })
+        .await
+        .map_err(|e| StartupError::Config(format!("model loader failed: {e}")))??
     };
     let policy = BatchPolicy {
         max_batch_tokens: config.max_batch_tokens,
@@ -177,7 +180,7 @@ pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
         model_id: config.model_id.clone(),
         architecture: model.architecture.clone(),
         max_length,
-        device: config.device.clone(),
+        device: device_name,
         dtype: format!("{:?}", model.dtype).to_lowercase(),
         scoring: model.scoring,
         max_message_bytes: config.max_message_bytes,
@@ -211,9 +214,10 @@ pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
 fn load_model_and_tokenizer(
     dir: &Path,
     device: &candle_core::Device,
+    dtype: candle_core::DType,
     config: &Config,
 ) -> Result<(LoadedModel, PairTokenizer), StartupError> {
-    let model = model::load(dir, device)?;
+    let model = model::load(dir, device, dtype)?;
     let tokenizer = PairTokenizer::load(
         dir,
         config.max_length,

@@ -174,7 +174,7 @@ async fn downloads_into_the_cache_then_starts_from_it_without_the_network() {
         );
         assert_eq!(got, want, "{file} downloaded intact");
     }
-    rerank_server::model::load(&dir, &candle_core::Device::Cpu)
+    rerank_server::model::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)
         .expect("the downloaded model loads");
     let first_start = hub.requests.lock().expect("log").len();
     assert!(first_start >= 5, "listing and file requests were made");

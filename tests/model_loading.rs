@@ -93,7 +93,7 @@ async fn a_saved_activation_function_wins() {
 }
 
 fn load_error(dir: &Path) -> String {
-    match model::load(dir, &Device::Cpu) {
+    match model::load(dir, &Device::Cpu, candle_core::DType::F32) {
         Ok(_) => panic!("load should fail"),
         Err(e) => e.to_string(),
     }

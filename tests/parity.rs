@@ -22,7 +22,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn token_ids_are_identical_to_the_reference() {
     for name in ALL_MODELS {
         let expected = expected(name);
-        let model = model::load(&fixture(name), &candle_core::Device::Cpu).expect("model loads");
+        let model = model::load(
+            &fixture(name),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .expect("model loads");
         let tokenizer = PairTokenizer::load(&fixture(name), None, model.max_positions, 1)
             .expect("tokenizer loads");
         assert_eq!(
@@ -55,7 +60,12 @@ fn token_ids_are_identical_to_the_reference() {
 fn model_logits_match_the_reference_per_label() {
     for name in ALL_MODELS {
         let expected = expected(name);
-        let model = model::load(&fixture(name), &candle_core::Device::Cpu).expect("model loads");
+        let model = model::load(
+            &fixture(name),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .expect("model loads");
         let mut worst = 0.0f32;
         for case in &expected.cases {
             let sequences = case

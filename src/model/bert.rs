@@ -17,6 +17,7 @@ pub struct Bert {
     /// dense + tanh on [CLS]; absent in checkpoints saved without a pooler, then [CLS] feeds the classifier.
     pooler: Option<Linear>,
     classifier: Linear,
+    type_vocab_size: usize,
     device: Device,
 }
 
@@ -58,6 +59,7 @@ impl Bert {
             encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
             pooler,
             classifier: Linear::load(&vb.pp("classifier"), h, config.num_labels())?,
+            type_vocab_size: config.type_vocab_size,
             device: vb.device().clone(),
         })
     }
@@ -66,6 +68,16 @@ impl Bert {
 impl CrossEncoder for Bert {
     fn forward(&self, batch: &PaddedBatch) -> Result<Tensor> {
         let (size, seq) = (batch.size(), batch.seq_len);
+        if let Some(&t) = batch
+            .type_ids
+            .iter()
+            .find(|&&t| t as usize >= self.type_vocab_size)
+        {
+            candle_core::bail!(
+                "token type {t} is outside the model's {} types",
+                self.type_vocab_size
+            );
+        }
         let ids = Tensor::from_slice(&batch.input_ids, size * seq, &self.device)?;
         let type_ids = Tensor::from_slice(&batch.type_ids, size * seq, &self.device)?;
         let positions: Vec<u32> = (0..size).flat_map(|_| 0..seq as u32).collect();

@@ -43,6 +43,26 @@ impl PaddedBatch {
         self.lengths.iter().sum()
     }
 
+    /// Each row's real (ids, type ids), without padding.
+    pub fn rows(&self) -> impl Iterator<Item = (&[u32], &[u32])> + Clone {
+        self.lengths.iter().enumerate().map(move |(row, &len)| {
+            let start = row * self.seq_len;
+            (
+                &self.input_ids[start..start + len],
+                &self.type_ids[start..start + len],
+            )
+        })
+    }
+
+    /// Splits into the first `n` rows and the rest, each padded to its own longest row.
+    pub fn split_at(&self, n: usize, pad_id: u32) -> (PaddedBatch, PaddedBatch) {
+        let rows = self.rows();
+        (
+            Self::from_sequences(rows.clone().take(n), pad_id),
+            Self::from_sequences(rows.skip(n), pad_id),
+        )
+    }
+
     /// Pads sequences (ids, type ids) to the longest one.
     pub fn from_sequences<'a>(
         sequences: impl IntoIterator<Item = (&'a [u32], &'a [u32])> + Clone,
@@ -92,6 +112,24 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Runs a batch and returns each sequence's logits as rows.
     pub fn logits(&self, batch: &PaddedBatch) -> candle_core::Result<Vec<Vec<f32>>> {
+        // Device kernels index the embedding tables with these ids: refuse any outside them here.
+        if let Some(&id) = batch
+            .input_ids
+            .iter()
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
+            candle_core::bail!(
+                "token id {id} is outside the model's vocabulary of {}",
+                self.vocab_size
+            );
+        }
+        if batch.seq_len > self.max_positions {
+            candle_core::bail!(
+                "{} tokens is over the model's {} positions",
+                batch.seq_len,
+                self.max_positions
+            );
+        }
         self.model.forward(batch)?.to_dtype(DType::F32)?.to_vec2()
     }
 }
@@ -103,8 +141,8 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     xlm_roberta::ARCHITECTURES[1],
 ];
 
-/// Loads the model of a local Hugging Face model directory onto `device`.
-pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, StartupError> {
+/// Loads the model of a local Hugging Face model directory onto `device`, converting the weights to `dtype`.
+pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, StartupError> {
     let config_path = dir.join("config.json");
     let config: ModelConfig = hf_config::read_json(
         &config_path,
@@ -121,7 +159,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, StartupError> {
         ))
     })?;
     let architecture = config.architecture().unwrap_or_default().to_string();
-    let dtype = DType::F32;
     let weights = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, dtype, device)? };
@@ -205,6 +242,12 @@ mod tests {
         assert_eq!(batch.type_ids, vec![0, 0, 1, 0, 0, 0]);
         assert_eq!(batch.lengths, vec![3, 1]);
         assert_eq!((batch.padded_tokens(), batch.real_tokens()), (6, 4));
+        let (first, rest) = batch.split_at(1, 9);
+        assert_eq!((first.input_ids, first.seq_len), (vec![1, 2, 3], 3));
+        assert_eq!(
+            (rest.input_ids, rest.seq_len, rest.type_ids),
+            (vec![4], 1, vec![0])
+        );
     }
 
     #[test]

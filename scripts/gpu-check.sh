@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One-call check of the CUDA build on a GPU machine; prints a summary table last.
+#   1. each CUDA kernel against candle's reference op (gpu-check kernels);
+#   2. score parity of the server on the GPU (fp16) against sentence-transformers fp32: the committed tiny
+#      fixtures, and seeded MiniLM-L6 and XLM-R-base shaped models built here (scripts/gpu_reference.py);
+#   3. throughput and latency of the server through gRPC (loadgen), and torch fp16 model-only on the same
+#      shapes and card for the ratio.
+# usage: scripts/gpu-check.sh [BIN_DIR]   BIN_DIR holds rerank-server, gpu-check and loadgen built with
+#        scripts/build-cuda.sh (default target/release). Needs python3 with torch, transformers and
+#        sentence-transformers. Set SECONDS_PER_RUN to lengthen the load runs (default 15).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=$(realpath "${1:-target/release}")
+WORK=${WORK:-$(mktemp -d)}
+RUN=${SECONDS_PER_RUN:-15}
+PYTHON=${PYTHON:-python3}
+TORCH_LIBS=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
+if [ -d "$TORCH_LIBS" ]; then export LD_LIBRARY_PATH="$TORCH_LIBS:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"; fi
+SUMMARY=$WORK/summary.txt
+: > "$SUMMARY"
+failed=0
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+serve() {  # model_dir port
+  "$BIN/rerank-server" --model-id "$1" --host 127.0.0.1 --port "$2" --device cuda:0 --max-documents 1000 \
+    > "$WORK/server-$2.log" 2>&1 &
+  echo $! > "$WORK/server-$2.pid"
+  for _ in $(seq 1 240); do
+    if grep -q "SERVING" "$WORK/server-$2.log"; then return 0; fi
+    if ! kill -0 "$(cat "$WORK/server-$2.pid")" 2>/dev/null; then break; fi
+    sleep 0.5
+  done
+  echo "server for $1 did not become ready:"; tail -5 "$WORK/server-$2.log"; return 1
+}
+stop() { kill "$(cat "$WORK/server-$1.pid")" 2>/dev/null; wait "$(cat "$WORK/server-$1.pid")" 2>/dev/null; }
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
+note "card: $(head -1 "$WORK/gpu.txt")"
+
+echo "== 1. kernels"
+if "$BIN/gpu-check" kernels | tee "$WORK/kernels.txt"; then :; else failed=1; fi
+note "kernels: $(tail -1 "$WORK/kernels.txt"); worst fp16 relative error $(awk '$3=="F16"{print $6}' "$WORK/kernels.txt" | sort -g | tail -1)"
+
+echo "== 2. parity"
+"$PYTHON" scripts/gpu_reference.py models "$WORK/models" > "$WORK/reference.log" 2>&1 || { tail -20 "$WORK/reference.log"; failed=1; }
+port=50100
+for fixture in bert-tiny-1label bert-tiny-2label xlmr-tiny-1label; do
+  port=$((port + 1))
+  if serve "tests/fixtures/$fixture" $port; then
+    "$BIN/gpu-check" parity --addr "http://127.0.0.1:$port" --expected "tests/fixtures/expected/$fixture.json" \
+      --tolerance 1e-2 | tee -a "$SUMMARY" || failed=1
+  else failed=1; fi
+  stop $port
+done
+for model in minilm xlmr-base; do
+  port=$((port + 1))
+  if serve "$WORK/models/$model" $port; then
+    "$BIN/gpu-check" parity --addr "http://127.0.0.1:$port" --expected "$WORK/models/$model.expected.json" \
+      --tolerance 2e-3 | tee -a "$SUMMARY" || failed=1
+    echo "== 3. throughput $model"
+    if [ "$model" = minilm ]; then
+      "$BIN/loadgen" --addr "http://127.0.0.1:$port" --concurrency 1 --documents 100 --doc-words 32..480 \
+        --query-words 16 --duration 8s | tail -1 | sed "s/^/ours $model mixed 1 client: /" | tee -a "$SUMMARY"
+    fi
+    "$BIN/loadgen" --addr "http://127.0.0.1:$port" --concurrency 32 --documents 100 --doc-words 32..480 \
+      --query-words 16 --duration "${RUN}s" | tail -1 | sed "s/^/ours $model mixed 32 clients: /" | tee -a "$SUMMARY"
+    "$BIN/loadgen" --addr "http://127.0.0.1:$port" --concurrency 32 --documents 100 --doc-words 253 \
+      --query-words 16 --duration "${RUN}s" | tail -1 | sed "s/^/ours $model fixed256 32 clients: /" | tee -a "$SUMMARY"
+    grep -o "padding_ratio[^ ]*" "$WORK/server-$port.log" | tail -1 > /dev/null
+  else failed=1; fi
+  stop $port
+done
+
+echo "== 3b. torch fp16 baseline"
+"$PYTHON" scripts/gpu_reference.py baseline "$WORK/models" 2>&1 | grep "torch fp16" | tee -a "$SUMMARY"
+
+echo
+echo "================ summary ================"
+cat "$SUMMARY"
+echo "result: $([ $failed = 0 ] && echo PASS || echo FAIL)"
+exit $failed

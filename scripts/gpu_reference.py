@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Reference side of scripts/gpu-check.sh, run on the GPU machine with torch, transformers and
+sentence-transformers:
+
+    python3 scripts/gpu_reference.py models OUT      # seeded real-shape models + reference logits (fp32)
+    python3 scripts/gpu_reference.py baseline OUT    # torch fp16 model-only throughput on the same shapes
+
+Models: MiniLM-L6 shape (BERT 384 x 6, the BERT fixture's WordPiece tokenizer) and XLM-R base shape
+(bge-reranker-base: 768 x 12, the XLM-R fixture's SentencePiece tokenizer), seeded, with the classifier scaled
+so logits are of unit size. Reference logits come from sentence-transformers' CrossEncoder in fp32 on the texts
+of the committed fixture cases, written in the fixtures' JSON format.
+"""
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+import torch
+from sentence_transformers import CrossEncoder
+from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
+                          XLMRobertaConfig, XLMRobertaForSequenceClassification)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+SHAPES = {
+    "minilm": ("bert-tiny-1label", lambda: BertForSequenceClassification(BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+        max_position_embeddings=512, num_labels=1, architectures=["BertForSequenceClassification"]))),
+    "xlmr-base": ("xlmr-tiny-1label", lambda: XLMRobertaForSequenceClassification(XLMRobertaConfig(
+        vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        layer_norm_eps=1e-5, num_labels=1, architectures=["XLMRobertaForSequenceClassification"]))),
+}
+
+
+def build(name: str, out: pathlib.Path) -> pathlib.Path:
+    fixture, make = SHAPES[name]
+    torch.manual_seed(20261126)
+    model = make().eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.startswith("classifier") and param_name.endswith("weight"):
+                param.normal_(0.0, 0.3)
+    directory = out / name
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.max_length = 512
+    model.save_pretrained(directory, safe_serialization=True)
+    shutil.copy(FIXTURES / fixture / "tokenizer.json", directory / "tokenizer.json")
+    tokenizer_config = json.loads((FIXTURES / fixture / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 512
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return directory
+
+
+def reference(directory: pathlib.Path, fixture: str, out: pathlib.Path):
+    ce = CrossEncoder(str(directory), device="cuda", max_length=512)
+    ce.model.float()
+    texts = json.loads((FIXTURES / "expected" / f"{fixture}.json").read_text())
+    cases = []
+    for case in texts["cases"]:
+        pairs = [(case["query"], d) for d in case["documents"]]
+        logits = ce.predict(pairs, activation_fn=torch.nn.Identity(), batch_size=64, convert_to_numpy=True)
+        cases.append({"name": case["name"], "query": case["query"], "documents": case["documents"],
+                      "logits": [[float(x)] for x in logits]})
+    out.write_text(json.dumps({"cases": cases}, ensure_ascii=False))
+
+
+def models(out: pathlib.Path):
+    for name, (fixture, _) in SHAPES.items():
+        directory = build(name, out)
+        reference(directory, fixture, out / f"{name}.expected.json")
+        print(f"built {directory}")
+
+
+def baseline(out: pathlib.Path):
+    """torch fp16, SDPA, pre-tokenized random ids, sorted by length, batches of 128: model-only pairs/s."""
+    rows = []
+    generator = torch.Generator().manual_seed(7)
+    for name in SHAPES:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            out / name, torch_dtype=torch.float16, attn_implementation="sdpa").cuda().eval()
+        for workload in ["mixed", "fixed256"]:
+            n = 4096
+            if workload == "mixed":
+                lengths = (16 + 3 + torch.randint(32, 481, (n,), generator=generator)).clamp(max=512).tolist()
+            else:
+                lengths = [256] * n
+            lengths.sort(reverse=True)
+            batches = []
+            for start in range(0, n, 128):
+                chunk = lengths[start:start + 128]
+                width = max(chunk)
+                ids = torch.randint(5, 3000, (len(chunk), width), generator=generator)
+                mask = torch.zeros(len(chunk), width, dtype=torch.long)
+                for i, length in enumerate(chunk):
+                    mask[i, :length] = 1
+                batches.append((ids.cuda(), mask.cuda()))
+            with torch.inference_mode():
+                for ids, mask in batches[:4]:
+                    model(input_ids=ids, attention_mask=mask)
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                for ids, mask in batches:
+                    model(input_ids=ids, attention_mask=mask)
+                torch.cuda.synchronize()
+                elapsed = time.perf_counter() - started
+            rows.append({"model": name, "workload": workload, "pairs_per_s": n / elapsed})
+            print(f"torch fp16 {name} {workload}: {n / elapsed:,.0f} pairs/s")
+        del model
+        torch.cuda.empty_cache()
+    (out / "baseline.json").write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    command, out = sys.argv[1], pathlib.Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    {"models": models, "baseline": baseline}[command](out)
