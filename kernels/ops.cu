@@ -111,13 +111,14 @@ __device__ void bias_act(const T* x, const T* bias, T* out, size_t total, int n,
 // 4. softmax(scores * scale) over each row's real keys; padding keys get 0. scores: [batch, heads, q_rows, seq],
 // one block per row; lengths[b] real keys for sequence b. Every sequence has a real key, so no row is empty
 // and padded query rows stay finite.
-template <typename T>
-__device__ void masked_softmax(const T* scores, const uint32_t* lengths, T* out, int rows_per_sequence, int seq,
+// Scores may be fp32 (from a GEMM with fp32 output) while the probabilities are written in the model dtype.
+template <typename TIn, typename T>
+__device__ void masked_softmax(const TIn* scores, const uint32_t* lengths, T* out, int rows_per_sequence, int seq,
                                float scale) {
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   const int len = max(1, min((int)lengths[row / rows_per_sequence], seq));
-  const T* s = scores + row * seq;
+  const TIn* s = scores + row * seq;
   T* o = out + row * seq;
   float local_max = -INFINITY;
   for (int j = threadIdx.x; j < len; j += blockDim.x) local_max = fmaxf(local_max, to_f32(s[j]) * scale);
@@ -144,7 +145,11 @@ __device__ void masked_softmax(const T* scores, const uint32_t* lengths, T* out,
   }                                                                                                              \
   extern "C" __global__ void masked_softmax_##SUFFIX(const T* scores, const uint32_t* lengths, T* out,          \
       int rows_per_sequence, int seq, float scale) {                                                             \
-    masked_softmax<T>(scores, lengths, out, rows_per_sequence, seq, scale);                                      \
+    masked_softmax<T, T>(scores, lengths, out, rows_per_sequence, seq, scale);                                   \
+  }                                                                                                              \
+  extern "C" __global__ void masked_softmax_from_f32_##SUFFIX(const float* scores, const uint32_t* lengths,      \
+      T* out, int rows_per_sequence, int seq, float scale) {                                                     \
+    masked_softmax<float, T>(scores, lengths, out, rows_per_sequence, seq, scale);                               \
   }
 
 INSTANTIATE(float, f32)

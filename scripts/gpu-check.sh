@@ -12,6 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${1:-target/release}")
 WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$WORK"
 RUN=${SECONDS_PER_RUN:-15}
 PYTHON=${PYTHON:-python3}
 TORCH_LIBS=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
@@ -23,10 +24,10 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 
 serve() {  # model_dir port
   "$BIN/rerank-server" --model-id "$1" --host 127.0.0.1 --port "$2" --device cuda:0 --max-documents 1000 \
-    > "$WORK/server-$2.log" 2>&1 &
+    --max-batch-tokens "${MAX_BATCH_TOKENS:-65536}" --max-batch-size 512 > "$WORK/server-$2.log" 2>&1 &
   echo $! > "$WORK/server-$2.pid"
   for _ in $(seq 1 240); do
-    if grep -q "SERVING" "$WORK/server-$2.log"; then return 0; fi
+    if grep -q "model loaded and warmed up" "$WORK/server-$2.log"; then return 0; fi
     if ! kill -0 "$(cat "$WORK/server-$2.pid")" 2>/dev/null; then break; fi
     sleep 0.5
   done
@@ -59,6 +60,7 @@ for model in minilm xlmr-base; do
     "$BIN/gpu-check" parity --addr "http://127.0.0.1:$port" --expected "$WORK/models/$model.expected.json" \
       --tolerance 2e-3 | tee -a "$SUMMARY" || failed=1
     echo "== 3. throughput $model"
+    "$BIN/gpu-check" bench --model "$WORK/models/$model" --rows 128 --seq 256 | tee -a "$SUMMARY"
     if [ "$model" = minilm ]; then
       "$BIN/loadgen" --addr "http://127.0.0.1:$port" --concurrency 1 --documents 100 --doc-words 32..480 \
         --query-words 16 --duration 8s | tail -1 | sed "s/^/ours $model mixed 1 client: /" | tee -a "$SUMMARY"

@@ -55,6 +55,12 @@ pub fn compute_target(device: &str, dtype: &str) -> Result<ComputeTarget, Startu
             )))
         }
     };
+    // Half-precision models compute attention scores in fp32 from fp16/bf16 inputs: TF32 tensor cores lose
+    // nothing there. fp32 models keep full-precision GEMMs.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        candle_core::cuda::set_gemm_reduced_precision_f32(dtype != DType::F32);
+    }
     tracing::info!(device = %name, ?dtype, "compute device");
     Ok(ComputeTarget {
         device,

@@ -27,6 +27,17 @@ enum Command {
         #[arg(long, default_value_t = 2e-3)]
         bound: f32,
     },
+    /// Model-only forward throughput on the GPU: random ids, fixed batch shape, fp16.
+    Bench {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        #[arg(long, default_value_t = 128)]
+        rows: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 30)]
+        iterations: usize,
+    },
     /// Scores of a running server (raw scores) against reference logits in the fixtures' JSON format.
     Parity {
         #[arg(long)]
@@ -47,6 +58,12 @@ async fn main() -> ExitCode {
             expected,
             tolerance,
         } => parity(&addr, &expected, tolerance).await,
+        Command::Bench {
+            model,
+            rows,
+            seq,
+            iterations,
+        } => bench(&model, rows, seq, iterations),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -257,6 +274,38 @@ fn kernels(bound: f32) -> Check {
     }
     println!("kernels: {}", if ok { "PASS" } else { "FAIL" });
     Ok(ok)
+}
+
+fn bench(dir: &std::path::Path, rows: usize, seq: usize, iterations: usize) -> Check {
+    let target = rerank_server::engine::compute_target("cuda:0", "f16")?;
+    let model = rerank_server::model::load(dir, &target.device, target.dtype)?;
+    let ids: Vec<Vec<u32>> = (0..rows)
+        .map(|r| {
+            (0..seq)
+                .map(|t| (5 + (r * 131 + t * 17) % 3000) as u32)
+                .collect()
+        })
+        .collect();
+    let types: Vec<Vec<u32>> = (0..rows).map(|_| vec![0; seq]).collect();
+    let batch = rerank_server::model::PaddedBatch::from_sequences(
+        ids.iter().zip(&types).map(|(i, t)| (&i[..], &t[..])),
+        0,
+    );
+    for _ in 0..3 {
+        model.logits(&batch)?;
+    }
+    let started = std::time::Instant::now();
+    for _ in 0..iterations {
+        model.logits(&batch)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "bench {} {rows}x{seq} fp16 model-only: {:.2} ms/batch, {:.0} pairs/s",
+        dir.display(),
+        seconds * 1e3 / iterations as f64,
+        (rows * iterations) as f64 / seconds
+    );
+    Ok(true)
 }
 
 #[derive(Deserialize)]

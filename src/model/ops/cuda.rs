@@ -402,6 +402,8 @@ pub fn embed(
 
 struct MaskedSoftmax {
     scale: f32,
+    /// dtype of the probabilities; the scores may be f32 for precision.
+    out_dtype: DType,
 }
 
 fn masked_softmax_launch<T: CudaDType + DeviceRepr>(
@@ -414,32 +416,49 @@ fn masked_softmax_launch<T: CudaDType + DeviceRepr>(
     let [batch, heads, q_rows, seq] = dims else {
         bail!("scores must be [batch, heads, q_rows, seq]")
     };
-    let (scores_view, lengths_view) = (
-        view::<T>(scores.0, scores.1)?,
-        view::<u32>(lengths.0, lengths.1)?,
-    );
+    let lengths_view = view::<u32>(lengths.0, lengths.1)?;
     if lengths_view.len() != *batch {
         bail!("{} lengths for a batch of {batch}", lengths_view.len());
     }
     let rows = batch * heads * q_rows;
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { dev.alloc::<T>(rows * seq)? };
-    let func = dev.get_or_load_custom_func(
-        &kernel_name("masked_softmax", scores.0.dtype())?,
-        MODULE,
-        PTX,
-    )?;
-    let mut launch = func.builder();
     let (rows_per_sequence, seq_arg) = ((heads * q_rows) as i32, *seq as i32);
-    launch
-        .arg(&scores_view)
-        .arg(&lengths_view)
-        .arg(&out)
-        .arg(&rows_per_sequence)
-        .arg(&seq_arg)
-        .arg(&op.scale);
-    // SAFETY: argument types and count match masked_softmax_* in kernels/ops.cu.
-    unsafe { launch.launch(row_config(rows, 0)) }.w()?;
+    if scores.0.dtype() == DType::F32 && op.out_dtype != DType::F32 {
+        let scores_view = view::<f32>(scores.0, scores.1)?;
+        let func = dev.get_or_load_custom_func(
+            &kernel_name("masked_softmax_from_f32", op.out_dtype)?,
+            MODULE,
+            PTX,
+        )?;
+        let mut launch = func.builder();
+        launch
+            .arg(&scores_view)
+            .arg(&lengths_view)
+            .arg(&out)
+            .arg(&rows_per_sequence)
+            .arg(&seq_arg)
+            .arg(&op.scale);
+        // SAFETY: argument types and count match masked_softmax_from_f32_* in kernels/ops.cu.
+        unsafe { launch.launch(row_config(rows, 0)) }.w()?;
+    } else {
+        let scores_view = view::<T>(scores.0, scores.1)?;
+        let func = dev.get_or_load_custom_func(
+            &kernel_name("masked_softmax", op.out_dtype)?,
+            MODULE,
+            PTX,
+        )?;
+        let mut launch = func.builder();
+        launch
+            .arg(&scores_view)
+            .arg(&lengths_view)
+            .arg(&out)
+            .arg(&rows_per_sequence)
+            .arg(&seq_arg)
+            .arg(&op.scale);
+        // SAFETY: argument types and count match masked_softmax_* in kernels/ops.cu.
+        unsafe { launch.launch(row_config(rows, 0)) }.w()?;
+    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
@@ -465,7 +484,10 @@ impl CustomOp2 for MaskedSoftmax {
         l: &CudaStorage,
         ll: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let out = by_dtype!(s.dtype(), masked_softmax_launch(self, (s, sl), (l, ll)))?;
+        let out = by_dtype!(
+            self.out_dtype,
+            masked_softmax_launch(self, (s, sl), (l, ll))
+        )?;
         Ok((out, sl.shape().clone()))
     }
 }
@@ -480,7 +502,17 @@ pub fn attention(
 ) -> Result<Tensor> {
     let lengths: Vec<u32> = lengths.iter().map(|&l| l as u32).collect();
     let lengths = Tensor::from_vec(lengths, q.dim(0)?, q.device())?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = scores.apply_op2_no_bwd(&lengths, &MaskedSoftmax { scale })?;
+    // Scores in fp32 (TF32 tensor cores for half-precision models, see `engine`): fp16 scores would lose
+    // about 3 digits before the softmax, where fused attention kernels keep them in fp32 registers.
+    let scores = q
+        .to_dtype(DType::F32)?
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?;
+    let probs = scores.apply_op2_no_bwd(
+        &lengths,
+        &MaskedSoftmax {
+            scale,
+            out_dtype: q.dtype(),
+        },
+    )?;
     probs.matmul(v)
 }
