@@ -3,7 +3,7 @@
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::encoder::Encoder;
+use super::encoder::{self, Encoder};
 use super::hf_config::ModelConfig;
 use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear};
 use super::{CrossEncoder, PaddedBatch};
@@ -28,23 +28,9 @@ impl Bert {
         config: &ModelConfig,
         activation: FeedForwardActivation,
     ) -> Result<Self> {
-        let body = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
-            vb.pp("bert")
-        } else {
-            vb.clone()
-        };
+        let body = encoder::base_weights(&vb, "bert");
         let h = config.hidden_size;
-        let embeddings = body.pp("embeddings");
-        let tables = EmbeddingTables {
-            word: embeddings.get((config.vocab_size, h), "word_embeddings.weight")?,
-            position: embeddings.get(
-                (config.max_position_embeddings, h),
-                "position_embeddings.weight",
-            )?,
-            token_type: Some(
-                embeddings.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
-            ),
-        };
+        let (tables, embedding_norm) = encoder::load_embeddings(&body, config)?;
         let pooler = if body.contains_tensor("pooler.dense.weight") {
             Some(Linear::load(&body.pp("pooler.dense"), h, h)?)
         } else {
@@ -55,7 +41,7 @@ impl Bert {
         };
         Ok(Self {
             tables,
-            embedding_norm: LayerNorm::load(&embeddings.pp("LayerNorm"), h, config.layer_norm_eps)?,
+            embedding_norm,
             encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
             pooler,
             classifier: Linear::load(&vb.pp("classifier"), h, config.num_labels())?,

@@ -4,7 +4,40 @@ use candle_core::{IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::hf_config::ModelConfig;
-use super::ops::{self, FeedForwardActivation, LayerNorm, Linear, PaddingMask};
+use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear, PaddingMask};
+
+/// The weights of the base model: under `prefix` (as *ForSequenceClassification checkpoints save them, e.g.
+/// `bert.`) or at the root of the file.
+pub fn base_weights<'a>(vb: &VarBuilder<'a>, prefix: &str) -> VarBuilder<'a> {
+    if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) {
+        vb.pp(prefix)
+    } else {
+        vb.clone()
+    }
+}
+
+/// The word, position and token-type tables and their LayerNorm, from `embeddings.*` of the base model.
+pub fn load_embeddings(
+    base: &VarBuilder,
+    config: &ModelConfig,
+) -> Result<(EmbeddingTables, LayerNorm)> {
+    let h = config.hidden_size;
+    let embeddings = base.pp("embeddings");
+    let tables = EmbeddingTables {
+        word: embeddings.get((config.vocab_size, h), "word_embeddings.weight")?,
+        position: embeddings.get(
+            (config.max_position_embeddings, h),
+            "position_embeddings.weight",
+        )?,
+        token_type: Some(
+            embeddings.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
+        ),
+    };
+    Ok((
+        tables,
+        LayerNorm::load(&embeddings.pp("LayerNorm"), h, config.layer_norm_eps)?,
+    ))
+}
 
 /// One encoder layer, weights as in transformers' `encoder.layer.{i}`; Q, K and V fused into one GEMM at load.
 struct EncoderLayer {

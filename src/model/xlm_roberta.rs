@@ -4,7 +4,7 @@
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::encoder::Encoder;
+use super::encoder::{self, Encoder};
 use super::hf_config::ModelConfig;
 use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear};
 use super::{CrossEncoder, PaddedBatch};
@@ -42,27 +42,13 @@ impl XlmRoberta {
         config: &ModelConfig,
         activation: FeedForwardActivation,
     ) -> Result<Self> {
-        let body = if vb.contains_tensor("roberta.embeddings.word_embeddings.weight") {
-            vb.pp("roberta")
-        } else {
-            vb.clone()
-        };
+        let body = encoder::base_weights(&vb, "roberta");
         let h = config.hidden_size;
-        let embeddings = body.pp("embeddings");
-        let tables = EmbeddingTables {
-            word: embeddings.get((config.vocab_size, h), "word_embeddings.weight")?,
-            position: embeddings.get(
-                (config.max_position_embeddings, h),
-                "position_embeddings.weight",
-            )?,
-            token_type: Some(
-                embeddings.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
-            ),
-        };
+        let (tables, embedding_norm) = encoder::load_embeddings(&body, config)?;
         let head = vb.pp("classifier");
         Ok(Self {
             tables,
-            embedding_norm: LayerNorm::load(&embeddings.pp("LayerNorm"), h, config.layer_norm_eps)?,
+            embedding_norm,
             encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
             head_dense: Linear::load(&head.pp("dense"), h, h)?,
             head_out: Linear::load(&head.pp("out_proj"), h, config.num_labels())?,
