@@ -45,6 +45,17 @@ pub struct Config {
     pub max_query_bytes: usize,
     /// Bytes of one gRPC message.
     pub max_message_bytes: usize,
+    /// Pairs admitted and not yet scored, across all requests; past it new work is RESOURCE_EXHAUSTED.
+    pub max_pending_pairs: usize,
+    /// Tokens of those pairs; past it new work is RESOURCE_EXHAUSTED.
+    pub max_pending_tokens: usize,
+    /// Pairs of one stream waiting for scores before the server stops reading that stream (back-pressure).
+    pub max_stream_pending_pairs: usize,
+    /// When set, every Reranker call needs `authorization: Bearer <api_key>`; health stays open.
+    pub api_key: Option<String>,
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the server exits.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for Config {
@@ -66,6 +77,11 @@ impl Default for Config {
             max_document_bytes: 64 * 1024,
             max_query_bytes: 16 * 1024,
             max_message_bytes: 32 * 1024 * 1024,
+            max_pending_pairs: 200_000,
+            max_pending_tokens: 20_000_000,
+            max_stream_pending_pairs: 8192,
+            api_key: None,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -165,11 +181,23 @@ impl Config {
             ("max_document_bytes", self.max_document_bytes),
             ("max_query_bytes", self.max_query_bytes),
             ("max_message_bytes", self.max_message_bytes),
+            ("max_pending_pairs", self.max_pending_pairs),
+            ("max_pending_tokens", self.max_pending_tokens),
+            ("max_stream_pending_pairs", self.max_stream_pending_pairs),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(StartupError::Config(format!(
                 "{key} must be greater than 0"
             )));
+        }
+        if self
+            .api_key
+            .as_deref()
+            .is_some_and(|key| key.trim().is_empty())
+        {
+            return Err(StartupError::Config(
+                "api_key must not be empty when set".into(),
+            ));
         }
         if self.max_length == Some(0) {
             return Err(StartupError::Config(

@@ -36,6 +36,12 @@ pub enum RerankError {
     /// A fault inside the server, e.g. a failed batch (INTERNAL).
     #[error("{0}")]
     Internal(String),
+    /// The server is at its admission limits (RESOURCE_EXHAUSTED); retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The call's deadline passed before its scores were ready (DEADLINE_EXCEEDED).
+    #[error("{0}")]
+    DeadlineExceeded(String),
 }
 
 impl RerankError {

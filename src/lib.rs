@@ -3,6 +3,7 @@
 //! The path of a request: `transport` (gRPC) → `tokenization` → `scheduler` (length-bucketed batches) →
 //! `engine` (the device worker) → `model` (one file per architecture) → back through `rerank` (ranking).
 
+pub mod admission;
 pub mod config;
 pub mod engine;
 pub mod error;

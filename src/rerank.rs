@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::admission::Admission;
 use crate::error::RerankError;
 use crate::model::scoring::Scoring;
 use crate::scheduler::request::{BatchOutcome, Pair, RequestHandle};
 use crate::scheduler::{BatchPolicy, SchedulerHandle, StatsSnapshot};
-use crate::tokenization::{PairTokenizer, QueryTokens, Truncation};
+use crate::tokenization::{PairTokenizer, PairTokens, QueryTokens, Truncation};
 
 /// Per-request limits; violations are InvalidArgument errors that name the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub struct Limits {
     pub max_stream_documents: usize,
     pub max_document_bytes: usize,
     pub max_query_bytes: usize,
+    /// Pairs of one stream that may wait for scores before the server stops reading the stream.
+    pub max_stream_pending_pairs: usize,
 }
 
 /// Options of one rerank call.
@@ -28,6 +31,8 @@ pub struct RerankOptions {
     pub return_documents: bool,
     pub raw_scores: bool,
     pub truncation: Truncation,
+    /// The caller's deadline: past it the call fails with DeadlineExceeded and its pending pairs are dropped.
+    pub deadline: Option<Instant>,
 }
 
 /// A scored document, by its global index.
@@ -78,6 +83,7 @@ pub struct Reranker {
 struct Inner {
     tokenizer: Arc<PairTokenizer>,
     scheduler: SchedulerHandle,
+    admission: Admission,
     limits: Limits,
     policy: BatchPolicy,
     description: ModelDescription,
@@ -87,19 +93,27 @@ impl Reranker {
     pub fn new(
         tokenizer: Arc<PairTokenizer>,
         scheduler: SchedulerHandle,
+        admission: Admission,
         limits: Limits,
         policy: BatchPolicy,
         description: ModelDescription,
     ) -> Self {
+        let inner = Inner {
+            tokenizer,
+            scheduler,
+            admission,
+            limits,
+            policy,
+            description,
+        };
         Self {
-            inner: Arc::new(Inner {
-                tokenizer,
-                scheduler,
-                limits,
-                policy,
-                description,
-            }),
+            inner: Arc::new(inner),
         }
+    }
+
+    /// (pairs, tokens) admitted and not yet scored, across all requests.
+    pub fn pending(&self) -> (usize, usize) {
+        self.inner.admission.pending()
     }
 
     pub fn description(&self) -> &ModelDescription {
@@ -128,9 +142,14 @@ impl Reranker {
         if documents.is_empty() {
             return Err(RerankError::invalid("documents must not be empty"));
         }
-        let mut session = self.start(query, options)?;
-        session.push(documents).await?;
-        session.finish().await
+        let deadline = options.deadline;
+        let call = async {
+            let mut session = self.start(query, options)?;
+            session.push(documents).await?;
+            session.finish().await
+        };
+        // Past the deadline the call future is dropped, and with it the session and its queued pairs.
+        within_deadline(deadline, call).await
     }
 
     /// Opens a session: validates and tokenizes the query once. Documents follow with `push`.
@@ -163,6 +182,7 @@ impl Reranker {
             usage: Usage::default(),
             first_enqueued: None,
             first_started: None,
+            admitted: (0, 0),
             done: false,
         })
     }
@@ -189,6 +209,8 @@ pub struct RerankSession {
     usage: Usage,
     first_enqueued: Option<Instant>,
     first_started: Option<Instant>,
+    /// (pairs, tokens) this session holds in the global admission counts.
+    admitted: (usize, usize),
     done: bool,
 }
 
@@ -211,7 +233,10 @@ impl RerankSession {
         let first_index = self.pushed;
         let documents: Arc<[String]> = documents.into();
         let started = Instant::now();
-        let inner = &self.reranker.inner;
+        let inner = Arc::clone(&self.reranker.inner);
+        // Pairs are admitted before the tokenizer spends work on them, tokens once they are known.
+        inner.admission.admit_pairs(documents.len())?;
+        self.admitted.0 += documents.len();
         let tokens = inner
             .tokenizer
             .encode_documents(
@@ -221,6 +246,9 @@ impl RerankSession {
                 self.options.truncation,
             )
             .await?;
+        let token_count: usize = tokens.iter().map(PairTokens::len).sum();
+        inner.admission.admit_tokens(token_count)?;
+        self.admitted.1 += token_count;
         self.usage.tokenize_ns += nanos(started.elapsed());
         let enqueued_at = Instant::now();
         self.first_enqueued.get_or_insert(enqueued_at);
@@ -283,6 +311,7 @@ impl RerankSession {
             Some(BatchOutcome::Scored(scored)) => {
                 let scoring = self.reranker.inner.description.scoring;
                 let raw = self.options.raw_scores;
+                self.release(scored.pairs.len(), scored.tokens as usize);
                 self.usage.tokens += scored.tokens;
                 self.usage.inference_ns += nanos(scored.inference);
                 let first = *self.first_started.get_or_insert(scored.started);
@@ -368,11 +397,39 @@ impl RerankSession {
     }
 }
 
+impl RerankSession {
+    /// Returns admitted work to the global counts as it is scored (or dropped).
+    fn release(&mut self, pairs: usize, tokens: usize) {
+        let (pairs, tokens) = (pairs.min(self.admitted.0), tokens.min(self.admitted.1));
+        self.reranker.inner.admission.release(pairs, tokens);
+        self.admitted = (self.admitted.0 - pairs, self.admitted.1 - tokens);
+    }
+}
+
 impl Drop for RerankSession {
     fn drop(&mut self) {
         if !self.done && self.outstanding() > 0 {
             self.reranker.inner.scheduler.cancel(&self.request);
         }
+        let (pairs, tokens) = self.admitted;
+        self.release(pairs, tokens);
+    }
+}
+
+/// Runs `call` to completion, or fails with DeadlineExceeded (dropping it) once `deadline` passes.
+pub async fn within_deadline<T>(
+    deadline: Option<Instant>,
+    call: impl std::future::Future<Output = Result<T, RerankError>>,
+) -> Result<T, RerankError> {
+    match deadline {
+        None => call.await,
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RerankError::DeadlineExceeded(
+                    "the call's deadline passed before its scores were ready".into(),
+                ))
+            }),
     }
 }
 

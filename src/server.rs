@@ -2,8 +2,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -11,6 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::engine;
 use crate::error::StartupError;
@@ -20,7 +22,8 @@ use crate::proto::reranker_server::RerankerServer;
 use crate::rerank::{Limits, ModelDescription, Reranker};
 use crate::scheduler::{self, BatchPolicy};
 use crate::tokenization::PairTokenizer;
-use crate::transport::grpc::GrpcReranker;
+use crate::transport::grpc::{ApiKeyCheck, GrpcReranker};
+use tonic::service::interceptor::InterceptedService;
 
 /// The gRPC service name health reports on, besides the overall "" entry.
 const SERVICE_NAME: &str = "rerank.v1.Reranker";
@@ -40,6 +43,8 @@ pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
     serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     health: HealthReporter,
+    draining: Arc<AtomicBool>,
+    drain_timeout: Duration,
 }
 
 impl RunningServer {
@@ -57,16 +62,23 @@ impl RunningServer {
         }
     }
 
-    /// Marks health NOT_SERVING, stops accepting calls, lets in-flight calls finish, and returns.
+    /// Graceful shutdown: health turns NOT_SERVING, new Reranker calls are refused with UNAVAILABLE, the
+    /// listener stops, and in-flight calls get `drain_timeout` to finish; then it returns.
     pub async fn shutdown(mut self) -> Result<(), StartupError> {
         set_health(&self.health, ServingStatus::NotServing).await;
+        self.draining.store(true, Ordering::Release);
         if let Some(signal) = self.shutdown.take() {
             let _ = signal.send(());
         }
-        match self.serve.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StartupError::Config(format!("server error: {e}"))),
-            Err(e) => Err(StartupError::Config(format!("server task failed: {e}"))),
+        match tokio::time::timeout(self.drain_timeout, &mut self.serve).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(StartupError::Config(format!("server error: {e}"))),
+            Ok(Err(e)) => Err(StartupError::Config(format!("server task failed: {e}"))),
+            Err(_) => {
+                tracing::warn!(timeout = ?self.drain_timeout, "in-flight calls did not finish within drain_timeout");
+                self.serve.abort();
+                Ok(())
+            }
         }
     }
 }
@@ -78,14 +90,19 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 
 /// Binds the listener and starts serving; the model loads in the background.
 pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
+    let config_drain_timeout = config.drain_timeout;
     let listener = TcpListener::bind(config.listen_addr()?).await?;
     let local_addr = listener.local_addr()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let slot = Arc::new(OnceLock::new());
-    let rerank_service = RerankerServer::new(GrpcReranker::new(Arc::clone(&slot)))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let draining = Arc::new(AtomicBool::new(false));
+    let rerank_service =
+        RerankerServer::new(GrpcReranker::new(Arc::clone(&slot), Arc::clone(&draining)))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+    let rerank_service =
+        InterceptedService::new(rerank_service, ApiKeyCheck::new(config.api_key.as_deref()));
     let reflection = reflection_services()?;
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     let serve = tokio::spawn(
@@ -116,12 +133,15 @@ pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
         };
         let _ = ready_sender.send(state);
     });
+    let drain_timeout = config_drain_timeout;
     Ok(RunningServer {
         local_addr,
         readiness,
         shutdown: Some(shutdown),
         serve,
         health,
+        draining,
+        drain_timeout,
     })
 }
 
@@ -194,6 +214,7 @@ pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
         max_stream_documents: config.max_stream_documents,
         max_document_bytes: config.max_document_bytes,
         max_query_bytes: config.max_query_bytes,
+        max_stream_pending_pairs: config.max_stream_pending_pairs,
     };
     tracing::info!(
         architecture = %description.architecture,
@@ -202,9 +223,11 @@ pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
         seconds = started.elapsed().as_secs_f32(),
         "model ready"
     );
+    let admission = Admission::new(config.max_pending_pairs, config.max_pending_tokens);
     Ok(Reranker::new(
         Arc::new(tokenizer),
         scheduler,
+        admission,
         limits,
         policy,
         description,

@@ -1,6 +1,8 @@
 //! The gRPC transport (tonic): maps `rerank.v1` messages to the core rerank path and errors to status codes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,29 +22,106 @@ impl From<RerankError> for Status {
             RerankError::InvalidArgument(message) => Status::invalid_argument(message),
             RerankError::Unavailable(message) => Status::unavailable(message),
             RerankError::Internal(message) => Status::internal(message),
+            RerankError::ResourceExhausted(message) => Status::resource_exhausted(message),
+            RerankError::DeadlineExceeded(message) => Status::deadline_exceeded(message),
         }
     }
 }
 
-/// Serves `rerank.v1.Reranker`; answers UNAVAILABLE until the model is loaded.
+/// Serves `rerank.v1.Reranker`; answers UNAVAILABLE until the model is loaded and once draining.
 #[derive(Clone)]
 pub struct GrpcReranker {
     reranker: Arc<OnceLock<Reranker>>,
+    draining: Arc<AtomicBool>,
+}
+
+/// Checks `authorization: Bearer <key>` on Reranker calls when an API key is configured, comparing in
+/// constant time. Health and reflection are separate services and stay open.
+#[derive(Clone)]
+pub struct ApiKeyCheck {
+    expected: Option<Arc<[u8]>>,
+}
+
+impl ApiKeyCheck {
+    pub fn new(api_key: Option<&str>) -> Self {
+        Self {
+            expected: api_key.map(|key| format!("Bearer {key}").into_bytes().into()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for ApiKeyCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if constant_time_eq(given, expected) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong API key: send `authorization: Bearer <key>`",
+            ))
+        }
+    }
+}
+
+/// Byte equality whose time depends only on the lengths, not on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut difference = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let (x, y) = (
+            a.get(i).copied().unwrap_or(0),
+            b.get(i).copied().unwrap_or(0),
+        );
+        difference |= usize::from(std::hint::black_box(x ^ y));
+    }
+    difference == 0
 }
 
 /// Messages the server may have in flight towards a slow stream reader before it stops reading its input.
 const STREAM_OUTBOX: usize = 16;
 
 impl GrpcReranker {
-    pub fn new(reranker: Arc<OnceLock<Reranker>>) -> Self {
-        Self { reranker }
+    pub fn new(reranker: Arc<OnceLock<Reranker>>, draining: Arc<AtomicBool>) -> Self {
+        Self { reranker, draining }
     }
 
     fn reranker(&self) -> Result<&Reranker, Status> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(Status::unavailable("the server is shutting down"));
+        }
         self.reranker
             .get()
             .ok_or_else(|| Status::unavailable("the model is still loading"))
     }
+}
+
+/// The call's deadline from its `grpc-timeout` header. The server answers a little before the transport's
+/// own timer fires, so the caller sees DEADLINE_EXCEEDED rather than a cancelled stream.
+fn deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Instant>, Status> {
+    let Some(value) = metadata.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let invalid = || Status::invalid_argument("grpc-timeout header is not a valid timeout");
+    let text = value.to_str().map_err(|_| invalid())?;
+    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    let amount: u64 = digits.parse().map_err(|_| invalid())?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return Err(invalid()),
+    };
+    let margin = (timeout / 10).min(Duration::from_millis(20));
+    Ok(Instant::now().checked_add(timeout - margin))
 }
 
 fn options(
@@ -65,6 +144,7 @@ fn options(
         return_documents,
         raw_scores,
         truncation,
+        deadline: None,
     })
 }
 
@@ -106,13 +186,15 @@ impl RerankerRpc for GrpcReranker {
         request: Request<proto::RerankRequest>,
     ) -> Result<Response<proto::RerankResponse>, Status> {
         let reranker = self.reranker()?;
+        let deadline = deadline(request.metadata())?;
         let request = request.into_inner();
-        let options = options(
+        let mut options = options(
             request.top_n,
             request.return_documents,
             request.raw_scores,
             request.truncation,
         )?;
+        options.deadline = deadline;
         let outcome = reranker
             .rerank(&request.query, request.documents, options)
             .await?;
@@ -129,10 +211,11 @@ impl RerankerRpc for GrpcReranker {
         request: Request<Streaming<proto::RerankStreamRequest>>,
     ) -> Result<Response<Self::RerankStreamStream>, Status> {
         let reranker = self.reranker()?.clone();
+        let deadline = deadline(request.metadata())?;
         let inbound = request.into_inner();
         let (outbox, receiver) = mpsc::channel(STREAM_OUTBOX);
         tokio::spawn(async move {
-            if let Err(status) = drive_stream(reranker, inbound, &outbox).await {
+            if let Err(status) = drive_stream(reranker, inbound, deadline, &outbox).await {
                 let _ = outbox.send(Err(status)).await;
             }
         });
@@ -154,6 +237,26 @@ type Outbox = mpsc::Sender<Result<proto::RerankStreamResponse, Status>>;
 /// final ranking follows the client's half-close. Returning (or the client going away) drops the session,
 /// which cancels its pairs still queued.
 async fn drive_stream(
+    reranker: Reranker,
+    inbound: Streaming<proto::RerankStreamRequest>,
+    deadline: Option<Instant>,
+    outbox: &Outbox,
+) -> Result<(), Status> {
+    let run = run_stream(reranker, inbound, outbox);
+    match deadline {
+        None => run.await,
+        // Past the deadline the stream's future is dropped, and with it the session and its queued pairs.
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), run)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(
+                    "the call's deadline passed before the stream was ranked",
+                ))
+            }),
+    }
+}
+
+async fn run_stream(
     reranker: Reranker,
     mut inbound: Streaming<proto::RerankStreamRequest>,
     outbox: &Outbox,
@@ -181,9 +284,12 @@ async fn drive_stream(
         start.truncation,
     )?;
     let mut session = reranker.start(&start.query, options)?;
+    // While this many of the stream's pairs wait for scores, the server stops reading the stream; HTTP/2
+    // flow control then holds the client back.
+    let window = reranker.limits().max_stream_pending_pairs;
     loop {
         tokio::select! {
-            message = inbound.next() => match message {
+            message = inbound.next(), if session.outstanding() < window => match message {
                 Some(Ok(proto::RerankStreamRequest { item: Some(rerank_stream_request::Item::Documents(chunk)) })) => {
                     session.push(chunk.documents).await?;
                 }
