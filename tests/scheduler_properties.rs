@@ -53,7 +53,7 @@ proptest! {
         let mut computed: HashSet<(u64, u32)> = HashSet::new();
         let mut cancelled: HashSet<u64> = HashSet::new();
 
-        let mut take_batch = |queue: &mut BatchQueue, at: Instant, computed: &mut HashSet<(u64, u32)>, cancelled: &HashSet<u64>| -> Result<bool, TestCaseError> {
+        let take_batch = |queue: &mut BatchQueue, at: Instant, computed: &mut HashSet<(u64, u32)>, cancelled: &HashSet<u64>| -> Result<bool, TestCaseError> {
             let Some(batch) = queue.cut(at) else { return Ok(false) };
             prop_assert!(!batch.pairs.is_empty());
             prop_assert!(batch.pairs.len() <= max_batch_size, "{} pairs", batch.pairs.len());
