@@ -45,6 +45,12 @@ impl Admission {
         })
     }
 
+    /// Whether `pairs` more pairs would be admitted now (a hint: another request may take the room first).
+    pub fn has_room_for(&self, pairs: usize) -> bool {
+        let pending = self.pairs.load(Ordering::Acquire);
+        pending == 0 || pending + pairs <= self.max_pairs
+    }
+
     pub fn release(&self, pairs: usize, tokens: usize) {
         self.pairs.fetch_sub(pairs, Ordering::AcqRel);
         self.tokens.fetch_sub(tokens, Ordering::AcqRel);

@@ -23,6 +23,54 @@ pub struct Limits {
     pub max_stream_pending_pairs: usize,
 }
 
+impl Limits {
+    /// The query must hold text and fit max_query_bytes.
+    pub fn check_query(&self, query: &str) -> Result<(), RerankError> {
+        if query.trim().is_empty() {
+            return Err(RerankError::invalid("query must not be empty"));
+        }
+        if query.len() > self.max_query_bytes {
+            return Err(RerankError::invalid(format!(
+                "query is {} bytes, over the limit of {} (max_query_bytes)",
+                query.len(),
+                self.max_query_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// A request or stream chunk of `documents`, after `already` documents of the same call.
+    pub fn check_documents(&self, already: usize, documents: &[String]) -> Result<(), RerankError> {
+        if documents.len() > self.max_documents {
+            return Err(RerankError::invalid(format!(
+                "{} documents, over the limit of {} per request or stream chunk (max_documents)",
+                documents.len(),
+                self.max_documents
+            )));
+        }
+        if already + documents.len() > self.max_stream_documents {
+            return Err(RerankError::invalid(format!(
+                "{} documents in this stream, over the limit of {} (max_stream_documents)",
+                already + documents.len(),
+                self.max_stream_documents
+            )));
+        }
+        if let Some((i, doc)) = documents
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.len() > self.max_document_bytes)
+        {
+            return Err(RerankError::invalid(format!(
+                "documents[{}] is {} bytes, over the limit of {} (max_document_bytes)",
+                already + i,
+                doc.len(),
+                self.max_document_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Options of one rerank call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RerankOptions {
@@ -111,6 +159,11 @@ impl Reranker {
         }
     }
 
+    /// Whether `pairs` more pairs would be admitted now.
+    pub fn has_room_for(&self, pairs: usize) -> bool {
+        self.inner.admission.has_room_for(pairs)
+    }
+
     /// (pairs, tokens) admitted and not yet scored, across all requests.
     pub fn pending(&self) -> (usize, usize) {
         self.inner.admission.pending()
@@ -155,17 +208,7 @@ impl Reranker {
     /// Opens a session: validates and tokenizes the query once. Documents follow with `push`.
     pub fn start(&self, query: &str, options: RerankOptions) -> Result<RerankSession, RerankError> {
         let received_at = Instant::now();
-        let limits = &self.inner.limits;
-        if query.trim().is_empty() {
-            return Err(RerankError::invalid("query must not be empty"));
-        }
-        if query.len() > limits.max_query_bytes {
-            return Err(RerankError::invalid(format!(
-                "query is {} bytes, over the limit of {} (max_query_bytes)",
-                query.len(),
-                limits.max_query_bytes
-            )));
-        }
+        self.inner.limits.check_query(query)?;
         let query = Arc::new(self.inner.tokenizer.encode_query(query)?);
         let (request, outcomes) = self.inner.scheduler.new_request();
         Ok(RerankSession {
@@ -272,34 +315,10 @@ impl RerankSession {
     }
 
     fn validate(&self, documents: &[String]) -> Result<(), RerankError> {
-        let limits = &self.reranker.inner.limits;
-        if documents.len() > limits.max_documents {
-            return Err(RerankError::invalid(format!(
-                "{} documents, over the limit of {} per request or stream chunk (max_documents)",
-                documents.len(),
-                limits.max_documents
-            )));
-        }
-        if self.pushed + documents.len() > limits.max_stream_documents {
-            return Err(RerankError::invalid(format!(
-                "{} documents in this stream, over the limit of {} (max_stream_documents)",
-                self.pushed + documents.len(),
-                limits.max_stream_documents
-            )));
-        }
-        if let Some((i, doc)) = documents
-            .iter()
-            .enumerate()
-            .find(|(_, d)| d.len() > limits.max_document_bytes)
-        {
-            return Err(RerankError::invalid(format!(
-                "documents[{}] is {} bytes, over the limit of {} (max_document_bytes)",
-                self.pushed + i,
-                doc.len(),
-                limits.max_document_bytes
-            )));
-        }
-        Ok(())
+        self.reranker
+            .inner
+            .limits
+            .check_documents(self.pushed, documents)
     }
 
     /// Waits for the next batch of this request's scores. Ok(None) when nothing is outstanding.

@@ -1,4 +1,5 @@
-//! Load generator: concurrent gRPC clients sending Rerank requests; prints throughput, latency and errors.
+//! Load generator: closed-loop clients, open-loop arrivals at a fixed rate, or one large stream; prints
+//! throughput, latency percentiles and outcomes by gRPC status code.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use rerank_server::proto::RerankRequest;
 use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Parser)]
-#[command(about = "Closed-loop load generator for rerank-server")]
+#[command(about = "Load generator for rerank-server")]
 struct Args {
     /// Server address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -34,6 +35,17 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Open loop: start this many requests per second whatever the answers (instead of --concurrency clients).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Per-request deadline (grpc-timeout), so no request can hang.
+    #[arg(long, default_value = "120s")]
+    timeout: humantime::Duration,
+    /// Stream mode: send one RerankStream of this many documents (in chunks of --chunk) and report it.
+    #[arg(long)]
+    stream_documents: Option<usize>,
+    #[arg(long, default_value_t = 1000)]
+    chunk: usize,
 }
 
 const WORDS: &[&str] = &[
@@ -99,6 +111,132 @@ struct ClientReport {
     errors: BTreeMap<String, u64>,
 }
 
+fn with_timeout(request: RerankRequest, args: &Args) -> tonic::Request<RerankRequest> {
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(args.timeout.into());
+    request
+}
+
+fn record(
+    report: &mut ClientReport,
+    outcome: Result<(), tonic::Status>,
+    started: Instant,
+    pairs: u64,
+) {
+    let code = match outcome {
+        Ok(()) => {
+            report.latencies.push(started.elapsed());
+            report.pairs += pairs;
+            "Ok".to_string()
+        }
+        Err(status) => format!("{:?}", status.code()),
+    };
+    *report.errors.entry(code).or_default() += 1;
+}
+
+/// Open loop: a request starts every 1/rate seconds until `until`, each on its own task.
+async fn run_open_loop(
+    client: RerankerClient<Channel>,
+    args: Args,
+    rate: f64,
+    until: Instant,
+) -> ClientReport {
+    let mut rng = Lcg(args.seed);
+    let range = word_range(&args.doc_words).unwrap_or((32, 480));
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1e-3)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = tokio::task::JoinSet::new();
+    while Instant::now() < until {
+        ticker.tick().await;
+        let request = with_timeout(make_request(&mut rng, &args, range), &args);
+        let mut client = client.clone();
+        let pairs = args.documents as u64;
+        tasks.spawn(async move {
+            let started = Instant::now();
+            (client.rerank(request).await.map(|_| ()), started, pairs)
+        });
+    }
+    let mut report = ClientReport::default();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((outcome, started, pairs)) => record(&mut report, outcome, started, pairs),
+            Err(_) => {
+                *report
+                    .errors
+                    .entry("client task failed".into())
+                    .or_default() += 1
+            }
+        }
+    }
+    report
+}
+
+/// One large RerankStream: time to the first scores, to the final ranking, and pairs/s.
+async fn run_stream(
+    mut client: RerankerClient<Channel>,
+    args: &Args,
+    documents: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use rerank_server::proto::{
+        rerank_stream_request, rerank_stream_response, DocumentChunk, RerankStart,
+        RerankStreamRequest,
+    };
+    let mut rng = Lcg(args.seed);
+    let (lo, hi) = word_range(&args.doc_words)?;
+    let query = text(&mut rng, args.query_words);
+    let start = RerankStreamRequest {
+        item: Some(rerank_stream_request::Item::Start(RerankStart {
+            query,
+            top_n: 10,
+            ..Default::default()
+        })),
+    };
+    let chunk_size = args.chunk.max(1);
+    let chunks = documents.div_ceil(chunk_size);
+    // Documents are generated as the server reads them, so the client holds one chunk at a time.
+    let outbound = futures::stream::iter(std::iter::once(start).chain((0..chunks).map(move |c| {
+        let count = chunk_size.min(documents - c * chunk_size);
+        let documents = (0..count)
+            .map(|_| {
+                let words = lo + rng.below(hi - lo + 1);
+                text(&mut rng, words)
+            })
+            .collect();
+        RerankStreamRequest {
+            item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
+                documents,
+            })),
+        }
+    })));
+    let started = Instant::now();
+    let mut request = tonic::Request::new(outbound);
+    request.set_timeout(args.timeout.into());
+    let mut inbound = client.rerank_stream(request).await?.into_inner();
+    let (mut first, mut scored, mut messages) = (None, 0usize, 0usize);
+    while let Some(message) = inbound.message().await? {
+        messages += 1;
+        match message.item {
+            Some(rerank_stream_response::Item::Scores(chunk)) => {
+                first.get_or_insert_with(|| started.elapsed());
+                scored += chunk.results.len();
+            }
+            Some(rerank_stream_response::Item::Final(response)) => {
+                let elapsed = started.elapsed();
+                println!(
+                    "stream documents={documents} chunk={chunk_size} scored={scored} messages={messages} \
+                     first_scores={:.1}ms total={:.1}s pairs/s={:.1} final_pairs={}",
+                    first.unwrap_or_default().as_secs_f64() * 1e3,
+                    elapsed.as_secs_f64(),
+                    documents as f64 / elapsed.as_secs_f64(),
+                    response.usage.map_or(0, |u| u.pairs)
+                );
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
 async fn run_client(
     mut client: RerankerClient<Channel>,
     args: Args,
@@ -112,20 +250,10 @@ async fn run_client(
         let _ = client.rerank(make_request(&mut rng, &args, range)).await;
     }
     while Instant::now() < until {
-        let request = make_request(&mut rng, &args, range);
+        let request = with_timeout(make_request(&mut rng, &args, range), &args);
         let started = Instant::now();
-        match client.rerank(request).await {
-            Ok(_) => {
-                report.latencies.push(started.elapsed());
-                report.pairs += args.documents as u64;
-            }
-            Err(status) => {
-                *report
-                    .errors
-                    .entry(format!("{:?}", status.code()))
-                    .or_default() += 1
-            }
-        }
+        let outcome = client.rerank(request).await.map(|_| ());
+        record(&mut report, outcome, started, args.documents as u64);
     }
     report
 }
@@ -143,19 +271,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     word_range(&args.doc_words)?;
     let channel = Channel::from_shared(args.addr.clone())?.connect().await?;
     let client = RerankerClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    if let Some(documents) = args.stream_documents {
+        return run_stream(client, &args, documents).await;
+    }
     let duration: Duration = args.duration.into();
     let started = Instant::now();
     let until = started + duration;
-    let tasks: Vec<_> = (0..args.concurrency)
-        .map(|i| {
-            tokio::spawn(run_client(
-                client.clone(),
-                args.clone(),
-                args.seed + i as u64 * 7919,
-                until,
-            ))
-        })
-        .collect();
+    let tasks: Vec<_> = match args.rate {
+        Some(rate) => vec![tokio::spawn(run_open_loop(
+            client.clone(),
+            args.clone(),
+            rate,
+            until,
+        ))],
+        None => (0..args.concurrency)
+            .map(|i| {
+                tokio::spawn(run_client(
+                    client.clone(),
+                    args.clone(),
+                    args.seed + i as u64 * 7919,
+                    until,
+                ))
+            })
+            .collect(),
+    };
     let mut total = ClientReport::default();
     for task in tasks {
         let report = task.await?;
@@ -168,16 +307,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed().as_secs_f64();
     total.latencies.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mode = match args.rate {
+        Some(rate) => format!("rate={rate}/s"),
+        None => format!("concurrency={}", args.concurrency),
+    };
     println!(
-        "concurrency={} documents={} doc_words={} requests={} elapsed={:.1}s",
-        args.concurrency,
+        "{mode} documents={} doc_words={} ok_requests={} elapsed={:.1}s",
         args.documents,
         args.doc_words,
         total.latencies.len(),
         elapsed
     );
     println!(
-        "pairs/s={:.1} requests/s={:.2} p50={:.1}ms p95={:.1}ms p99={:.1}ms errors={:?}",
+        "pairs/s={:.1} requests/s={:.2} p50={:.1}ms p95={:.1}ms p99={:.1}ms outcomes={:?}",
         total.pairs as f64 / elapsed,
         total.latencies.len() as f64 / elapsed,
         ms(percentile(&total.latencies, 0.50)),

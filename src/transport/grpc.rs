@@ -103,7 +103,7 @@ impl GrpcReranker {
 
 /// The call's deadline from its `grpc-timeout` header. The server answers a little before the transport's
 /// own timer fires, so the caller sees DEADLINE_EXCEEDED rather than a cancelled stream.
-fn deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Instant>, Status> {
+pub fn parse_deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Instant>, Status> {
     let Some(value) = metadata.get("grpc-timeout") else {
         return Ok(None);
     };
@@ -124,7 +124,7 @@ fn deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Instant>, 
     Ok(Instant::now().checked_add(timeout - margin))
 }
 
-fn options(
+pub fn request_options(
     top_n: u32,
     return_documents: bool,
     raw_scores: bool,
@@ -186,9 +186,9 @@ impl RerankerRpc for GrpcReranker {
         request: Request<proto::RerankRequest>,
     ) -> Result<Response<proto::RerankResponse>, Status> {
         let reranker = self.reranker()?;
-        let deadline = deadline(request.metadata())?;
+        let deadline = parse_deadline(request.metadata())?;
         let request = request.into_inner();
-        let mut options = options(
+        let mut options = request_options(
             request.top_n,
             request.return_documents,
             request.raw_scores,
@@ -211,7 +211,7 @@ impl RerankerRpc for GrpcReranker {
         request: Request<Streaming<proto::RerankStreamRequest>>,
     ) -> Result<Response<Self::RerankStreamStream>, Status> {
         let reranker = self.reranker()?.clone();
-        let deadline = deadline(request.metadata())?;
+        let deadline = parse_deadline(request.metadata())?;
         let inbound = request.into_inner();
         let (outbox, receiver) = mpsc::channel(STREAM_OUTBOX);
         tokio::spawn(async move {
@@ -277,7 +277,7 @@ async fn run_stream(
             ))
         }
     };
-    let options = options(
+    let options = request_options(
         start.top_n,
         start.return_documents,
         start.raw_scores,
@@ -291,6 +291,11 @@ async fn run_stream(
         tokio::select! {
             message = inbound.next(), if session.outstanding() < window => match message {
                 Some(Ok(proto::RerankStreamRequest { item: Some(rerank_stream_request::Item::Documents(chunk)) })) => {
+                    // A stream that holds pending pairs waits for its own scores to make room rather than
+                    // failing mid-stream; only a stream with nothing pending is refused at the limit.
+                    while session.outstanding() > 0 && !reranker.has_room_for(chunk.documents.len()) {
+                        send_scores(outbox, session.next_scores().await?).await?;
+                    }
                     session.push(chunk.documents).await?;
                 }
                 Some(Ok(proto::RerankStreamRequest { item: Some(rerank_stream_request::Item::Start(_)) })) => {
