@@ -53,6 +53,9 @@ pub struct Config {
     pub max_stream_pending_pairs: usize,
     /// When set, every Reranker call needs `authorization: Bearer <api_key>`; health stays open.
     pub api_key: Option<String>,
+    /// PEM certificate chain and private key: when both are set, the listener speaks TLS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the server exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -81,6 +84,8 @@ impl Default for Config {
             max_pending_tokens: 20_000_000,
             max_stream_pending_pairs: 8192,
             api_key: None,
+            tls_cert: None,
+            tls_key: None,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -197,6 +202,11 @@ impl Config {
         {
             return Err(StartupError::Config(
                 "api_key must not be empty when set".into(),
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(StartupError::Config(
+                "tls_cert and tls_key must be set together".into(),
             ));
         }
         if self.max_length == Some(0) {

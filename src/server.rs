@@ -105,8 +105,14 @@ pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
         InterceptedService::new(rerank_service, ApiKeyCheck::new(config.api_key.as_deref()));
     let reflection = reflection_services()?;
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| StartupError::Config(format!("TLS configuration: {e}")))?;
+    }
     let serve = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(health_service)
             .add_service(reflection.0)
             .add_service(reflection.1)
@@ -143,6 +149,34 @@ pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
         draining,
         drain_timeout,
     })
+}
+
+/// The listener's TLS identity from `tls_cert` and `tls_key`, when configured.
+fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, StartupError> {
+    let (Some(cert_path), Some(key_path)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &Path, expected: &str| {
+        std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StartupError::MissingFile {
+                path: path.to_path_buf(),
+                expected: expected.to_string(),
+            },
+            _ => StartupError::InvalidFile {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            },
+        })
+    };
+    let cert = read(
+        cert_path,
+        "the TLS certificate chain (PEM) named by tls_cert",
+    )?;
+    let key = read(key_path, "the TLS private key (PEM) named by tls_key")?;
+    let identity = tonic::transport::Identity::from_pem(cert, key);
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new().identity(identity),
+    ))
 }
 
 type Reflection<A, B> = (A, B);

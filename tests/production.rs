@@ -264,3 +264,57 @@ async fn a_stream_past_its_deadline_ends_with_deadline_exceeded() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     drop(sender);
 }
+
+#[tokio::test]
+async fn the_listener_speaks_tls_when_a_certificate_is_configured() {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).expect("write key");
+    let mut config = test_config(ONE_LABEL);
+    config.tls_cert = Some(cert_path);
+    config.tls_key = Some(key_path);
+    let server = start(config).await;
+
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            certified.cert.pem(),
+        ))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "https://localhost:{}",
+        server.local_addr.port()
+    ))
+    .expect("endpoint")
+    .tls_config(tls)
+    .expect("tls")
+    .connect()
+    .await
+    .expect("TLS connect");
+    let mut secure = rerank_server::proto::reranker_client::RerankerClient::new(channel);
+    assert_eq!(
+        secure
+            .rerank(request(3))
+            .await
+            .expect("rerank over TLS")
+            .into_inner()
+            .results
+            .len(),
+        3
+    );
+
+    let plaintext =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.local_addr))
+            .expect("endpoint")
+            .connect()
+            .await;
+    if let Ok(channel) = plaintext {
+        let mut insecure = rerank_server::proto::reranker_client::RerankerClient::new(channel);
+        assert!(
+            insecure.rerank(request(3)).await.is_err(),
+            "plaintext is refused"
+        );
+    }
+}
