@@ -185,6 +185,11 @@ impl Reranker {
         self.inner.scheduler.stats()
     }
 
+    /// Resolves once the engine has stopped: every later request fails, so health must say so.
+    pub async fn engine_stopped(&self) {
+        self.inner.scheduler.engine_stopped().await
+    }
+
     /// Scores all documents against the query and ranks them.
     pub async fn rerank(
         &self,

@@ -127,6 +127,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
     tokio::spawn(async move {
         let state = match build_reranker(&config).await {
             Ok(reranker) => {
+                let watched = reranker.clone();
+                let engine_health = loader_health.clone();
+                tokio::spawn(async move {
+                    watched.engine_stopped().await;
+                    tracing::error!("the inference engine stopped; health is NOT_SERVING");
+                    set_health(&engine_health, ServingStatus::NotServing).await;
+                });
                 let _ = slot.set(reranker);
                 set_health(&loader_health, ServingStatus::Serving).await;
                 tracing::info!("model loaded and warmed up; SERVING");

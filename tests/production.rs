@@ -318,3 +318,51 @@ async fn the_listener_speaks_tls_when_a_certificate_is_configured() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_request_is_answered_promptly_while_a_large_stream_runs() {
+    let mut config = test_config(ONE_LABEL);
+    config.max_batch_size = 8;
+    let server = start(config).await;
+    let mut streamer = client(&server).await;
+    let mut messages = vec![RerankStreamRequest {
+        item: Some(rerank_stream_request::Item::Start(RerankStart {
+            query: "harbour".into(),
+            ..Default::default()
+        })),
+    }];
+    for chunk in 0..30 {
+        let documents = (0..1000)
+            .map(|i| format!("chunk {chunk} document {i} about the harbour market"))
+            .collect();
+        messages.push(RerankStreamRequest {
+            item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
+                documents,
+            })),
+        });
+    }
+    let mut inbound = streamer
+        .rerank_stream(tokio_stream::iter(messages))
+        .await
+        .expect("stream")
+        .into_inner();
+    inbound
+        .message()
+        .await
+        .expect("message")
+        .expect("the stream is being scored");
+    let stream = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        while inbound.message().await.expect("message").is_some() {}
+        started.elapsed()
+    });
+    let mut small = client(&server).await;
+    let started = std::time::Instant::now();
+    small.rerank(request(20)).await.expect("small request");
+    let small_latency = started.elapsed();
+    let stream_rest = stream.await.expect("task");
+    assert!(
+        small_latency * 5 < stream_rest,
+        "the small request ({small_latency:?}) did not wait for the stream ({stream_rest:?})"
+    );
+}

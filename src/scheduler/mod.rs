@@ -83,6 +83,7 @@ pub struct SchedulerHandle {
     commands: mpsc::UnboundedSender<Command>,
     stats: Arc<SchedulerStats>,
     next_id: Arc<AtomicU64>,
+    engine_stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SchedulerHandle {
@@ -107,6 +108,12 @@ impl SchedulerHandle {
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }
+
+    /// Resolves once the engine has stopped taking batches (the server can then no longer score).
+    pub async fn engine_stopped(&self) {
+        let mut stopped = self.engine_stopped.clone();
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    }
 }
 
 /// Starts the scheduler task on the current tokio runtime. Batches go to `engine`, a bounded channel, so the
@@ -120,11 +127,19 @@ pub fn spawn(
     let (commands, receiver) = mpsc::unbounded_channel();
     let stats = Arc::new(SchedulerStats::default());
     let queue = BatchQueue::new(policy, max_length, pad_id);
-    tokio::spawn(run(queue, receiver, engine, Arc::clone(&stats)));
+    let (stopped_sender, engine_stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(run(
+        queue,
+        receiver,
+        engine,
+        Arc::clone(&stats),
+        stopped_sender,
+    ));
     SchedulerHandle {
         commands,
         stats,
         next_id: Arc::new(AtomicU64::new(1)),
+        engine_stopped,
     }
 }
 
@@ -133,6 +148,7 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     engine: mpsc::Sender<Batch>,
     stats: Arc<SchedulerStats>,
+    engine_stopped: tokio::sync::watch::Sender<bool>,
 ) {
     loop {
         while let Ok(command) = commands.try_recv() {
@@ -171,6 +187,7 @@ async fn run(
             }
         }
     }
+    let _ = engine_stopped.send(true);
     fail_everything(queue, commands, &stats).await;
 }
 
@@ -361,5 +378,8 @@ mod tests {
             outcome,
             Some(BatchOutcome::Failed(RerankError::Internal(_)))
         ));
+        tokio::time::timeout(Duration::from_secs(5), scheduler.engine_stopped())
+            .await
+            .expect("the stopped engine is reported");
     }
 }
