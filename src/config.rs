@@ -51,6 +51,8 @@ pub struct Config {
     pub max_pending_tokens: usize,
     /// Pairs of one stream waiting for scores before the server stops reading that stream (back-pressure).
     pub max_stream_pending_pairs: usize,
+    /// HTTP/2 streams (concurrent calls) one client connection may have open.
+    pub max_concurrent_streams: u32,
     /// When set, every Reranker call needs `authorization: Bearer <api_key>`; health stays open.
     pub api_key: Option<String>,
     /// PEM certificate chain and private key: when both are set, the listener speaks TLS only.
@@ -83,6 +85,7 @@ impl Default for Config {
             max_pending_pairs: 200_000,
             max_pending_tokens: 20_000_000,
             max_stream_pending_pairs: 8192,
+            max_concurrent_streams: 1024,
             api_key: None,
             tls_cert: None,
             tls_key: None,
@@ -189,6 +192,10 @@ impl Config {
             ("max_pending_pairs", self.max_pending_pairs),
             ("max_pending_tokens", self.max_pending_tokens),
             ("max_stream_pending_pairs", self.max_stream_pending_pairs),
+            (
+                "max_concurrent_streams",
+                self.max_concurrent_streams as usize,
+            ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(StartupError::Config(format!(

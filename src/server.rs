@@ -105,7 +105,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
         InterceptedService::new(rerank_service, ApiKeyCheck::new(config.api_key.as_deref()));
     let reflection = reflection_services()?;
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(config.max_concurrent_streams));
     if let Some(tls) = tls_config(&config)? {
         builder = builder
             .tls_config(tls)
