@@ -29,6 +29,7 @@ fn compile_kernels(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     let compute_cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    println!("cargo:rustc-env=RERANK_CUDA_COMPUTE_CAP={compute_cap}");
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     let ptx = out_dir.join("ops.ptx");
     let status = std::process::Command::new(&nvcc)

@@ -1,6 +1,7 @@
 //! The engine: one dedicated thread that owns the model and its device and runs batches to logits.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::error::{RerankError, StartupError};
 use crate::model::{LoadedModel, PaddedBatch};
 use crate::scheduler::request::{BatchOutcome, RequestHandle, ScoredPairs};
-use crate::scheduler::Batch;
+use crate::scheduler::{Batch, SchedulerStats};
 
 /// Batches the scheduler may have ready while the engine computes one.
 pub const QUEUE_DEPTH: usize = 1;
@@ -55,12 +56,6 @@ pub fn compute_target(device: &str, dtype: &str) -> Result<ComputeTarget, Startu
             )))
         }
     };
-    // Half-precision models compute attention scores in fp32 from fp16/bf16 inputs: TF32 tensor cores lose
-    // nothing there. fp32 models keep full-precision GEMMs.
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        candle_core::cuda::set_gemm_reduced_precision_f32(dtype != DType::F32);
-    }
     tracing::info!(device = %name, ?dtype, "compute device");
     Ok(ComputeTarget {
         device,
@@ -78,9 +73,50 @@ fn bad_device(name: &str) -> StartupError {
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<Device, StartupError> {
     // A stream of its own for this engine, so its work never queues behind other users of the context.
-    Device::new_cuda_with_stream(ordinal).map_err(|e| {
+    let device = Device::new_cuda_with_stream(ordinal).map_err(|e| {
         StartupError::Config(format!("CUDA device {ordinal} could not be opened: {e}"))
-    })
+    })?;
+    if let Err(status) = retain_pool_memory(&device) {
+        tracing::warn!(
+            ?status,
+            "could not raise the CUDA memory pool's release threshold"
+        );
+    }
+    Ok(device)
+}
+
+/// Keeps freed device memory in the stream-ordered pool that candle allocates from, instead of handing it back
+/// to the driver at every synchronisation (the default release threshold is 0). After the warm-up batch, batches
+/// then allocate from memory the pool already holds.
+#[cfg(feature = "cuda")]
+fn retain_pool_memory(
+    device: &Device,
+) -> Result<(), candle_core::cuda::cudarc::driver::sys::CUresult> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    let cu_device = cuda.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer and `cu_device` a device handle from an open context.
+    let status = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        return Err(status);
+    }
+    let mut threshold = u64::MAX;
+    // SAFETY: RELEASE_THRESHOLD takes a pointer to a u64, which `threshold` is, for the pool returned above.
+    let status = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    };
+    if status == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(status)
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -121,12 +157,17 @@ pub fn run_batch(model: &LoadedModel, inputs: &PaddedBatch) -> Result<Vec<Vec<f3
 pub fn spawn(
     model: Arc<LoadedModel>,
     mut batches: mpsc::Receiver<Batch>,
+    stats: Arc<SchedulerStats>,
 ) -> Result<JoinHandle<()>, StartupError> {
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
             while let Some(batch) = batches.blocking_recv() {
+                let started = Instant::now();
                 process(&model, batch);
+                stats
+                    .engine_busy_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
             tracing::info!("engine stopped");
         })

@@ -249,8 +249,8 @@ pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
     };
     let (batches, engine_inbox) = tokio::sync::mpsc::channel(engine::QUEUE_DEPTH);
     let pad_id = model.pad_token_id;
-    engine::spawn(model, engine_inbox)?;
     let scheduler = scheduler::spawn(policy, max_length, pad_id, batches);
+    engine::spawn(model, engine_inbox, scheduler.shared_stats())?;
     let limits = Limits {
         max_documents: config.max_documents,
         max_stream_documents: config.max_stream_documents,

@@ -144,3 +144,37 @@ async fn scores_through_the_rerank_path_match_the_reference() {
         println!("{name}: max |score - reference| = {worst_score:.2e}, max |raw - reference| = {worst_raw:.2e}");
     }
 }
+
+/// The half-precision layout (fp16 GEMM operands, fp32 residual stream and head) on the CPU: the same operations
+/// the GPU runs, so a wrong dtype at any step shows here without a GPU.
+#[test]
+fn half_precision_model_stays_close_to_the_reference() {
+    for name in ALL_MODELS {
+        let expected = expected(name);
+        let model = model::load(
+            &fixture(name),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F16,
+        )
+        .expect("model loads in f16");
+        let mut worst = 0.0f32;
+        for case in &expected.cases {
+            let sequences = case
+                .input_ids
+                .iter()
+                .zip(&case.token_type_ids)
+                .map(|(i, t)| (&i[..], &t[..]));
+            let batch = PaddedBatch::from_sequences(sequences, model.pad_token_id);
+            for (row, want) in model
+                .logits(&batch)
+                .expect("forward")
+                .iter()
+                .zip(&case.logits)
+            {
+                worst = worst.max(max_abs_diff(row, want));
+            }
+        }
+        println!("{name}: f16 max |logit diff| {worst:.2e}");
+        assert!(worst < 2e-2, "{name}: f16 logits differ by {worst}");
+    }
+}

@@ -46,6 +46,10 @@ enum Command {
         expected: std::path::PathBuf,
         #[arg(long, default_value_t = 2e-3)]
         tolerance: f32,
+        /// Read the tolerance as a fraction of the largest reference |logit| (for models whose logits are not
+        /// of unit size).
+        #[arg(long)]
+        relative: bool,
     },
 }
 
@@ -57,7 +61,8 @@ async fn main() -> ExitCode {
             addr,
             expected,
             tolerance,
-        } => parity(&addr, &expected, tolerance).await,
+            relative,
+        } => parity(&addr, &expected, tolerance, relative).await,
         Command::Bench {
             model,
             rows,
@@ -120,10 +125,10 @@ fn kernels(bound: f32) -> Check {
             (33, 768),
             (4096, 1536),
             (5, 1024),
+            (9, 200),
         ] {
             let x = rounded(Tensor::randn(0f32, 2.0, (rows, cols), &cpu)?)?;
             let b = rounded(Tensor::randn(0f32, 1.0, cols, &cpu)?)?;
-            let r = rounded(Tensor::randn(0f32, 1.0, (rows, cols), &cpu)?)?;
             let shape = format!("{rows}x{cols}");
             for (name, activation, reference) in [
                 (
@@ -146,24 +151,38 @@ fn kernels(bound: f32) -> Check {
                 let (e, nan) = relative_error(&got, &reference)?;
                 ok &= report(name, dtype, &shape, e, nan, bound);
             }
-            let gamma = rounded(Tensor::randn(1f32, 0.1, cols, &cpu)?)?;
-            let beta = rounded(Tensor::randn(0f32, 0.1, cols, &cpu)?)?;
-            let reference =
-                candle_nn::ops::layer_norm(&x.broadcast_add(&b)?.add(&r)?, &gamma, &beta, 1e-12)?;
-            let norm = LayerNorm::new(on_gpu(&gamma)?, on_gpu(&beta)?, 1e-12);
-            let got = ops::add_bias_layer_norm(&on_gpu(&x)?, &on_gpu(&b)?, &on_gpu(&r)?, &norm)?;
-            let (e, nan) = relative_error(&got, &reference)?;
-            ok &= report("add_bias_layer_norm", dtype, &shape, e, nan, bound);
+            let gamma = Tensor::randn(1f32, 0.1, cols, &cpu)?;
+            let beta = Tensor::randn(0f32, 0.1, cols, &cpu)?;
+            let residual = Tensor::randn(0f32, 1.0, (rows, cols), &cpu)?;
+            let reference = candle_nn::ops::layer_norm(
+                &x.broadcast_add(&b)?.add(&residual)?,
+                &gamma,
+                &beta,
+                1e-12,
+            )?;
+            let norm = LayerNorm::new(gamma.to_device(&gpu)?, beta.to_device(&gpu)?, 1e-12);
+            let got = ops::add_bias_layer_norm(
+                &on_gpu(&x)?,
+                &on_gpu(&b)?,
+                &residual.to_device(&gpu)?,
+                &norm,
+            )?;
+            // The fp32 residual output is exact up to fp32 arithmetic; the GEMM input is rounded to the dtype.
+            let (e, nan) = relative_error(&got.residual, &reference)?;
+            ok &= report("add_bias_layer_norm", dtype, &shape, e, nan, 1e-5);
+            let (e, nan) = relative_error(&got.input, &reference)?;
+            ok &= report("add_bias_layer_norm_in", dtype, &shape, e, nan, bound);
 
-            let head = ops::Linear::from_parts(
-                rounded(Tensor::randn(0f32, 0.05, (cols, cols), &cpu)?)?,
-                b.clone(),
-            );
+            // The head runs in fp32 whatever the model dtype.
+            let head =
+                ops::Linear::from_parts(Tensor::randn(0f32, 0.05, (cols, cols), &cpu)?, b.clone());
             let reference = head.forward(&x)?.tanh()?;
-            let head_gpu = ops::Linear::from_parts(on_gpu(head.weight())?, on_gpu(&b)?);
-            let got = ops::dense_tanh(&head_gpu, &on_gpu(&x)?)?;
+            let head_gpu =
+                ops::Linear::from_parts(head.weight().to_device(&gpu)?, b.to_device(&gpu)?);
+            let got = ops::dense_tanh(&head_gpu, &x.to_device(&gpu)?)?;
             let (e, nan) = relative_error(&got, &reference)?;
-            ok &= report("cls_head_dense_tanh", dtype, &shape, e, nan, bound * 4.0);
+            // An fp32 GEMM: cuBLAS sums in another order than the CPU, about 1e-5 relative over 1,536 terms.
+            ok &= report("cls_head_dense_tanh", DType::F32, &shape, e, nan, 1e-4);
         }
         for (tokens, hidden, vocab, positions) in [
             (300usize, 384usize, 30522usize, 512usize),
@@ -172,8 +191,8 @@ fn kernels(bound: f32) -> Check {
             let word = rounded(Tensor::randn(0f32, 1.0, (vocab, hidden), &cpu)?)?;
             let position = rounded(Tensor::randn(0f32, 1.0, (positions, hidden), &cpu)?)?;
             let token_type = rounded(Tensor::randn(0f32, 1.0, (2, hidden), &cpu)?)?;
-            let gamma = rounded(Tensor::randn(1f32, 0.1, hidden, &cpu)?)?;
-            let beta = rounded(Tensor::randn(0f32, 0.1, hidden, &cpu)?)?;
+            let gamma = Tensor::randn(1f32, 0.1, hidden, &cpu)?;
+            let beta = Tensor::randn(0f32, 0.1, hidden, &cpu)?;
             let ids: Vec<u32> = (0..tokens).map(|i| ((i * 7919) % vocab) as u32).collect();
             let pos: Vec<u32> = (0..tokens).map(|i| (i % positions) as u32).collect();
             let types: Vec<u32> = (0..tokens).map(|i| (i % 2) as u32).collect();
@@ -192,7 +211,7 @@ fn kernels(bound: f32) -> Check {
                 position: on_gpu(&position)?,
                 token_type: Some(on_gpu(&token_type)?),
             };
-            let norm = LayerNorm::new(on_gpu(&gamma)?, on_gpu(&beta)?, 1e-12);
+            let norm = LayerNorm::new(gamma.to_device(&gpu)?, beta.to_device(&gpu)?, 1e-12);
             let got = ops::embed(
                 &tables,
                 &ids.to_device(&gpu)?,
@@ -200,79 +219,81 @@ fn kernels(bound: f32) -> Check {
                 Some(&types.to_device(&gpu)?),
                 &norm,
             )?;
-            let (e, nan) = relative_error(&got, &reference)?;
-            ok &= report(
-                "embed_layer_norm",
-                dtype,
-                &format!("{tokens}x{hidden}"),
-                e,
-                nan,
-                bound,
-            );
+            let shape = format!("{tokens}x{hidden}");
+            let (e, nan) = relative_error(&got.residual, &reference)?;
+            ok &= report("embed_layer_norm", dtype, &shape, e, nan, 1e-5);
+            let (e, nan) = relative_error(&got.input, &reference)?;
+            ok &= report("embed_layer_norm_in", dtype, &shape, e, nan, bound);
         }
         for (lengths, heads, head_dim) in [
             (vec![77usize, 5, 40], 12usize, 32usize),
             (vec![512, 300, 17, 1, 512, 64, 128, 200], 12, 64),
+            (vec![130, 64, 65, 3], 6, 64),
+            (vec![100, 37], 4, 128),
         ] {
-            let (batch, seq) = (lengths.len(), *lengths.iter().max().unwrap_or(&1));
-            let q = rounded(Tensor::randn(
-                0f32,
-                1.0,
-                (batch, heads, seq, head_dim),
-                &cpu,
-            )?)?;
-            let k = rounded(Tensor::randn(
-                0f32,
-                1.0,
-                (batch, heads, seq, head_dim),
-                &cpu,
-            )?)?;
-            let v = rounded(Tensor::randn(
-                0f32,
-                1.0,
-                (batch, heads, seq, head_dim),
-                &cpu,
-            )?)?;
-            let bias: Vec<f32> = lengths
-                .iter()
-                .flat_map(|&l| (0..seq).map(move |p| if p < l { 0.0 } else { f32::MIN }))
-                .collect();
-            let bias = Tensor::from_vec(bias, (batch, 1, 1, seq), &cpu)?;
-            let scale = 1.0 / (head_dim as f64).sqrt();
-            let probs = candle_nn::ops::softmax_last_dim(
-                &(q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?,
-            )?;
-            let reference = probs.matmul(&v)?;
-            let mask = PaddingMask::new(&lengths, seq, &gpu);
-            let got = ops::attention(&on_gpu(&q)?, &on_gpu(&k)?, &on_gpu(&v)?, &mask)?;
-            let (e, nan) = relative_error(&got, &reference)?;
-            ok &= report(
-                "masked_attention",
-                dtype,
-                &format!("{batch}x{heads}x{seq}x{head_dim}"),
-                e,
-                nan,
-                bound * 2.0,
-            );
-            // The last layer's single query row per sequence takes the same path.
-            let first = ops::attention(
-                &on_gpu(&q)?.narrow(2, 0, 1)?.contiguous()?,
-                &on_gpu(&k)?,
-                &on_gpu(&v)?,
-                &mask,
-            )?;
-            let (e, nan) = relative_error(&first, &reference.i((.., .., 0..1))?)?;
-            ok &= report(
-                "masked_attention_cls",
-                dtype,
-                &format!("{batch}x{heads}x1x{head_dim}"),
-                e,
-                nan,
-                bound * 2.0,
-            );
+            ok &= check_attention(&lengths, heads, head_dim, dtype, bound, &gpu)?;
         }
     }
     println!("kernels: {}", if ok { "PASS" } else { "FAIL" });
+    Ok(ok)
+}
+
+/// Self-attention from a fused QKV projection: the fused kernel (or the composed path for other head sizes and
+/// fp32) against the CPU fp32 path, for full layers and the first-row-only form.
+fn check_attention(
+    lengths: &[usize],
+    heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    bound: f32,
+    gpu: &Device,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let cpu = Device::Cpu;
+    let (batch, seq) = (lengths.len(), *lengths.iter().max().unwrap_or(&1));
+    let hidden = heads * head_dim;
+    let rounded = |t: Tensor| t.to_dtype(dtype).and_then(|t| t.to_dtype(DType::F32));
+    let qkv = rounded(Tensor::randn(0f32, 1.0, (batch * seq, 3 * hidden), &cpu)?)?;
+    let bias = rounded(Tensor::randn(0f32, 0.5, 3 * hidden, &cpu)?)?;
+    let cpu_mask = PaddingMask::new(lengths, seq, &cpu)?;
+    let gpu_mask = PaddingMask::new(lengths, seq, gpu)?;
+    let on_gpu = |t: &Tensor| t.to_device(gpu).and_then(|t| t.to_dtype(dtype));
+    let mut ok = true;
+    for q_rows in [seq, 1] {
+        let reference = ops::self_attention(&qkv, &bias, &cpu_mask, heads, q_rows)?;
+        let got = ops::self_attention(&on_gpu(&qkv)?, &on_gpu(&bias)?, &gpu_mask, heads, q_rows)?;
+        // Only real query rows are compared: padding rows are zeros on the GPU and do not matter.
+        let real = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = t
+                .to_device(&cpu)?
+                .to_dtype(DType::F32)?
+                .reshape((batch, q_rows, hidden))?;
+            let rows: Vec<Tensor> = lengths
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| t.i(i)?.narrow(0, 0, len.min(q_rows)))
+                .collect::<candle_core::Result<_>>()?;
+            Tensor::cat(&rows, 0)
+        };
+        let (e, nan) = relative_error(&real(&got)?, &real(&reference)?)?;
+        let name = if q_rows == 1 {
+            "self_attention_cls"
+        } else {
+            "self_attention"
+        };
+        ok &= report(
+            name,
+            dtype,
+            &format!("{batch}x{heads}x{seq}x{head_dim}"),
+            e,
+            nan,
+            bound * 2.0,
+        );
+        let all: Vec<f32> = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if all.iter().any(|v| !v.is_finite()) {
+            println!("self_attention: non-finite values in padding rows");
+            ok = false;
+        }
+    }
     Ok(ok)
 }
 
@@ -321,7 +342,7 @@ struct Case {
     logits: Vec<Vec<f32>>,
 }
 
-async fn parity(addr: &str, path: &std::path::Path, tolerance: f32) -> Check {
+async fn parity(addr: &str, path: &std::path::Path, tolerance: f32, relative: bool) -> Check {
     let expected: Expected = serde_json::from_str(&std::fs::read_to_string(path)?)?;
     let mut client = RerankerClient::connect(addr.to_string())
         .await?
@@ -357,9 +378,14 @@ async fn parity(addr: &str, path: &std::path::Path, tolerance: f32) -> Check {
             println!("parity: order differs in case {}", case.name);
         }
     }
+    let tolerance = if relative {
+        tolerance * spread
+    } else {
+        tolerance
+    };
     let ok = worst <= tolerance;
     println!(
-        "parity {}: {} queries, max |logit diff| {worst:.2e} (tolerance {tolerance:.0e}, logits up to {spread:.2}), identical order {same_order}/{} {}",
+        "parity {}: {} queries, max |logit diff| {worst:.2e} (tolerance {tolerance:.1e}, logits up to {spread:.2}), identical order {same_order}/{} {}",
         path.display(),
         expected.cases.len(),
         expected.cases.len(),

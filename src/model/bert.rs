@@ -1,6 +1,6 @@
 //! BertForSequenceClassification: BERT embeddings, the shared encoder, optional pooler and the classifier.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::encoder::{self, Encoder};
@@ -31,8 +31,13 @@ impl Bert {
         let body = encoder::base_weights(&vb, "bert");
         let h = config.hidden_size;
         let (tables, embedding_norm) = encoder::load_embeddings(&body, config)?;
+        // The head is tiny and sits right before the score: it stays fp32 (see ops).
         let pooler = if body.contains_tensor("pooler.dense.weight") {
-            Some(Linear::load(&body.pp("pooler.dense"), h, h)?)
+            Some(Linear::load(
+                &body.pp("pooler.dense").set_dtype(DType::F32),
+                h,
+                h,
+            )?)
         } else {
             tracing::warn!(
                 "checkpoint has no pooler; the classifier reads the [CLS] hidden state directly"
@@ -44,7 +49,11 @@ impl Bert {
             embedding_norm,
             encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
             pooler,
-            classifier: Linear::load(&vb.pp("classifier"), h, config.num_labels())?,
+            classifier: Linear::load(
+                &vb.pp("classifier").set_dtype(DType::F32),
+                h,
+                config.num_labels(),
+            )?,
             type_vocab_size: config.type_vocab_size,
             device: vb.device().clone(),
         })
@@ -75,8 +84,8 @@ impl CrossEncoder for Bert {
             Some(&type_ids),
             &self.embedding_norm,
         )?;
-        let mask = ops::PaddingMask::new(&batch.lengths, seq, &self.device);
-        let first = self.encoder.forward_first_token(hidden, &mask, size, seq)?;
+        let mask = ops::PaddingMask::new(&batch.lengths, seq, &self.device)?;
+        let first = self.encoder.forward_first_token(hidden, &mask)?.residual;
         let pooled = match &self.pooler {
             Some(pooler) => ops::dense_tanh(pooler, &first)?,
             None => first,

@@ -1,10 +1,12 @@
 //! The post-LayerNorm transformer encoder shared by BERT and (XLM-)RoBERTa: fused-QKV self-attention and feed-forward.
 
-use candle_core::{IndexOp, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::hf_config::ModelConfig;
-use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear, PaddingMask};
+use super::ops::{
+    self, EmbeddingTables, FeedForwardActivation, Hidden, LayerNorm, Linear, PaddingMask,
+};
 
 /// The weights of the base model: under `prefix` (as *ForSequenceClassification checkpoints save them, e.g.
 /// `bert.`) or at the root of the file.
@@ -52,9 +54,7 @@ struct EncoderLayer {
 /// Shapes every layer shares.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
-    hidden: usize,
     heads: usize,
-    head_dim: usize,
     activation: FeedForwardActivation,
 }
 
@@ -79,9 +79,7 @@ impl Encoder {
             );
         }
         let dims = Dims {
-            hidden,
             heads: config.num_attention_heads,
-            head_dim: hidden / config.num_attention_heads,
             activation,
         };
         let layers = (0..config.num_hidden_layers)
@@ -93,24 +91,15 @@ impl Encoder {
     /// Runs every layer over a right-padded batch and returns the hidden state of each sequence's first token,
     /// [batch, hidden]. `hidden`: [batch * seq, hidden]. The last layer computes only the first-token rows
     /// after attention, since nothing else reaches the classification head.
-    pub fn forward_first_token(
-        &self,
-        hidden: Tensor,
-        mask: &PaddingMask,
-        batch: usize,
-        seq: usize,
-    ) -> Result<Tensor> {
+    pub fn forward_first_token(&self, hidden: Hidden, mask: &PaddingMask) -> Result<Hidden> {
         let Some((last, rest)) = self.layers.split_last() else {
-            return hidden
-                .reshape((batch, seq, self.dims.hidden))?
-                .i((.., 0))?
-                .contiguous();
+            return hidden.first_tokens(mask.batch_size(), mask.seq_len());
         };
         let mut hidden = hidden;
         for layer in rest {
-            hidden = layer.forward(&hidden, mask, batch, seq, &self.dims)?;
+            hidden = layer.forward(&hidden, mask, &self.dims)?;
         }
-        last.forward_first_token(&hidden, mask, batch, seq, &self.dims)
+        last.forward_first_token(&hidden, mask, &self.dims)
     }
 }
 
@@ -133,17 +122,10 @@ impl EncoderLayer {
     }
 
     /// Full layer: [batch * seq, hidden] -> [batch * seq, hidden].
-    fn forward(
-        &self,
-        hidden: &Tensor,
-        mask: &PaddingMask,
-        batch: usize,
-        seq: usize,
-        dims: &Dims,
-    ) -> Result<Tensor> {
-        let (q, k, v) = self.split_heads(hidden, batch, seq, dims)?;
-        let context = merge_heads(&ops::attention(&q, &k, &v, mask)?, batch * seq, dims)?;
-        let attended = self.attention_epilogue(&context, hidden)?;
+    fn forward(&self, hidden: &Hidden, mask: &PaddingMask, dims: &Dims) -> Result<Hidden> {
+        let qkv = self.qkv.matmul(&hidden.input)?;
+        let context = ops::self_attention(&qkv, self.qkv.bias(), mask, dims.heads, mask.seq_len())?;
+        let attended = self.attention_epilogue(&context, &hidden.residual)?;
         self.feed_forward(&attended, dims)
     }
 
@@ -151,40 +133,20 @@ impl EncoderLayer {
     /// the first token. Returns [batch, hidden].
     fn forward_first_token(
         &self,
-        hidden: &Tensor,
+        hidden: &Hidden,
         mask: &PaddingMask,
-        batch: usize,
-        seq: usize,
         dims: &Dims,
-    ) -> Result<Tensor> {
-        let (q, k, v) = self.split_heads(hidden, batch, seq, dims)?;
-        let q_first = q.narrow(2, 0, 1)?.contiguous()?;
-        let context = merge_heads(&ops::attention(&q_first, &k, &v, mask)?, batch, dims)?;
+    ) -> Result<Hidden> {
+        let qkv = self.qkv.matmul(&hidden.input)?;
+        let context = ops::self_attention(&qkv, self.qkv.bias(), mask, dims.heads, 1)?;
         let residual = hidden
-            .reshape((batch, seq, dims.hidden))?
-            .i((.., 0))?
-            .contiguous()?;
+            .first_tokens(mask.batch_size(), mask.seq_len())?
+            .residual;
         let attended = self.attention_epilogue(&context, &residual)?;
         self.feed_forward(&attended, dims)
     }
 
-    /// Fused QKV projection, split into [batch, heads, seq, head_dim] each.
-    fn split_heads(
-        &self,
-        hidden: &Tensor,
-        batch: usize,
-        seq: usize,
-        dims: &Dims,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let qkv = self
-            .qkv
-            .forward(hidden)?
-            .reshape((batch, seq, 3, dims.heads, dims.head_dim))?;
-        let part = |i: usize| qkv.i((.., .., i))?.transpose(1, 2)?.contiguous();
-        Ok((part(0)?, part(1)?, part(2)?))
-    }
-
-    fn attention_epilogue(&self, context: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    fn attention_epilogue(&self, context: &Tensor, residual: &Tensor) -> Result<Hidden> {
         let projected = self.attention_output.matmul(context)?;
         ops::add_bias_layer_norm(
             &projected,
@@ -194,21 +156,18 @@ impl EncoderLayer {
         )
     }
 
-    fn feed_forward(&self, x: &Tensor, dims: &Dims) -> Result<Tensor> {
+    fn feed_forward(&self, x: &Hidden, dims: &Dims) -> Result<Hidden> {
         let inner = ops::bias_activation(
-            &self.intermediate.matmul(x)?,
+            &self.intermediate.matmul(&x.input)?,
             self.intermediate.bias(),
             dims.activation,
         )?;
         let projected = self.output.matmul(&inner)?;
-        ops::add_bias_layer_norm(&projected, self.output.bias(), x, &self.output_norm)
+        ops::add_bias_layer_norm(
+            &projected,
+            self.output.bias(),
+            &x.residual,
+            &self.output_norm,
+        )
     }
-}
-
-/// [batch, heads, rows, head_dim] -> [batch * rows, hidden].
-fn merge_heads(context: &Tensor, rows: usize, dims: &Dims) -> Result<Tensor> {
-    context
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, dims.hidden))
 }

@@ -1,7 +1,11 @@
 //! The device operations every encoder architecture is built from (GEMM, fused bias/activation, residual LayerNorm,
 //! masked attention, embeddings). Architectures call only these, so a device backend can replace each one.
+//!
+//! Precision: GEMM weights and activations are in the model dtype (fp16 on GPUs), while LayerNorm parameters and
+//! outputs (the residual stream) and the classification head stay fp32. Rounding the residual stream to fp16
+//! after every sublayer is what moves half-precision scores furthest from an fp32 reference.
 
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// A dense layer y = x·Wᵀ (+ b), W stored [out, in] as in the checkpoints.
@@ -65,7 +69,9 @@ impl LayerNorm {
         Self { weight, bias, eps }
     }
 
+    /// Loads the parameters in fp32 whatever the model dtype.
     pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let vb = vb.clone().set_dtype(DType::F32);
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
@@ -73,8 +79,44 @@ impl LayerNorm {
         })
     }
 
+    /// LayerNorm in fp32, whatever the dtype of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+        candle_nn::ops::layer_norm(
+            &x.to_dtype(DType::F32)?.contiguous()?,
+            &self.weight.to_dtype(DType::F32)?,
+            &self.bias.to_dtype(DType::F32)?,
+            self.eps,
+        )
+    }
+}
+
+/// The hidden state between sublayers: the fp32 residual stream, and the same values in the model dtype as the
+/// input of the next GEMM (one tensor twice when the model is fp32).
+#[derive(Debug, Clone)]
+pub struct Hidden {
+    pub residual: Tensor,
+    pub input: Tensor,
+}
+
+impl Hidden {
+    pub fn from_residual(residual: Tensor, dtype: DType) -> Result<Self> {
+        let input = residual.to_dtype(dtype)?;
+        Ok(Self { residual, input })
+    }
+
+    /// The rows of each sequence's first token, from a [batch * seq, hidden] state.
+    pub fn first_tokens(&self, batch: usize, seq: usize) -> Result<Self> {
+        let first = |t: &Tensor| -> Result<Tensor> {
+            let hidden = t.dim(D::Minus1)?;
+            t.reshape((batch, seq, hidden))?
+                .narrow(1, 0, 1)?
+                .reshape((batch, hidden))?
+                .contiguous()
+        };
+        Ok(Self {
+            residual: first(&self.residual)?,
+            input: first(&self.input)?,
+        })
     }
 }
 
@@ -120,44 +162,54 @@ pub fn bias_activation(
     }
 }
 
-/// LayerNorm(x + bias + residual): a sublayer's output projection epilogue in post-LN encoders. x, residual:
-/// [rows, n]; bias: [n].
+/// LayerNorm(x + bias + residual): a sublayer's output projection epilogue in post-LN encoders. x: [rows, n] and
+/// bias: [n] in the model dtype (a GEMM's output and bias); residual: [rows, n] fp32. The result's `input` has
+/// the dtype of x.
 pub fn add_bias_layer_norm(
     x: &Tensor,
     bias: &Tensor,
     residual: &Tensor,
     norm: &LayerNorm,
-) -> Result<Tensor> {
+) -> Result<Hidden> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return cuda::add_bias_layer_norm(x, bias, residual, norm);
+        if let Some(hidden) = cuda::add_bias_layer_norm(x, bias, residual, norm) {
+            return hidden;
+        }
     }
-    if let Some(result) = cpu::add_bias_layer_norm(x, bias, residual, norm) {
-        return result;
-    }
-    norm.forward(&x.broadcast_add(bias)?.add(residual)?)
+    let residual = match cpu::add_bias_layer_norm(x, bias, residual, norm) {
+        Some(result) => result?,
+        None => norm.forward(
+            &x.to_dtype(DType::F32)?
+                .broadcast_add(&bias.to_dtype(DType::F32)?)?
+                .add(&residual.to_dtype(DType::F32)?)?,
+        )?,
+    };
+    Hidden::from_residual(residual, x.dtype())
 }
 
 /// Sum of the word, position and token-type embeddings of each token, then LayerNorm. All id tensors: [tokens].
+/// The result's `input` has the dtype of the tables.
 pub fn embed(
     tables: &EmbeddingTables,
     input_ids: &Tensor,
     position_ids: &Tensor,
     type_ids: Option<&Tensor>,
     norm: &LayerNorm,
-) -> Result<Tensor> {
+) -> Result<Hidden> {
     #[cfg(feature = "cuda")]
     if let (true, Some(type_ids)) = (input_ids.device().is_cuda(), type_ids) {
-        return cuda::embed(tables, input_ids, position_ids, type_ids, norm);
+        if let Some(hidden) = cuda::embed(tables, input_ids, position_ids, type_ids, norm) {
+            return hidden;
+        }
     }
-    let mut sum = tables
-        .word
-        .index_select(input_ids, 0)?
-        .add(&tables.position.index_select(position_ids, 0)?)?;
+    let as_f32 = |t: Tensor| t.to_dtype(DType::F32);
+    let mut sum = as_f32(tables.word.index_select(input_ids, 0)?)?
+        .add(&as_f32(tables.position.index_select(position_ids, 0)?)?)?;
     if let (Some(table), Some(ids)) = (&tables.token_type, type_ids) {
-        sum = sum.add(&table.index_select(ids, 0)?)?;
+        sum = sum.add(&as_f32(table.index_select(ids, 0)?)?)?;
     }
-    norm.forward(&sum)
+    Hidden::from_residual(norm.forward(&sum)?, tables.word.dtype())
 }
 
 /// The embedding matrices of an encoder, [rows, hidden] each.
@@ -174,15 +226,34 @@ pub struct PaddingMask {
     lengths: Vec<usize>,
     seq_len: usize,
     device: Device,
+    /// The lengths as u32 on a GPU, uploaded once per batch for the attention kernels.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device_lengths: Option<Tensor>,
 }
 
 impl PaddingMask {
-    pub fn new(lengths: &[usize], seq_len: usize, device: &Device) -> Self {
-        Self {
+    pub fn new(lengths: &[usize], seq_len: usize, device: &Device) -> Result<Self> {
+        let device_lengths = if device.is_cpu() {
+            None
+        } else {
+            let lengths: Vec<u32> = lengths.iter().map(|&l| l as u32).collect();
+            let count = lengths.len();
+            Some(Tensor::from_vec(lengths, count, device)?)
+        };
+        Ok(Self {
             lengths: lengths.to_vec(),
             seq_len,
             device: device.clone(),
-        }
+            device_lengths,
+        })
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.lengths.len()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
     }
 
     /// Additive bias, 0 on real keys and the most negative float on padding keys, shaped
@@ -205,14 +276,55 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &PaddingMask) -> Resu
     let head_dim = q.dim(D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda() {
-        return cuda::attention(q, k, v, scale as f32, &mask.lengths);
+    if let Some(lengths) = &mask.device_lengths {
+        return cuda::attention(q, k, v, scale as f32, lengths);
     }
     if let Some(context) = cpu::attention(q, k, v, scale as f32, &mask.lengths) {
         return context;
     }
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask.bias()?)?;
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let scores = (f32(q)?.matmul(&f32(k)?.t()?)? * scale)?.broadcast_add(&mask.bias()?)?;
+    candle_nn::ops::softmax_last_dim(&scores)?
+        .matmul(&f32(v)?)?
+        .to_dtype(q.dtype())
+}
+
+/// Multi-head self-attention over a padded batch, from the fused QKV projection. qkv: [batch * seq, 3 * hidden]
+/// without its bias (Q | K | V, `heads` heads each); bias: [3 * hidden]. Returns the context of each sequence's
+/// first `q_rows` rows, [batch * q_rows, hidden]: q_rows = seq for a full layer, 1 where only the first token
+/// matters.
+pub fn self_attention(
+    qkv: &Tensor,
+    bias: &Tensor,
+    mask: &PaddingMask,
+    heads: usize,
+    q_rows: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(lengths) = &mask.device_lengths {
+        if let Some(context) = cuda::self_attention(qkv, bias, lengths, mask.seq_len, heads, q_rows)
+        {
+            return context;
+        }
+    }
+    let (batch, seq) = (mask.batch_size(), mask.seq_len);
+    let hidden = qkv.dim(D::Minus1)? / 3;
+    let head_dim = hidden / heads;
+    let qkv = qkv
+        .broadcast_add(bias)?
+        .reshape((batch, seq, 3, heads, head_dim))?;
+    let part = |i: usize, rows: usize| {
+        qkv.narrow(2, i, 1)?
+            .squeeze(2)?
+            .narrow(1, 0, rows)?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let context = attention(&part(0, q_rows)?, &part(1, seq)?, &part(2, seq)?, mask)?;
+    context
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((batch * q_rows, hidden))
 }
 
 /// tanh(x·Wᵀ + b): the pooler and RoBERTa head's dense layer.
@@ -250,13 +362,13 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (2, heads, seq, hd), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, heads, seq, hd), &dev)?;
         let lengths = [5, 3];
-        let out = attention(&q, &k, &v, &PaddingMask::new(&lengths, seq, &dev))?;
+        let out = attention(&q, &k, &v, &PaddingMask::new(&lengths, seq, &dev)?)?;
         // The second sequence computed alone on its 3 real keys must give the same first 3 rows.
         let alone = attention(
             &q.i(1..2)?.narrow(2, 0, 3)?,
             &k.i(1..2)?.narrow(2, 0, 3)?,
             &v.i(1..2)?.narrow(2, 0, 3)?,
-            &PaddingMask::new(&[3], 3, &dev),
+            &PaddingMask::new(&[3], 3, &dev)?,
         )?;
         assert!(max_abs_diff(&out.i(1..2)?.narrow(2, 0, 3)?, &alone) < 1e-6);
         let all: Vec<f32> = out.flatten_all()?.to_vec1()?;
@@ -287,7 +399,7 @@ mod tests {
             bias: Tensor::zeros(8, DType::F32, &dev)?,
             eps: 1e-12,
         };
-        let y = add_bias_layer_norm(&x, &b, &r, &norm)?;
+        let y = add_bias_layer_norm(&x, &b, &r, &norm)?.residual;
         let mean = y
             .mean_keepdim(1)?
             .abs()?
@@ -342,9 +454,9 @@ mod tests {
             eps: 1e-12,
         };
         let composed = norm.forward(&x.broadcast_add(&b)?.add(&r)?)?;
-        assert!(max_abs_diff(&add_bias_layer_norm(&x, &b, &r, &norm)?, &composed) < 1e-5);
+        assert!(max_abs_diff(&add_bias_layer_norm(&x, &b, &r, &norm)?.residual, &composed) < 1e-5);
 
-        let mask = PaddingMask::new(&[5, 2], 5, &dev);
+        let mask = PaddingMask::new(&[5, 2], 5, &dev)?;
         let (q, k, v) = (
             Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?,
             Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?,
@@ -356,6 +468,69 @@ mod tests {
         )?;
         assert!(max_abs_diff(&fused, &probs.matmul(&v)?) < 1e-5);
 
+        Ok(())
+    }
+
+    #[test]
+    fn self_attention_matches_per_head_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        let (batch, seq, heads, head_dim) = (2, 6, 3, 4);
+        let hidden = heads * head_dim;
+        let qkv = Tensor::randn(0f32, 1.0, (batch * seq, 3 * hidden), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, 3 * hidden, &dev)?;
+        let mask = PaddingMask::new(&[6, 4], seq, &dev)?;
+        let context = self_attention(&qkv, &bias, &mask, heads, seq)?;
+        assert_eq!(context.dims(), &[batch * seq, hidden]);
+        // Head 1 of sequence 1, by hand from its columns.
+        let with_bias = qkv
+            .broadcast_add(&bias)?
+            .reshape((batch, seq, 3 * hidden))?;
+        let columns = |offset: usize| -> Result<Tensor> {
+            with_bias
+                .i(1)?
+                .narrow(0, 0, 4)?
+                .narrow(1, offset + head_dim, head_dim)?
+                .unsqueeze(0)?
+                .unsqueeze(0)?
+                .contiguous()
+        };
+        let (q, k, v) = (columns(0)?, columns(hidden)?, columns(2 * hidden)?);
+        let expected = attention(&q, &k, &v, &PaddingMask::new(&[4], 4, &dev)?)?
+            .squeeze(0)?
+            .squeeze(0)?;
+        let got = context
+            .reshape((batch, seq, hidden))?
+            .i(1)?
+            .narrow(0, 0, 4)?
+            .narrow(1, head_dim, head_dim)?;
+        assert!(max_abs_diff(&got, &expected) < 1e-5);
+        // The first-row-only form is the first row of the full one.
+        let first = self_attention(&qkv, &bias, &mask, heads, 1)?;
+        let full_first = context.reshape((batch, seq, hidden))?.i((.., 0))?;
+        assert!(max_abs_diff(&first, &full_first) < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_inputs_keep_an_fp32_residual_stream() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev)?.to_dtype(DType::F16)?;
+        let b = Tensor::randn(0f32, 1.0, 8, &dev)?.to_dtype(DType::F16)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        let norm = LayerNorm::new(
+            Tensor::ones(8, DType::F32, &dev)?,
+            Tensor::zeros(8, DType::F32, &dev)?,
+            1e-12,
+        );
+        let hidden = add_bias_layer_norm(&x, &b, &r, &norm)?;
+        assert_eq!(hidden.residual.dtype(), DType::F32);
+        assert_eq!(hidden.input.dtype(), DType::F16);
+        let expected = norm.forward(
+            &x.to_dtype(DType::F32)?
+                .broadcast_add(&b.to_dtype(DType::F32)?)?
+                .add(&r)?,
+        )?;
+        assert!(max_abs_diff(&hidden.residual, &expected) < 1e-6);
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! XLMRobertaForSequenceClassification (and RobertaForSequenceClassification): RoBERTa embeddings with
 //! positions counted from padding_idx + 1, the shared encoder, and the dense → tanh → out_proj head on `<s>`.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::encoder::{self, Encoder};
@@ -45,7 +45,8 @@ impl XlmRoberta {
         let body = encoder::base_weights(&vb, "roberta");
         let h = config.hidden_size;
         let (tables, embedding_norm) = encoder::load_embeddings(&body, config)?;
-        let head = vb.pp("classifier");
+        // The head is tiny and sits right before the score: it stays fp32 (see ops).
+        let head = vb.pp("classifier").set_dtype(DType::F32);
         Ok(Self {
             tables,
             embedding_norm,
@@ -87,7 +88,7 @@ impl CrossEncoder for XlmRoberta {
             &self.device,
         )?;
         // The XLM-R tokenizer returns no token type ids: every token uses type 0, as in the reference.
-        let type_ids = Tensor::zeros(size * seq, candle_core::DType::U32, &self.device)?;
+        let type_ids = Tensor::zeros(size * seq, DType::U32, &self.device)?;
         let hidden = ops::embed(
             &self.tables,
             &ids,
@@ -95,8 +96,8 @@ impl CrossEncoder for XlmRoberta {
             Some(&type_ids),
             &self.embedding_norm,
         )?;
-        let mask = ops::PaddingMask::new(&batch.lengths, seq, &self.device);
-        let first = self.encoder.forward_first_token(hidden, &mask, size, seq)?;
+        let mask = ops::PaddingMask::new(&batch.lengths, seq, &self.device)?;
+        let first = self.encoder.forward_first_token(hidden, &mask)?.residual;
         self.head_out
             .forward(&ops::dense_tanh(&self.head_dense, &first)?)
     }

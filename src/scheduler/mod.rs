@@ -24,6 +24,8 @@ pub struct SchedulerStats {
     pub real_tokens: AtomicU64,
     pub cancelled_pairs: AtomicU64,
     pub queued_pairs: AtomicU64,
+    /// Time the engine spent running batches (upload, forward, download), in microseconds.
+    pub engine_busy_micros: AtomicU64,
 }
 
 /// A point-in-time copy of the counters.
@@ -35,6 +37,9 @@ pub struct StatsSnapshot {
     pub real_tokens: u64,
     pub cancelled_pairs: u64,
     pub queued_pairs: u64,
+    pub engine_busy_seconds: f64,
+    /// Filled in by the Reranker, which owns the tokenizer.
+    pub tokenizer_busy_seconds: f64,
 }
 
 impl StatsSnapshot {
@@ -58,6 +63,8 @@ impl SchedulerStats {
             real_tokens: get(&self.real_tokens),
             cancelled_pairs: get(&self.cancelled_pairs),
             queued_pairs: get(&self.queued_pairs),
+            engine_busy_seconds: get(&self.engine_busy_micros) as f64 / 1e6,
+            tokenizer_busy_seconds: 0.0,
         }
     }
 
@@ -107,6 +114,11 @@ impl SchedulerHandle {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// The counters themselves, for the engine to record its busy time.
+    pub fn shared_stats(&self) -> Arc<SchedulerStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Resolves once the engine has stopped taking batches (the server can then no longer score).

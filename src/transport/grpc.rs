@@ -372,6 +372,8 @@ fn info(reranker: &Reranker) -> proto::InfoResponse {
             padding_ratio: stats.padding_ratio(),
             cancelled_pairs: stats.cancelled_pairs,
             queued_pairs: stats.queued_pairs,
+            engine_busy_seconds: stats.engine_busy_seconds,
+            tokenizer_busy_seconds: stats.tokenizer_busy_seconds,
         }),
     }
 }

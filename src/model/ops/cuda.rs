@@ -1,63 +1,102 @@
 //! CUDA implementations of the encoder operations: our kernels (kernels/ops.cu, compiled to PTX by build.rs)
-//! launched on the stream of the tensors' device, fp16/bf16/fp32 in memory with fp32 arithmetic inside.
+//! launched on the stream of the tensors' device; the model dtype (fp16, bf16 or fp32) in memory for GEMM
+//! operands, fp32 for the residual stream, fp32 arithmetic inside.
+
+use std::ops::Deref;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
-    Tensor,
+    bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 use half::{bf16, f16};
 
-use super::{EmbeddingTables, FeedForwardActivation, LayerNorm};
+use super::{EmbeddingTables, FeedForwardActivation, Hidden, LayerNorm};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.ptx"));
 const MODULE: &str = "rerank_ops";
-/// Threads per block for the row kernels (LayerNorm rows, softmax rows).
+/// The compute capability the PTX was built for (build.rs, CUDA_COMPUTE_CAP).
+const COMPUTE_CAP: &str = env!("RERANK_CUDA_COMPUTE_CAP");
+/// Threads per block for one-row-per-block kernels.
 const ROW_THREADS: u32 = 256;
+/// Rows per block (one warp each) for the LayerNorm kernels; rows up to WARP_ROW_MAX values.
+const WARP_ROWS: u32 = 4;
+const WARP_ROW_MAX: usize = 1024;
+/// Query rows per block of the fused attention kernel.
+const ATTENTION_Q_TILE: usize = 64;
 
 /// The PTX function of a kernel for a dtype, e.g. `bias_act_f16`.
 fn kernel_name(name: &str, dtype: DType) -> Result<String> {
-    let suffix = match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::F32 => "f32",
+    Ok(format!("{name}_{}", dtype_suffix(dtype)?))
+}
+
+fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F16 => Ok("f16"),
+        DType::BF16 => Ok("bf16"),
+        DType::F32 => Ok("f32"),
         other => bail!("our CUDA kernels take f16, bf16 or f32, not {other:?}"),
-    };
-    Ok(format!("{name}_{suffix}"))
-}
-
-/// The contiguous region of a CUDA storage a layout describes.
-fn view<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("our CUDA kernels need contiguous inputs")
-    };
-    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
-}
-
-/// Runs `f` with the CUDA storage of a tensor held by an op (a weight, not an op input).
-fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cuda(storage) => f(storage, layout),
-        _ => bail!("weight is not on the CUDA device"),
     }
 }
 
-fn rows_and_cols(layout: &Layout) -> Result<(usize, usize)> {
-    let cols = layout.shape().dims().last().copied().unwrap_or(0);
+/// A tensor's storage, held (read-locked) for the duration of a launch.
+struct Held<'a, G: Deref<Target = Storage>> {
+    storage: G,
+    layout: &'a Layout,
+}
+
+fn held(t: &Tensor) -> Held<'_, impl Deref<Target = Storage> + '_> {
+    let (storage, layout) = t.storage_and_layout();
+    Held { storage, layout }
+}
+
+impl<G: Deref<Target = Storage>> Held<'_, G> {
+    fn cuda(&self) -> Result<&CudaStorage> {
+        match &*self.storage {
+            Storage::Cuda(storage) => Ok(storage),
+            _ => bail!("tensor is not on the CUDA device"),
+        }
+    }
+
+    /// Whether the tensor starts at a multiple of `elements` in its storage (allocations are 256-byte aligned).
+    fn starts_aligned(&self, elements: usize) -> bool {
+        self.layout
+            .contiguous_offsets()
+            .is_some_and(|(start, _)| start.is_multiple_of(elements))
+    }
+
+    /// The contiguous region of the storage this tensor covers.
+    fn view<T: CudaDType>(&self) -> Result<CudaView<'_, T>> {
+        let Some((start, end)) = self.layout.contiguous_offsets() else {
+            bail!("our CUDA kernels need contiguous inputs")
+        };
+        Ok(self.cuda()?.as_cuda_slice::<T>()?.slice(start..end))
+    }
+}
+
+fn tensor_of<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: Shape) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+fn rows_and_cols(t: &Tensor) -> Result<(usize, usize)> {
+    let cols = t.dims().last().copied().unwrap_or(0);
     if cols == 0 {
         bail!("empty last dimension");
     }
-    Ok((layout.shape().elem_count() / cols, cols))
+    Ok((t.elem_count() / cols, cols))
 }
 
-fn row_config(rows: usize, shared_floats: usize) -> LaunchConfig {
+/// One warp per row, WARP_ROWS rows per block.
+fn warp_rows_config(rows: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (ROW_THREADS, 1, 1),
-        shared_mem_bytes: (shared_floats * std::mem::size_of::<f32>()) as u32,
+        grid_dim: ((rows as u32).div_ceil(WARP_ROWS), 1, 1),
+        block_dim: (WARP_ROWS * 32, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -72,8 +111,31 @@ macro_rules! by_dtype {
     };
 }
 
-fn cpu_unsupported() -> Result<(CpuStorage, Shape)> {
-    bail!("CUDA-only operation called on CPU tensors")
+/// The half-precision output of a LayerNorm kernel, or None for an fp32 model (whose GEMMs read the fp32 output).
+fn gemm_output<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    len: usize,
+) -> Result<Option<CudaSlice<T>>> {
+    if T::DTYPE == DType::F32 {
+        return Ok(None);
+    }
+    // SAFETY: every element is written by the LayerNorm kernel that receives it.
+    Ok(Some(unsafe { dev.alloc::<T>(len)? }))
+}
+
+/// The pair of LayerNorm outputs as a Hidden state.
+fn hidden_of<T: CudaDType>(
+    dev: &CudaDevice,
+    residual: CudaSlice<f32>,
+    input: Option<CudaSlice<T>>,
+    shape: Shape,
+) -> Hidden {
+    let residual = tensor_of(residual, dev, shape.clone());
+    let input = match input {
+        Some(input) => tensor_of(input, dev, shape),
+        None => residual.clone(),
+    };
+    Hidden { residual, input }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -88,70 +150,52 @@ fn activation_code(activation: FeedForwardActivation) -> i32 {
 }
 
 /// Activation code of the kernel's tanh epilogue (the pooler / RoBERTa head).
-pub const TANH: i32 = 3;
+const TANH: i32 = 3;
 
-fn bias_act_launch<T: CudaDType + DeviceRepr>(
-    x: (&CudaStorage, &Layout),
-    bias: (&CudaStorage, &Layout),
+fn bias_act_launch<T: CudaDType + DeviceRepr + WithDType>(
+    x: &Tensor,
+    bias: &Tensor,
     act: i32,
-) -> Result<CudaStorage> {
-    let dev = x.0.device();
-    let (rows, cols) = rows_and_cols(x.1)?;
-    let total = rows * cols;
-    let (xs, bs) = (view::<T>(x.0, x.1)?, view::<T>(bias.0, bias.1)?);
+) -> Result<Tensor> {
+    let (rows, cols) = rows_and_cols(x)?;
+    let (xh, bh) = (held(x), held(bias));
+    let dev = xh.cuda()?.device();
+    let (xs, bs) = (xh.view::<T>()?, bh.view::<T>()?);
     if bs.len() != cols {
         bail!("bias has {} values for rows of {cols}", bs.len());
     }
     // SAFETY: every element is written by the kernel below.
-    let out = unsafe { dev.alloc::<T>(total)? };
-    let func = dev.get_or_load_custom_func(&kernel_name("bias_act", x.0.dtype())?, MODULE, PTX)?;
-    let blocks = total.div_ceil(256).min(65_535 * 8) as u32;
+    let out = unsafe { dev.alloc::<T>(rows * cols)? };
+    // 16-byte vectors where rows and both inputs are aligned to them.
+    let vec = 16 / std::mem::size_of::<T>();
+    let vectorized = cols.is_multiple_of(vec) && xh.starts_aligned(vec) && bh.starts_aligned(vec);
+    let (name, per_thread) = if vectorized {
+        ("bias_act_vec", vec)
+    } else {
+        ("bias_act", 1)
+    };
+    let func = dev.get_or_load_custom_func(&kernel_name(name, T::DTYPE)?, MODULE, PTX)?;
+    let threads_per_row = cols.div_ceil(per_thread) as u32;
     let config = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (rows as u32, threads_per_row.div_ceil(ROW_THREADS), 1),
+        block_dim: (ROW_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut launch = func.builder();
-    let (total, cols) = (total as u64, cols as i32);
-    launch
-        .arg(&xs)
-        .arg(&bs)
-        .arg(&out)
-        .arg(&total)
-        .arg(&cols)
-        .arg(&act);
-    // SAFETY: argument types and count match bias_act_* in kernels/ops.cu.
+    let cols_arg = cols as i32;
+    launch.arg(&xs).arg(&bs).arg(&out).arg(&cols_arg).arg(&act);
+    // SAFETY: argument types and count match bias_act(_vec)_* in kernels/ops.cu; the vector form reads whole
+    // 16-byte vectors, which the alignment check above guarantees.
     unsafe { launch.launch(config) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok(tensor_of(out, dev, x.shape().clone()))
 }
 
-struct BiasActOp(i32);
-
-impl CustomOp2 for BiasActOp {
-    fn name(&self) -> &'static str {
-        "bias-act"
+fn bias_act(x: &Tensor, bias: &Tensor, act: i32) -> Result<Tensor> {
+    let (x, bias) = (x.contiguous()?, bias.contiguous()?);
+    if bias.dtype() != x.dtype() {
+        bail!("bias is {:?} for an input of {:?}", bias.dtype(), x.dtype());
     }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported()
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let out = by_dtype!(x.dtype(), bias_act_launch((x, xl), (b, bl), self.0))?;
-        Ok((out, xl.shape().clone()))
-    }
+    by_dtype!(x.dtype(), bias_act_launch(&x, &bias, act))
 }
 
 pub fn bias_activation(
@@ -159,360 +203,363 @@ pub fn bias_activation(
     bias: &Tensor,
     activation: FeedForwardActivation,
 ) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2_no_bwd(&bias.contiguous()?, &BiasActOp(activation_code(activation)))
+    bias_act(x, bias, activation_code(activation))
 }
 
 pub fn bias_tanh(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2_no_bwd(&bias.contiguous()?, &BiasActOp(TANH))
+    bias_act(x, bias, TANH)
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // LayerNorm(x + bias + residual)
 
-struct AddBiasLayerNorm {
-    gamma: Tensor,
-    beta: Tensor,
-    eps: f32,
-}
-
-fn add_bias_layer_norm_launch<T: CudaDType + DeviceRepr>(
-    op: &AddBiasLayerNorm,
-    x: (&CudaStorage, &Layout),
-    bias: (&CudaStorage, &Layout),
-    residual: (&CudaStorage, &Layout),
-) -> Result<CudaStorage> {
-    let dev = x.0.device();
-    let (rows, cols) = rows_and_cols(x.1)?;
-    let (xs, bs, rs) = (
-        view::<T>(x.0, x.1)?,
-        view::<T>(bias.0, bias.1)?,
-        view::<T>(residual.0, residual.1)?,
-    );
-    if bs.len() != cols || rs.len() != rows * cols {
+fn add_bias_layer_norm_launch<T: CudaDType + DeviceRepr + WithDType>(
+    x: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    norm: &LayerNorm,
+) -> Result<Hidden> {
+    let (rows, cols) = rows_and_cols(x)?;
+    let inputs = [x, bias, residual, &norm.weight, &norm.bias].map(held);
+    let [xh, bh, rh, gh, beh] = &inputs;
+    let dev = xh.cuda()?.device();
+    let (xs, bs, rs) = (xh.view::<T>()?, bh.view::<T>()?, rh.view::<f32>()?);
+    let (gamma, beta) = (gh.view::<f32>()?, beh.view::<f32>()?);
+    if bs.len() != cols || rs.len() != rows * cols || gamma.len() != cols || beta.len() != cols {
         bail!(
-            "add_bias_layer_norm: bias {} and residual {} do not fit rows of {cols}",
-            bs.len(),
-            rs.len()
+            "add_bias_layer_norm: bias, residual or LayerNorm parameters do not fit rows of {cols}"
         );
     }
-    with_cuda(&op.gamma, |g, gl| {
-        with_cuda(&op.beta, |b, bl| {
-            let (gamma, beta) = (view::<T>(g, gl)?, view::<T>(b, bl)?);
-            // SAFETY: every element is written by the kernel below.
-            let out = unsafe { dev.alloc::<T>(rows * cols)? };
-            let func = dev.get_or_load_custom_func(
-                &kernel_name("add_bias_layer_norm", x.0.dtype())?,
-                MODULE,
-                PTX,
-            )?;
-            let mut launch = func.builder();
-            let cols = cols as i32;
-            launch
-                .arg(&xs)
-                .arg(&bs)
-                .arg(&rs)
-                .arg(&gamma)
-                .arg(&beta)
-                .arg(&out)
-                .arg(&cols)
-                .arg(&op.eps);
-            // SAFETY: argument types and count match add_bias_layer_norm_* in kernels/ops.cu.
-            unsafe { launch.launch(row_config(rows, cols as usize)) }.w()?;
-            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-        })
-    })
+    // SAFETY: every element is written by the kernel below.
+    let out = unsafe { dev.alloc::<f32>(rows * cols)? };
+    let gemm_out = gemm_output::<T>(dev, rows * cols)?;
+    let null = 0u64;
+    let (rows_arg, cols_arg) = (rows as i32, cols as i32);
+    let wide = cols > WARP_ROW_MAX;
+    // Four values per access where rows are multiples of 128 and every input starts on four elements.
+    let vectorized =
+        !wide && cols.is_multiple_of(128) && inputs.iter().all(|input| input.starts_aligned(4));
+    let name = match (wide, vectorized) {
+        (true, _) => "add_bias_layer_norm_wide",
+        (false, true) => "add_bias_layer_norm_vec",
+        (false, false) => "add_bias_layer_norm",
+    };
+    let func = dev.get_or_load_custom_func(&kernel_name(name, T::DTYPE)?, MODULE, PTX)?;
+    let mut launch = func.builder();
+    launch
+        .arg(&xs)
+        .arg(&bs)
+        .arg(&rs)
+        .arg(&gamma)
+        .arg(&beta)
+        .arg(&out);
+    match &gemm_out {
+        Some(gemm_out) => launch.arg(gemm_out),
+        None => launch.arg(&null),
+    };
+    let config = if wide {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (cols * std::mem::size_of::<f32>()) as u32,
+        }
+    } else {
+        launch.arg(&rows_arg);
+        warp_rows_config(rows)
+    };
+    launch.arg(&cols_arg).arg(&norm.eps);
+    // SAFETY: argument types and count match add_bias_layer_norm(_vec|_wide)_* in kernels/ops.cu; the output
+    // pointer for the model dtype may be null (fp32 models); the vector form's alignment was checked above.
+    unsafe { launch.launch(config) }.w()?;
+    Ok(hidden_of(dev, out, gemm_out, x.shape().clone()))
 }
 
-impl CustomOp3 for AddBiasLayerNorm {
-    fn name(&self) -> &'static str {
-        "add-bias-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported()
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-        r: &CudaStorage,
-        rl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let out = by_dtype!(
-            x.dtype(),
-            add_bias_layer_norm_launch(self, (x, xl), (b, bl), (r, rl))
-        )?;
-        Ok((out, xl.shape().clone()))
-    }
-}
-
+/// None when the inputs do not suit the kernel (the caller composes the operation instead).
 pub fn add_bias_layer_norm(
     x: &Tensor,
     bias: &Tensor,
     residual: &Tensor,
     norm: &LayerNorm,
-) -> Result<Tensor> {
-    let op = AddBiasLayerNorm {
-        gamma: norm.weight.contiguous()?,
-        beta: norm.bias.contiguous()?,
-        eps: norm.eps,
+) -> Option<Result<Hidden>> {
+    let fits = bias.dtype() == x.dtype()
+        && residual.dtype() == DType::F32
+        && norm.weight.dtype() == DType::F32
+        && norm.bias.dtype() == DType::F32
+        && residual.shape() == x.shape();
+    if !fits {
+        return None;
+    }
+    let run = || -> Result<Hidden> {
+        let (x, bias, residual) = (x.contiguous()?, bias.contiguous()?, residual.contiguous()?);
+        by_dtype!(
+            x.dtype(),
+            add_bias_layer_norm_launch(&x, &bias, &residual, norm)
+        )
     };
-    x.contiguous()?
-        .apply_op3_no_bwd(&bias.contiguous()?, &residual.contiguous()?, &op)
+    Some(run())
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Embedding gather + LayerNorm
 
-struct EmbedLayerNorm {
-    tables: EmbeddingTables,
-    gamma: Tensor,
-    beta: Tensor,
-    eps: f32,
-}
-
-fn embed_launch<T: CudaDType + DeviceRepr>(
-    op: &EmbedLayerNorm,
-    ids: (&CudaStorage, &Layout),
-    positions: (&CudaStorage, &Layout),
-    types: (&CudaStorage, &Layout),
-) -> Result<CudaStorage> {
-    let dev = ids.0.device();
-    let tokens = ids.1.shape().elem_count();
-    let hidden = op.tables.word.dim(1)?;
+fn embed_launch<T: CudaDType + DeviceRepr + WithDType>(
+    tables: &EmbeddingTables,
+    type_table: &Tensor,
+    ids: [&Tensor; 3],
+    norm: &LayerNorm,
+) -> Result<Hidden> {
+    let tokens = ids[0].elem_count();
+    let hidden = tables.word.dim(1)?;
+    let id_held = ids.map(held);
+    let table_held = [&tables.word, &tables.position, type_table].map(held);
+    let norm_held = [&norm.weight, &norm.bias].map(held);
+    let dev = id_held[0].cuda()?.device();
     let (id_view, pos_view, type_view) = (
-        view::<u32>(ids.0, ids.1)?,
-        view::<u32>(positions.0, positions.1)?,
-        view::<u32>(types.0, types.1)?,
+        id_held[0].view::<u32>()?,
+        id_held[1].view::<u32>()?,
+        id_held[2].view::<u32>()?,
     );
-    let Some(type_table) = &op.tables.token_type else {
-        bail!("the CUDA embedding kernel needs a token type table")
+    let (word, position, token_type) = (
+        table_held[0].view::<T>()?,
+        table_held[1].view::<T>()?,
+        table_held[2].view::<T>()?,
+    );
+    let (gamma, beta) = (norm_held[0].view::<f32>()?, norm_held[1].view::<f32>()?);
+    // SAFETY: every element is written by the kernel below.
+    let out = unsafe { dev.alloc::<f32>(tokens * hidden)? };
+    let gemm_out = gemm_output::<T>(dev, tokens * hidden)?;
+    let null = 0u64;
+    let func =
+        dev.get_or_load_custom_func(&kernel_name("embed_layer_norm", T::DTYPE)?, MODULE, PTX)?;
+    let mut launch = func.builder();
+    let (tokens_arg, hidden_arg) = (tokens as i32, hidden as i32);
+    launch.arg(&id_view).arg(&pos_view).arg(&type_view);
+    launch.arg(&word).arg(&position).arg(&token_type);
+    launch.arg(&gamma).arg(&beta).arg(&out);
+    match &gemm_out {
+        Some(gemm_out) => launch.arg(gemm_out),
+        None => launch.arg(&null),
     };
-    with_cuda(&op.tables.word, |w, wl| {
-        with_cuda(&op.tables.position, |p, pl| {
-            with_cuda(type_table, |t, tl| {
-                with_cuda(&op.gamma, |g, gl| {
-                    with_cuda(&op.beta, |b, bl| {
-                        let (word, position, token_type) =
-                            (view::<T>(w, wl)?, view::<T>(p, pl)?, view::<T>(t, tl)?);
-                        let (gamma, beta) = (view::<T>(g, gl)?, view::<T>(b, bl)?);
-                        // SAFETY: every element is written by the kernel below.
-                        let out = unsafe { dev.alloc::<T>(tokens * hidden)? };
-                        let func = dev.get_or_load_custom_func(
-                            &kernel_name("embed_layer_norm", w.dtype())?,
-                            MODULE,
-                            PTX,
-                        )?;
-                        let mut launch = func.builder();
-                        let hidden_arg = hidden as i32;
-                        launch.arg(&id_view).arg(&pos_view).arg(&type_view);
-                        launch
-                            .arg(&word)
-                            .arg(&position)
-                            .arg(&token_type)
-                            .arg(&gamma)
-                            .arg(&beta)
-                            .arg(&out);
-                        launch.arg(&hidden_arg).arg(&op.eps);
-                        // SAFETY: argument types and count match embed_layer_norm_* in kernels/ops.cu; ids were
-                        // checked against the table sizes by the caller.
-                        unsafe { launch.launch(row_config(tokens, hidden)) }.w()?;
-                        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-                    })
-                })
-            })
-        })
-    })
-}
-
-impl CustomOp3 for EmbedLayerNorm {
-    fn name(&self) -> &'static str {
-        "embed-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported()
-    }
-
-    fn cuda_fwd(
-        &self,
-        ids: &CudaStorage,
-        il: &Layout,
-        pos: &CudaStorage,
-        pl: &Layout,
-        types: &CudaStorage,
-        tl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let out = by_dtype!(
-            self.tables.word.dtype(),
-            embed_launch(self, (ids, il), (pos, pl), (types, tl))
-        )?;
-        Ok((
-            out,
-            Shape::from((il.shape().elem_count(), self.tables.word.dim(1)?)),
-        ))
-    }
+    launch.arg(&tokens_arg).arg(&hidden_arg).arg(&norm.eps);
+    // SAFETY: argument types and count match embed_layer_norm_* in kernels/ops.cu; ids were checked against the
+    // table sizes by the caller.
+    unsafe { launch.launch(warp_rows_config(tokens)) }.w()?;
+    Ok(hidden_of(dev, out, gemm_out, Shape::from((tokens, hidden))))
 }
 
 /// Ids index the tables inside the kernel: callers check them against the table sizes first
-/// (`LoadedModel::logits`, the architectures' forward).
+/// (`LoadedModel::logits`, the architectures' forward). None when the shapes do not suit the kernel.
 pub fn embed(
     tables: &EmbeddingTables,
     input_ids: &Tensor,
     position_ids: &Tensor,
     type_ids: &Tensor,
     norm: &LayerNorm,
-) -> Result<Tensor> {
-    let op = EmbedLayerNorm {
-        tables: tables.clone(),
-        gamma: norm.weight.clone(),
-        beta: norm.bias.clone(),
-        eps: norm.eps,
+) -> Option<Result<Hidden>> {
+    let type_table = tables.token_type.as_ref()?;
+    let hidden = tables.word.dim(1).ok()?;
+    let fits = hidden <= WARP_ROW_MAX
+        && norm.weight.dtype() == DType::F32
+        && tables.position.dtype() == tables.word.dtype()
+        && type_table.dtype() == tables.word.dtype();
+    if !fits {
+        return None;
+    }
+    let run = || -> Result<Hidden> {
+        let ids = [
+            input_ids.contiguous()?,
+            position_ids.contiguous()?,
+            type_ids.contiguous()?,
+        ];
+        let tables = EmbeddingTables {
+            word: tables.word.contiguous()?,
+            position: tables.position.contiguous()?,
+            token_type: None,
+        };
+        let type_table = type_table.contiguous()?;
+        let [a, b, c] = &ids;
+        by_dtype!(
+            tables.word.dtype(),
+            embed_launch(&tables, &type_table, [a, b, c], norm)
+        )
     };
-    input_ids.contiguous()?.apply_op3_no_bwd(
-        &position_ids.contiguous()?,
-        &type_ids.contiguous()?,
-        &op,
-    )
+    Some(run())
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Masked softmax between the attention GEMMs
+// Fused self-attention
 
-struct MaskedSoftmax {
-    scale: f32,
-    /// dtype of the probabilities; the scores may be f32 for precision.
-    out_dtype: DType,
+/// Whether the fused kernel serves this dtype and head size on the compute capability the PTX targets.
+fn fused_attention_kernel(dtype: DType, head_dim: usize) -> Option<String> {
+    let cap: u32 = COMPUTE_CAP.parse().unwrap_or(0);
+    let dtype_ok = match dtype {
+        DType::F16 => cap >= 70,
+        DType::BF16 => cap >= 80,
+        _ => false,
+    };
+    let suffix = dtype_suffix(dtype).ok()?;
+    (dtype_ok && matches!(head_dim, 32 | 64))
+        .then(|| format!("attention_fused_d{head_dim}_{suffix}"))
 }
 
-fn masked_softmax_launch<T: CudaDType + DeviceRepr>(
-    op: &MaskedSoftmax,
-    scores: (&CudaStorage, &Layout),
-    lengths: (&CudaStorage, &Layout),
-) -> Result<CudaStorage> {
-    let dev = scores.0.device();
-    let dims = scores.1.shape().dims();
-    let [batch, heads, q_rows, seq] = dims else {
+fn self_attention_launch<T: CudaDType + DeviceRepr + WithDType>(
+    qkv: &Tensor,
+    bias: &Tensor,
+    lengths: &Tensor,
+    dims: AttentionDims,
+    kernel: &str,
+) -> Result<Tensor> {
+    let AttentionDims {
+        batch,
+        seq,
+        heads,
+        q_rows,
+        head_dim,
+    } = dims;
+    let hidden = heads * head_dim;
+    let inputs = [qkv, bias].map(held);
+    let lengths_held = held(lengths);
+    let dev = inputs[0].cuda()?.device();
+    let (qkv_view, bias_view) = (inputs[0].view::<T>()?, inputs[1].view::<T>()?);
+    let lengths_view = lengths_held.view::<u32>()?;
+    if qkv_view.len() != batch * seq * 3 * hidden || bias_view.len() != 3 * hidden {
+        bail!("self_attention: qkv or bias does not fit {batch}x{seq} with {heads} heads of {head_dim}");
+    }
+    if lengths_view.len() != batch {
+        bail!("{} lengths for a batch of {batch}", lengths_view.len());
+    }
+    // SAFETY: every element is written by the kernel below (zeros for padding rows).
+    let out = unsafe { dev.alloc::<T>(batch * q_rows * hidden)? };
+    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let config = LaunchConfig {
+        grid_dim: (
+            q_rows.div_ceil(ATTENTION_Q_TILE) as u32,
+            heads as u32,
+            batch as u32,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let (seq_arg, heads_arg, q_rows_arg) = (seq as i32, heads as i32, q_rows as i32);
+    let mut launch = func.builder();
+    launch
+        .arg(&qkv_view)
+        .arg(&bias_view)
+        .arg(&lengths_view)
+        .arg(&out);
+    launch
+        .arg(&seq_arg)
+        .arg(&heads_arg)
+        .arg(&q_rows_arg)
+        .arg(&scale);
+    // SAFETY: argument types and count match attention_fused_d*_* in kernels/ops.cu; the sizes were checked above.
+    unsafe { launch.launch(config) }.w()?;
+    Ok(tensor_of(out, dev, Shape::from((batch * q_rows, hidden))))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AttentionDims {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    q_rows: usize,
+    head_dim: usize,
+}
+
+/// The fused attention kernel, or None where it does not apply (fp32 models, head sizes other than 32 and 64),
+/// and the caller composes the operation from GEMMs and the masked softmax below.
+pub fn self_attention(
+    qkv: &Tensor,
+    bias: &Tensor,
+    lengths: &Tensor,
+    seq: usize,
+    heads: usize,
+    q_rows: usize,
+) -> Option<Result<Tensor>> {
+    let hidden = qkv.dims().last()? / 3;
+    let head_dim = hidden.checked_div(heads)?;
+    let kernel = fused_attention_kernel(qkv.dtype(), head_dim)?;
+    if bias.dtype() != qkv.dtype() || q_rows > seq || seq == 0 {
+        return None;
+    }
+    let dims = AttentionDims {
+        batch: lengths.elem_count(),
+        seq,
+        heads,
+        q_rows,
+        head_dim,
+    };
+    let run = || -> Result<Tensor> {
+        let (qkv, bias) = (qkv.contiguous()?, bias.contiguous()?);
+        match qkv.dtype() {
+            DType::F16 => self_attention_launch::<f16>(&qkv, &bias, lengths, dims, &kernel),
+            DType::BF16 => self_attention_launch::<bf16>(&qkv, &bias, lengths, dims, &kernel),
+            other => bail!("no fused attention for {other:?}"),
+        }
+    };
+    Some(run())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Masked softmax between the attention GEMMs (the composed path)
+
+fn masked_softmax_launch<T: CudaDType + DeviceRepr + WithDType>(
+    scores: &Tensor,
+    lengths: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    let [batch, heads, q_rows, seq] = scores.dims() else {
         bail!("scores must be [batch, heads, q_rows, seq]")
     };
-    let lengths_view = view::<u32>(lengths.0, lengths.1)?;
-    if lengths_view.len() != *batch {
+    let (batch, heads, q_rows, seq) = (*batch, *heads, *q_rows, *seq);
+    let (sh, lh) = (held(scores), held(lengths));
+    let dev = sh.cuda()?.device();
+    let (scores_view, lengths_view) = (sh.view::<f32>()?, lh.view::<u32>()?);
+    if lengths_view.len() != batch {
         bail!("{} lengths for a batch of {batch}", lengths_view.len());
     }
     let rows = batch * heads * q_rows;
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { dev.alloc::<T>(rows * seq)? };
-    let (rows_per_sequence, seq_arg) = ((heads * q_rows) as i32, *seq as i32);
-    if scores.0.dtype() == DType::F32 && op.out_dtype != DType::F32 {
-        let scores_view = view::<f32>(scores.0, scores.1)?;
-        let func = dev.get_or_load_custom_func(
-            &kernel_name("masked_softmax_from_f32", op.out_dtype)?,
-            MODULE,
-            PTX,
-        )?;
-        let mut launch = func.builder();
-        launch
-            .arg(&scores_view)
-            .arg(&lengths_view)
-            .arg(&out)
-            .arg(&rows_per_sequence)
-            .arg(&seq_arg)
-            .arg(&op.scale);
-        // SAFETY: argument types and count match masked_softmax_from_f32_* in kernels/ops.cu.
-        unsafe { launch.launch(row_config(rows, 0)) }.w()?;
-    } else {
-        let scores_view = view::<T>(scores.0, scores.1)?;
-        let func = dev.get_or_load_custom_func(
-            &kernel_name("masked_softmax", op.out_dtype)?,
-            MODULE,
-            PTX,
-        )?;
-        let mut launch = func.builder();
-        launch
-            .arg(&scores_view)
-            .arg(&lengths_view)
-            .arg(&out)
-            .arg(&rows_per_sequence)
-            .arg(&seq_arg)
-            .arg(&op.scale);
-        // SAFETY: argument types and count match masked_softmax_* in kernels/ops.cu.
-        unsafe { launch.launch(row_config(rows, 0)) }.w()?;
-    }
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    let func = dev.get_or_load_custom_func(
+        &kernel_name("masked_softmax_from_f32", T::DTYPE)?,
+        MODULE,
+        PTX,
+    )?;
+    let (rows_per_sequence, seq_arg) = ((heads * q_rows) as i32, seq as i32);
+    let mut launch = func.builder();
+    launch
+        .arg(&scores_view)
+        .arg(&lengths_view)
+        .arg(&out)
+        .arg(&rows_per_sequence)
+        .arg(&seq_arg)
+        .arg(&scale);
+    let config = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument types and count match masked_softmax_from_f32_* in kernels/ops.cu.
+    unsafe { launch.launch(config) }.w()?;
+    Ok(tensor_of(out, dev, scores.shape().clone()))
 }
 
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "masked-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported()
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &CudaStorage,
-        sl: &Layout,
-        l: &CudaStorage,
-        ll: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let out = by_dtype!(
-            self.out_dtype,
-            masked_softmax_launch(self, (s, sl), (l, ll))
-        )?;
-        Ok((out, sl.shape().clone()))
-    }
-}
-
-/// Attention for a padded batch: cuBLAS batched GEMMs around our masked softmax kernel.
+/// Attention for a padded batch from separate heads: fp32 cuBLAS GEMMs around our masked softmax kernel.
+/// q: [batch, heads, q_rows, head_dim]; k, v: [batch, heads, seq, head_dim]; lengths: [batch] u32.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f32,
-    lengths: &[usize],
+    lengths: &Tensor,
 ) -> Result<Tensor> {
-    let lengths: Vec<u32> = lengths.iter().map(|&l| l as u32).collect();
-    let lengths = Tensor::from_vec(lengths, q.dim(0)?, q.device())?;
-    // Scores in fp32 (TF32 tensor cores for half-precision models, see `engine`): fp16 scores would lose
-    // about 3 digits before the softmax, where fused attention kernels keep them in fp32 registers.
+    // Scores in fp32: fp16 scores would lose about 3 digits before the softmax.
     let scores = q
         .to_dtype(DType::F32)?
-        .matmul(&k.to_dtype(DType::F32)?.t()?)?;
-    let probs = scores.apply_op2_no_bwd(
-        &lengths,
-        &MaskedSoftmax {
-            scale,
-            out_dtype: q.dtype(),
-        },
-    )?;
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        .contiguous()?;
+    let probs = by_dtype!(q.dtype(), masked_softmax_launch(&scores, lengths, scale))?;
     probs.matmul(v)
 }
