@@ -89,6 +89,54 @@ pub struct BatchQueue {
     dropped: usize,
 }
 
+/// Largest padded/real token ratio a batch may reach when it is topped up from other buckets.
+const COALESCE_MAX_PADDING: f64 = 1.3;
+
+/// A batch being filled: its pairs, the longest pair and the real tokens.
+#[derive(Debug, Default)]
+struct Fill {
+    pairs: Vec<Pair>,
+    padded_len: usize,
+    real_tokens: usize,
+}
+
+impl Fill {
+    /// Whether a pair of `len` tokens fits the budget (a first pair always does: a longer one runs alone) and
+    /// keeps the padding ratio within `max_padding`.
+    fn accepts(&self, len: usize, policy: &BatchPolicy, max_padding: Option<f64>) -> bool {
+        if self.pairs.is_empty() {
+            return true;
+        }
+        let rows = self.pairs.len() + 1;
+        let padded = rows * self.padded_len.max(len);
+        let within_budget = rows <= policy.max_batch_size && padded <= policy.max_batch_tokens;
+        let within_padding = max_padding
+            .is_none_or(|limit| padded as f64 <= limit * (self.real_tokens + len) as f64);
+        within_budget && within_padding
+    }
+
+    /// Whether any further pair could fit the size budget.
+    fn has_room(&self, policy: &BatchPolicy) -> bool {
+        self.pairs.len() < policy.max_batch_size
+            && (self.pairs.len() + 1) * self.padded_len <= policy.max_batch_tokens
+    }
+
+    fn push(&mut self, pair: Pair) {
+        self.padded_len = self.padded_len.max(pair.len());
+        self.real_tokens += pair.len();
+        self.pairs.push(pair);
+    }
+}
+
+/// Bucket indices other than `anchor`, nearest first (the shorter one first at equal distance).
+fn nearest_first(anchor: usize, buckets: usize) -> impl Iterator<Item = usize> {
+    (1..buckets).flat_map(move |distance| {
+        let below = anchor.checked_sub(distance);
+        let above = (anchor + distance < buckets).then_some(anchor + distance);
+        below.into_iter().chain(above)
+    })
+}
+
 /// Bucket bounds from 16 tokens up to max_length, each at most about 25% above the previous, multiples of 8,
 /// so padding inside a bucket wastes at most about a fifth of the tokens.
 pub fn bucket_bounds(max_length: usize) -> Vec<usize> {
@@ -214,14 +262,27 @@ impl BatchQueue {
     /// Cuts the next batch if a bucket is ready. Requests take turns anchoring batches: the first request in
     /// turn order that has pairs in a ready bucket picks the bucket holding its oldest such pair, and the batch
     /// is filled round-robin across all requests in that bucket. So a huge request cannot starve a small one.
+    /// A batch with budget left is topped up from the nearest other buckets while padding stays within
+    /// COALESCE_MAX_PADDING: a sparse queue then runs as a few larger batches instead of one small batch per
+    /// bucket, since every batch costs a fixed overhead on the device.
     pub fn cut(&mut self, now: Instant) -> Option<Batch> {
         loop {
             let (turn, bucket_index) = self.anchor(now)?;
             if let Some(request) = self.turns.remove(turn) {
                 self.turns.push_back(request);
             }
-            let pairs = self.take_from_bucket(bucket_index);
-            if !pairs.is_empty() {
+            let mut fill = Fill::default();
+            self.take_from_bucket(bucket_index, &mut fill, None);
+            for neighbour in nearest_first(bucket_index, self.buckets.len()) {
+                if fill.pairs.is_empty() || !fill.has_room(&self.policy) {
+                    break;
+                }
+                if self.buckets[neighbour].count > 0 {
+                    self.take_from_bucket(neighbour, &mut fill, Some(COALESCE_MAX_PADDING));
+                }
+            }
+            if !fill.pairs.is_empty() {
+                let pairs = fill.pairs;
                 let inputs = PaddedBatch::from_sequences(
                     pairs
                         .iter()
@@ -256,17 +317,16 @@ impl BatchQueue {
         })
     }
 
-    /// Takes pairs from a bucket round-robin over its lanes (the anchor's lane is first) until the next pair
-    /// would break the size or token budget. Pairs of cancelled requests are dropped, not batched.
-    fn take_from_bucket(&mut self, bucket_index: usize) -> Vec<Pair> {
+    /// Takes pairs from a bucket round-robin over its lanes (the anchor's lane is first) into `fill` until the
+    /// next pair would break the size or token budget, or raise the padding ratio above `max_padding`. Pairs of
+    /// cancelled requests are dropped, not batched.
+    fn take_from_bucket(&mut self, bucket_index: usize, fill: &mut Fill, max_padding: Option<f64>) {
         let policy = self.policy;
         let anchor = self.turns.back().copied();
         let bucket = &mut self.buckets[bucket_index];
         if let Some(position) = anchor.and_then(|r| bucket.lane_position(r)) {
             bucket.lanes.rotate_left(position);
         }
-        let mut batch: Vec<Pair> = Vec::new();
-        let mut padded_len = 0;
         let mut taken: Vec<RequestId> = Vec::new();
         let mut dropped = 0;
         while let Some(mut lane) = bucket.lanes.pop_front() {
@@ -279,18 +339,13 @@ impl BatchQueue {
                 bucket.count -= lane.pairs.len();
                 continue;
             }
-            let new_len = padded_len.max(pair.len());
-            let fits = batch.is_empty()
-                || (batch.len() < policy.max_batch_size
-                    && (batch.len() + 1) * new_len <= policy.max_batch_tokens);
-            if !fits {
+            if !fill.accepts(pair.len(), &policy, max_padding) {
                 bucket.lanes.push_front(lane);
                 break;
             }
-            padded_len = new_len;
             if let Some(pair) = lane.pairs.pop_front() {
                 taken.push(lane.request);
-                batch.push(pair);
+                fill.push(pair);
                 bucket.count -= 1;
             }
             if !lane.pairs.is_empty() {
@@ -301,7 +356,6 @@ impl BatchQueue {
         for request in taken {
             self.forget_one(request, bucket_index);
         }
-        batch
     }
 
     fn forget_one(&mut self, request: RequestId, bucket_index: usize) {
@@ -486,6 +540,36 @@ mod tests {
                 batch.inputs.real_tokens(),
                 "no padding across lengths"
             );
+        }
+    }
+
+    #[test]
+    fn a_sparse_queue_is_coalesced_into_few_batches_with_bounded_padding() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(65_536, 512, 2), 512, 0);
+        let r = request(1);
+        // One request of 100 documents spread over 51..499 tokens: about one pair per bucket.
+        for i in 0..100u32 {
+            queue.push(pair(&r, i, 51 + (i as usize * 179) % 449, t0));
+        }
+        let buckets_used = (0..100usize)
+            .map(|i| queue.bucket_of(51 + (i * 179) % 449))
+            .collect::<HashSet<_>>()
+            .len();
+        let batches = drain(&mut queue, t0 + 2 * MS);
+        assert_eq!(batches.iter().map(|b| b.pairs.len()).sum::<usize>(), 100);
+        assert!(
+            batches.len() * 2 <= buckets_used,
+            "{} batches for {buckets_used} buckets",
+            batches.len()
+        );
+        for batch in &batches {
+            let ratio = batch.inputs.padded_tokens() as f64 / batch.inputs.real_tokens() as f64;
+            assert!(
+                ratio <= COALESCE_MAX_PADDING + 1e-9,
+                "padding ratio {ratio}"
+            );
+            assert!(batch.inputs.padded_tokens() <= 65_536);
         }
     }
 
