@@ -182,7 +182,10 @@ impl Reranker {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.inner.scheduler.stats()
+        StatsSnapshot {
+            tokenizer_busy_seconds: self.inner.tokenizer.busy_seconds(),
+            ..self.inner.scheduler.stats()
+        }
     }
 
     /// Resolves once the engine has stopped: every later request fails, so health must say so.

@@ -13,6 +13,9 @@ use tokenizers::{Encoding, PostProcessor, Tokenizer};
 
 use crate::error::{RerankError, StartupError};
 
+mod ascii_wordpiece;
+use ascii_wordpiece::AsciiWordPiece;
+
 /// What to do with a pair longer than max_length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Truncation {
@@ -63,6 +66,10 @@ pub struct PairTokenizer {
     /// Special tokens the pair template adds (3 for BERT's `[CLS] q [SEP] d [SEP]`).
     added_pair_tokens: usize,
     pool: rayon::ThreadPool,
+    /// The fast path for ASCII documents of BERT-style tokenizers, when this tokenizer is one.
+    ascii_wordpiece: Option<AsciiWordPiece>,
+    /// Worker time spent encoding documents, in microseconds (for the utilisation in Info).
+    busy_micros: std::sync::atomic::AtomicU64,
 }
 
 impl PairTokenizer {
@@ -101,12 +108,20 @@ impl PairTokenizer {
             .thread_name(|i| format!("tokenizer-{i}"))
             .build()
             .map_err(|e| StartupError::Config(format!("tokenizer worker pool: {e}")))?;
+        let ascii_wordpiece = AsciiWordPiece::from_tokenizer(&tokenizer);
         Ok(Self {
             tokenizer,
             max_length,
             added_pair_tokens,
             pool,
+            ascii_wordpiece,
+            busy_micros: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Seconds the workers have spent encoding documents since start.
+    pub fn busy_seconds(&self) -> f64 {
+        self.busy_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
     }
 
     pub fn max_length(&self) -> usize {
@@ -132,11 +147,20 @@ impl PairTokenizer {
         truncation: Truncation,
         index: usize,
     ) -> Result<PairTokens, RerankError> {
-        let mut doc = guarded(|| self.tokenizer.encode_fast(document, false)).map_err(|e| {
-            RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
-        })?;
         // The second sequence of a pair has type id 1 before the template runs, as tokenizers encodes pairs.
-        doc.set_type_ids(vec![1; doc.len()]);
+        let doc = match self.fast_document(document) {
+            Some(doc) => doc,
+            None => {
+                let mut doc =
+                    guarded(|| self.tokenizer.encode_fast(document, false)).map_err(|e| {
+                        RerankError::invalid(format!(
+                            "documents[{index}] could not be tokenized: {e}"
+                        ))
+                    })?;
+                doc.set_type_ids(vec![1; doc.len()]);
+                doc
+            }
+        };
         let total = query.len() + doc.len() + self.added_pair_tokens;
         let (first, second) = if total <= self.max_length {
             (query.encoding.clone(), doc)
@@ -156,6 +180,21 @@ impl PairTokenizer {
             input_ids: pair.get_ids().to_vec(),
             type_ids: pair.get_type_ids().to_vec(),
         })
+    }
+
+    /// A document through the ASCII WordPiece fast path, where it applies.
+    fn fast_document(&self, document: &str) -> Option<Encoding> {
+        self.ascii_wordpiece.as_ref()?.encode(document, 1)
+    }
+
+    /// The document's ids from the tokenizer itself, bypassing the fast path (for tests that compare them).
+    pub fn reference_document_ids(&self, document: &str) -> Result<Vec<u32>, String> {
+        guarded(|| self.tokenizer.encode_fast(document, false)).map(|e| e.get_ids().to_vec())
+    }
+
+    /// The document's ids from the fast path, if it applies to this tokenizer and text.
+    pub fn fast_document_ids(&self, document: &str) -> Option<Vec<u32>> {
+        self.fast_document(document).map(|e| e.get_ids().to_vec())
     }
 
     fn truncate(
@@ -193,7 +232,15 @@ impl PairTokenizer {
                     documents
                         .par_iter()
                         .enumerate()
-                        .map(|(i, doc)| this.encode_pair(&query, doc, truncation, first_index + i))
+                        .map(|(i, doc)| {
+                            let started = std::time::Instant::now();
+                            let pair = this.encode_pair(&query, doc, truncation, first_index + i);
+                            this.busy_micros.fetch_add(
+                                started.elapsed().as_micros() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                            pair
+                        })
                         .collect::<Result<Vec<_>, _>>()
                 })
             }))
