@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rerank_server::proto::reranker_client::RerankerClient;
-use rerank_server::proto::RerankRequest;
+use rerank_server::proto::{InfoRequest, RerankRequest, SchedulerStats};
 use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Parser)]
@@ -46,6 +46,10 @@ struct Args {
     stream_documents: Option<usize>,
     #[arg(long, default_value_t = 1000)]
     chunk: usize,
+    /// The model's tokenizer.json: texts are then built from words that are exactly one token each, so
+    /// --doc-words and --query-words count tokens (a pair adds the model's special tokens).
+    #[arg(long)]
+    tokenizer: Option<std::path::PathBuf>,
 }
 
 const WORDS: &[&str] = &[
@@ -72,11 +76,50 @@ impl Lcg {
     }
 }
 
+/// The words texts are made of: WORDS, or the one-token words of --tokenizer.
+static WORD_POOL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
 fn text(rng: &mut Lcg, words: usize) -> String {
+    let pool = WORD_POOL.get_or_init(|| WORDS.iter().map(|w| w.to_string()).collect());
     (0..words)
-        .map(|_| WORDS[rng.below(WORDS.len())])
+        .map(|_| pool[rng.below(pool.len())].as_str())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Alphabetic vocabulary entries that the tokenizer encodes as exactly one token when they stand alone
+/// between spaces, and the measured tokens per word of a text made of them.
+fn one_token_words(path: &std::path::Path) -> Result<(Vec<String>, f64), String> {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| format!("--tokenizer {}: {e}", path.display()))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| format!("--tokenizer: {e}"))?;
+    let count = |text: &str| {
+        tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.len())
+            .unwrap_or(0)
+    };
+    let mut words: Vec<String> = tokenizer
+        .get_vocab(false)
+        .into_keys()
+        .map(|piece| piece.trim_start_matches('\u{2581}').to_string())
+        .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase()))
+        .collect();
+    words.sort_unstable();
+    words.dedup();
+    words.retain(|w| count(w) == 1);
+    words.truncate(4000);
+    if words.is_empty() {
+        return Err(format!("{} has no one-token words", path.display()));
+    }
+    let sample: Vec<&str> = (0..500)
+        .map(|i| words[(i * 7919) % words.len()].as_str())
+        .collect();
+    let per_word = count(&sample.join(" ")) as f64 / sample.len() as f64;
+    Ok((words, per_word))
 }
 
 fn word_range(spec: &str) -> Result<(usize, usize), String> {
@@ -264,6 +307,32 @@ async fn run_client(
     report
 }
 
+/// The server's scheduler counters (None if Info is not answered).
+async fn server_stats(client: &RerankerClient<Channel>) -> Option<SchedulerStats> {
+    let mut client = client.clone();
+    let info = client.info(InfoRequest {}).await.ok()?.into_inner();
+    info.stats
+}
+
+/// What the server did during the run: batches, their size and padding, and how busy the engine was.
+fn print_server_stats(before: &SchedulerStats, after: &SchedulerStats, elapsed: f64) {
+    let batches = after.batches.saturating_sub(before.batches);
+    let pairs = after.pairs.saturating_sub(before.pairs);
+    let padded = after.padded_tokens.saturating_sub(before.padded_tokens);
+    let real = after.real_tokens.saturating_sub(before.real_tokens);
+    let busy = after.engine_busy_seconds - before.engine_busy_seconds;
+    let tokenizing = after.tokenizer_busy_seconds - before.tokenizer_busy_seconds;
+    println!(
+        "server: batches={batches} pairs/batch={:.1} padded_tokens/batch={:.0} padding_ratio={:.2} engine_busy={:.0}% tokenizer_cores={:.1} real_tokens/s={:.0}",
+        pairs as f64 / batches.max(1) as f64,
+        padded as f64 / batches.max(1) as f64,
+        padded as f64 / real.max(1) as f64,
+        100.0 * busy / elapsed.max(1e-9),
+        tokenizing / elapsed.max(1e-9),
+        real as f64 / elapsed.max(1e-9),
+    );
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -275,12 +344,22 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     word_range(&args.doc_words)?;
+    if let Some(path) = &args.tokenizer {
+        let (words, per_word) = one_token_words(path)?;
+        println!(
+            "word pool: {} one-token words from {}, {per_word:.2} tokens per word in running text",
+            words.len(),
+            path.display()
+        );
+        let _ = WORD_POOL.set(words);
+    }
     let channel = Channel::from_shared(args.addr.clone())?.connect().await?;
     let client = RerankerClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     if let Some(documents) = args.stream_documents {
         return run_stream(client, &args, documents).await;
     }
     let duration: Duration = args.duration.into();
+    let before = server_stats(&client).await;
     let started = Instant::now();
     let until = started + duration;
     let tasks: Vec<_> = match args.rate {
@@ -324,6 +403,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         total.latencies.len(),
         elapsed
     );
+    if let (Some(before), Some(after)) = (before, server_stats(&client).await) {
+        print_server_stats(&before, &after, elapsed);
+    }
     println!(
         "pairs/s={:.1} requests/s={:.2} p50={:.1}ms p95={:.1}ms p99={:.1}ms outcomes={:?}",
         total.pairs as f64 / elapsed,
