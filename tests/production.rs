@@ -321,6 +321,18 @@ async fn the_listener_speaks_tls_when_a_certificate_is_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_request_is_answered_promptly_while_a_large_stream_runs() {
+    small_request_next_to_a_stream(30).await;
+}
+
+/// The issue-sized version: 100,000 documents (`cargo test --test production -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: a 100,000-document stream"]
+async fn a_small_request_is_answered_promptly_while_a_100k_document_stream_runs() {
+    small_request_next_to_a_stream(100).await;
+}
+
+/// A 20-document unary request sent while a stream of `chunks` x 1,000 documents is being scored.
+async fn small_request_next_to_a_stream(chunks: usize) {
     let mut config = test_config(ONE_LABEL);
     config.max_batch_size = 8;
     let server = start(config).await;
@@ -331,7 +343,7 @@ async fn a_small_request_is_answered_promptly_while_a_large_stream_runs() {
             ..Default::default()
         })),
     }];
-    for chunk in 0..30 {
+    for chunk in 0..chunks {
         let documents = (0..1000)
             .map(|i| format!("chunk {chunk} document {i} about the harbour market"))
             .collect();
@@ -361,6 +373,20 @@ async fn a_small_request_is_answered_promptly_while_a_large_stream_runs() {
     small.rerank(request(20)).await.expect("small request");
     let small_latency = started.elapsed();
     let stream_rest = stream.await.expect("task");
+    let stats = small
+        .info(rerank_server::proto::InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+        .stats
+        .expect("stats");
+    let batch_time =
+        std::time::Duration::from_secs_f64(stats.engine_busy_seconds / stats.batches.max(1) as f64);
+    println!(
+        "stream of {chunks}k documents: small request answered in {small_latency:?} ({:.1} mean batch times \
+         of {batch_time:?}); the stream needed {stream_rest:?} more",
+        small_latency.as_secs_f64() / batch_time.as_secs_f64().max(1e-9)
+    );
     assert!(
         small_latency * 5 < stream_rest,
         "the small request ({small_latency:?}) did not wait for the stream ({stream_rest:?})"
