@@ -84,7 +84,7 @@ impl Default for Config {
             max_message_bytes: 32 * 1024 * 1024,
             max_pending_pairs: 200_000,
             max_pending_tokens: 20_000_000,
-            max_stream_pending_pairs: 8192,
+            max_stream_pending_pairs: 2048,
             max_concurrent_streams: 1024,
             api_key: None,
             tls_cert: None,
