@@ -1,5 +1,6 @@
 //! Fuzzes what a request meets before the model: protobuf decoding, option mapping, limit validation and pair
-//! tokenization (both truncation modes) with the fixture's real WordPiece tokenizer. Any panic is a bug.
+//! tokenization (both truncation modes) with the fixture's real WordPiece tokenizer, and the ASCII fast path
+//! against the tokenizer itself. Any panic is a bug.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -35,6 +36,10 @@ fn exercise(query: &str, documents: &[String], top_n: u32, raw: bool, truncation
     let tokenizer = tokenizer();
     let Ok(encoded_query) = tokenizer.encode_query(query) else { return };
     for (i, document) in documents.iter().enumerate() {
+        // Where the ASCII WordPiece fast path applies, it must give exactly the tokenizer's ids.
+        if let Some(fast) = tokenizer.fast_document_ids(document) {
+            assert_eq!(Ok(fast), tokenizer.reference_document_ids(document), "fast path differs on {document:?}");
+        }
         for mode in [options.truncation, Truncation::LongestFirst, Truncation::Reject] {
             if let Ok(pair) = tokenizer.encode_pair(&encoded_query, document, mode, i) {
                 assert_eq!(pair.input_ids.len(), pair.type_ids.len());
