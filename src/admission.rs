@@ -1,59 +1,220 @@
-//! Global admission control: bounds the pairs and tokens admitted but not yet scored, across all requests.
+//! Global admission control: bounds the pairs, tokens and request bytes held across all calls, and admits work
+//! only when the engine's measured speed lets every admitted call finish in time.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::error::RerankError;
+use crate::throughput::Throughput;
+
+/// Identifies one call (a unary request or a stream) in the admission books.
+pub type CallId = u64;
+
+/// Expected engine time is multiplied by this before it is compared with deadlines: the speed estimate is
+/// an average, and tokenization shares the machine with the engine.
+const SAFETY: f64 = 1.15;
+
+/// Limits of admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionLimits {
+    pub max_pending_pairs: usize,
+    pub max_pending_tokens: usize,
+    pub max_inflight_bytes: usize,
+    pub max_queue_time: Duration,
+}
+
+/// The work of one admitted call that the engine has not scored yet, and when it must be done by.
+#[derive(Debug, Clone, Copy)]
+struct CallLoad {
+    /// Real tokens admitted and not yet scored.
+    remaining: usize,
+    /// The caller's deadline, if any.
+    deadline: Option<Instant>,
+    /// Admission time + own work + max_queue_time, from the latest admission of this call.
+    queue_due: Instant,
+}
+
+impl CallLoad {
+    fn due(&self) -> Instant {
+        self.deadline
+            .map_or(self.queue_due, |deadline| deadline.min(self.queue_due))
+    }
+}
 
 /// Counts of work admitted and not yet released, against their limits.
 #[derive(Debug)]
 pub struct Admission {
-    max_pairs: usize,
-    max_tokens: usize,
+    limits: AdmissionLimits,
+    throughput: Arc<Throughput>,
     pairs: AtomicUsize,
     tokens: AtomicUsize,
+    bytes: AtomicUsize,
+    calls: Mutex<HashMap<CallId, CallLoad>>,
 }
 
 impl Admission {
-    pub fn new(max_pairs: usize, max_tokens: usize) -> Self {
+    pub fn new(limits: AdmissionLimits, throughput: Arc<Throughput>) -> Self {
         Self {
-            max_pairs,
-            max_tokens,
+            limits,
+            throughput,
             pairs: AtomicUsize::new(0),
             tokens: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            calls: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn limits(&self) -> &AdmissionLimits {
+        &self.limits
+    }
+
+    pub fn throughput(&self) -> &Throughput {
+        &self.throughput
     }
 
     /// Admits `pairs` more pairs, or refuses at once when that would pass max_pending_pairs.
     pub fn admit_pairs(&self, pairs: usize) -> Result<(), RerankError> {
-        add_within(&self.pairs, pairs, self.max_pairs).map_err(|pending| {
+        add_within(&self.pairs, pairs, self.limits.max_pending_pairs).map_err(|pending| {
             RerankError::ResourceExhausted(format!(
                 "the server is at capacity: {pending} pairs pending, {pairs} more would pass max_pending_pairs {}; \
                  retry later",
-                self.max_pairs
+                self.limits.max_pending_pairs
             ))
         })
     }
 
-    /// Admits `tokens` more tokens, or refuses at once when that would pass max_pending_tokens.
-    pub fn admit_tokens(&self, tokens: usize) -> Result<(), RerankError> {
-        add_within(&self.tokens, tokens, self.max_tokens).map_err(|pending| {
+    /// Holds `bytes` of request text (received, not yet tokenized, or kept to return), or refuses at once when
+    /// that would pass max_inflight_bytes.
+    pub fn admit_bytes(&self, bytes: usize) -> Result<(), RerankError> {
+        add_within(&self.bytes, bytes, self.limits.max_inflight_bytes).map_err(|held| {
+            RerankError::ResourceExhausted(format!(
+                "the server is at capacity: {held} bytes of requests held, {bytes} more would pass \
+                 max_inflight_bytes {}; retry later",
+                self.limits.max_inflight_bytes
+            ))
+        })
+    }
+
+    /// Holds `bytes` more without a limit check: copies of texts already admitted (their source is released
+    /// soon after, and with top_n their number is bounded).
+    pub fn hold_bytes(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    pub fn release_bytes(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Admits `tokens` more tokens of `call`, or refuses at once when that would pass max_pending_tokens, when
+    /// the call could not finish before its deadline or would wait longer than max_queue_time, or when it would
+    /// make an admitted call miss its own. Finishing times are those of fair sharing (every call with work
+    /// gets its turn, as the scheduler gives them) at the engine's measured speed.
+    pub fn admit_tokens(
+        &self,
+        call: CallId,
+        tokens: usize,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<(), RerankError> {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let seconds_per_token = self.throughput.seconds_per_token() * SAFETY;
+        let before = calls.get(&call).map_or(0, |load| load.remaining);
+        let after = before + tokens;
+        let own_time = secs(after as f64 * seconds_per_token);
+        let load = CallLoad {
+            remaining: after,
+            deadline,
+            queue_due: calls
+                .get(&call)
+                .map_or(now, |load| load.queue_due.max(now))
+                .max(now + own_time + self.limits.max_queue_time),
+        };
+        let others: Vec<(usize, Instant)> = calls
+            .iter()
+            .filter(|(id, load)| **id != call && load.remaining > 0)
+            .map(|(_, load)| (load.remaining, load.due()))
+            .collect();
+        let shares = FairShares::new(others.iter().map(|(r, _)| *r));
+        let finish = now + secs(seconds_per_token * (shares.overlap(after) + after) as f64);
+        if finish > load.due() {
+            return Err(self.too_late(&load, finish, own_time, now));
+        }
+        // Each other call's finishing time grows by the part of this work that shares its turns.
+        let harmed = others
+            .iter()
+            .filter(|(remaining, due)| {
+                let grows = |own: usize| shares.overlap(*remaining) + own.min(*remaining);
+                let finish_with = |own: usize| now + secs(seconds_per_token * grows(own) as f64);
+                finish_with(before) <= *due && finish_with(after) > *due
+            })
+            .count();
+        if harmed > 0 {
+            return Err(RerankError::ResourceExhausted(format!(
+                "the server is at capacity: this work would make {harmed} admitted calls miss their deadlines \
+                 (engine speed {:.0} tokens/s); retry later or at another replica",
+                self.throughput.tokens_per_second()
+            )));
+        }
+        add_within(&self.tokens, tokens, self.limits.max_pending_tokens).map_err(|pending| {
             RerankError::ResourceExhausted(format!(
                 "the server is at capacity: {pending} tokens pending, {tokens} more would pass max_pending_tokens \
                  {}; retry later",
-                self.max_tokens
+                self.limits.max_pending_tokens
             ))
-        })
+        })?;
+        calls.insert(call, load);
+        Ok(())
+    }
+
+    fn too_late(
+        &self,
+        load: &CallLoad,
+        finish: Instant,
+        own: Duration,
+        now: Instant,
+    ) -> RerankError {
+        let wait = finish.saturating_duration_since(now).saturating_sub(own);
+        let limit = match load.deadline {
+            Some(deadline) if deadline <= load.queue_due => format!(
+                "its deadline in {:.1}s",
+                deadline.saturating_duration_since(now).as_secs_f64()
+            ),
+            _ => format!(
+                "max_queue_time {:.1}s",
+                self.limits.max_queue_time.as_secs_f64()
+            ),
+        };
+        RerankError::ResourceExhausted(format!(
+            "the server is at capacity: expected wait {:.1}s and {:.1}s of computing (engine speed {:.0} \
+             tokens/s) would pass {limit}; retry later or at another replica",
+            wait.as_secs_f64(),
+            own.as_secs_f64(),
+            self.throughput.tokens_per_second()
+        ))
     }
 
     /// Whether `pairs` more pairs would be admitted now (a hint: another request may take the room first).
     pub fn has_room_for(&self, pairs: usize) -> bool {
         let pending = self.pairs.load(Ordering::Acquire);
-        pending == 0 || pending + pairs <= self.max_pairs
+        pending == 0 || pending + pairs <= self.limits.max_pending_pairs
     }
 
-    pub fn release(&self, pairs: usize, tokens: usize) {
+    /// Returns scored (or dropped) work of `call`.
+    pub fn release(&self, call: CallId, pairs: usize, tokens: usize) {
         self.pairs.fetch_sub(pairs, Ordering::AcqRel);
         self.tokens.fetch_sub(tokens, Ordering::AcqRel);
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(load) = calls.get_mut(&call) {
+            load.remaining = load.remaining.saturating_sub(tokens);
+        }
+    }
+
+    /// Forgets a call that has ended.
+    pub fn end_call(&self, call: CallId) {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.remove(&call);
     }
 
     /// (pairs, tokens) admitted and not yet released.
@@ -63,6 +224,48 @@ impl Admission {
             self.tokens.load(Ordering::Acquire),
         )
     }
+
+    /// Bytes of request text held.
+    pub fn held_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
+/// The remaining work of calls, sorted, to ask how much of it shares turns with a call of a given size.
+struct FairShares {
+    sorted: Vec<usize>,
+    prefix: Vec<usize>,
+}
+
+impl FairShares {
+    fn new(remaining: impl Iterator<Item = usize>) -> Self {
+        let mut sorted: Vec<usize> = remaining.collect();
+        sorted.sort_unstable();
+        let prefix = sorted
+            .iter()
+            .scan(0usize, |sum, r| {
+                *sum += r;
+                Some(*sum)
+            })
+            .collect();
+        Self { sorted, prefix }
+    }
+
+    /// Σ min(r, work) over the calls: the work of others done before a call of `work` tokens finishes when
+    /// every call gets an equal share of the engine.
+    fn overlap(&self, work: usize) -> usize {
+        let smaller = self.sorted.partition_point(|&r| r <= work);
+        let below = if smaller == 0 {
+            0
+        } else {
+            self.prefix[smaller - 1]
+        };
+        below + work * (self.sorted.len() - smaller)
+    }
+}
+
+fn secs(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 /// Adds `amount` if the sum stays within `limit`; else returns the current value. A single request larger
@@ -70,7 +273,8 @@ impl Admission {
 fn add_within(counter: &AtomicUsize, amount: usize, limit: usize) -> Result<(), usize> {
     counter
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
-            (current == 0 || current + amount <= limit).then_some(current + amount)
+            (current == 0 || current.saturating_add(amount) <= limit)
+                .then_some(current.saturating_add(amount))
         })
         .map(|_| ())
 }
@@ -79,22 +283,108 @@ fn add_within(counter: &AtomicUsize, amount: usize, limit: usize) -> Result<(), 
 mod tests {
     use super::*;
 
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// An engine measured at 1,000 tokens per second.
+    fn admission(max_queue_time: Duration) -> Admission {
+        let limits = AdmissionLimits {
+            max_pending_pairs: 10,
+            max_pending_tokens: 100_000,
+            max_inflight_bytes: 1000,
+            max_queue_time,
+        };
+        Admission::new(limits, Arc::new(Throughput::new(1000, SECOND)))
+    }
+
     #[test]
-    fn refuses_past_the_limits_and_frees_on_release() {
-        let admission = Admission::new(10, 100);
+    fn refuses_past_the_count_limits_and_frees_on_release() {
+        let admission = admission(100 * SECOND);
+        let now = Instant::now();
         admission.admit_pairs(6).expect("fits");
         let err = admission.admit_pairs(5).expect_err("over");
         assert!(
             matches!(&err, RerankError::ResourceExhausted(m) if m.contains("max_pending_pairs")),
             "{err}"
         );
-        admission.admit_tokens(90).expect("fits");
-        assert!(admission.admit_tokens(11).is_err());
-        admission.release(6, 90);
+        admission.admit_tokens(1, 90_000, None, now).expect("fits");
+        let err = admission
+            .admit_tokens(2, 11_000, None, now)
+            .expect_err("over");
+        assert!(err.to_string().contains("max_pending_tokens"), "{err}");
+        admission.release(1, 6, 90_000);
         assert_eq!(admission.pending(), (0, 0));
         admission
             .admit_pairs(50)
             .expect("an oversized request is admitted alone");
         assert!(admission.admit_pairs(1).is_err());
+        admission.admit_bytes(600).expect("fits");
+        assert!(admission.admit_bytes(500).is_err());
+        admission.release_bytes(600);
+        assert_eq!(admission.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_call_that_cannot_finish_before_its_deadline_is_refused_at_once() {
+        let admission = admission(100 * SECOND);
+        let now = Instant::now();
+        // 5 s of work, deadline in 4 s.
+        let err = admission
+            .admit_tokens(1, 5000, Some(now + 4 * SECOND), now)
+            .expect_err("cannot finish");
+        assert!(
+            matches!(&err, RerankError::ResourceExhausted(m) if m.contains("deadline")),
+            "{err}"
+        );
+        admission
+            .admit_tokens(1, 3000, Some(now + 4 * SECOND), now)
+            .expect("3.45 s of work fits in 4 s");
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_time() {
+        let admission = admission(10 * SECOND);
+        let now = Instant::now();
+        // Equal calls of 4 s each, no deadlines: under fair sharing the n-th waits (n - 1) x 4.6 s.
+        for call in 1..=3 {
+            admission
+                .admit_tokens(call, 4000, None, now)
+                .unwrap_or_else(|e| panic!("call {call}: {e}"));
+        }
+        let err = admission
+            .admit_tokens(4, 4000, None, now)
+            .expect_err("a fourth would wait about 14 s");
+        assert!(err.to_string().contains("max_queue_time"), "{err}");
+        // As work is scored the room comes back.
+        admission.release(1, 0, 4000);
+        admission.end_call(1);
+        admission
+            .admit_tokens(4, 4000, None, now)
+            .expect("room again");
+    }
+
+    #[test]
+    fn new_work_may_not_make_an_admitted_call_late() {
+        let admission = admission(100 * SECOND);
+        let now = Instant::now();
+        // A call of 2 s with a deadline in 3 s is admitted; a 2 s call without a deadline would share its turns
+        // and finish both at 4.6 s, making the first one late.
+        admission
+            .admit_tokens(1, 2000, Some(now + 3 * SECOND), now)
+            .expect("fits");
+        let err = admission
+            .admit_tokens(2, 2000, None, now)
+            .expect_err("would make call 1 late");
+        assert!(err.to_string().contains("miss their deadlines"), "{err}");
+        // A small call shares little of call 1's turns and fits.
+        admission.admit_tokens(3, 300, None, now).expect("small");
+    }
+
+    #[test]
+    fn fair_shares_sum_the_smaller_calls_and_cap_the_larger() {
+        let shares = FairShares::new([5, 1, 10].into_iter());
+        assert_eq!(shares.overlap(0), 0);
+        assert_eq!(shares.overlap(4), 1 + 4 + 4);
+        assert_eq!(shares.overlap(5), 1 + 5 + 5);
+        assert_eq!(shares.overlap(100), 16);
     }
 }

@@ -53,8 +53,37 @@ pub struct Config {
     pub max_stream_pending_pairs: usize,
     /// HTTP/2 streams (concurrent calls) one client connection may have open.
     pub max_concurrent_streams: u32,
-    /// When set, every Reranker call needs `authorization: Bearer <api_key>`; health stays open.
-    pub api_key: Option<String>,
+    /// Longest a call may expect to wait for the engine: a call whose expected wait is longer, or whose work
+    /// cannot finish before its deadline, is refused at once with RESOURCE_EXHAUSTED.
+    #[serde(with = "humantime_serde")]
+    pub max_queue_time: Duration,
+    /// How long one batch should run on the device; batches are cut to the tokens the engine's measured
+    /// speed computes in this time (capped by max_batch_tokens). "0s" picks by device: 250ms on a CPU,
+    /// 50ms on a GPU.
+    #[serde(with = "humantime_serde")]
+    pub target_batch_time: Duration,
+    /// Reranker calls (unary and streams) in progress across all connections; past it new calls are refused
+    /// at once with RESOURCE_EXHAUSTED.
+    pub max_concurrent_calls: usize,
+    /// Bytes of requests received but not yet tokenized, and of document texts held for return_documents,
+    /// across all calls; past it new work is refused at once with RESOURCE_EXHAUSTED.
+    pub max_inflight_bytes: usize,
+    /// HTTP/2 keepalive: a PING is sent after this long without traffic on a connection, and the connection
+    /// is closed when it is not answered within `keepalive_timeout` (half-open peers are noticed).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// A RerankStream whose client neither reads scores nor sends documents for this long is ended with
+    /// ABORTED and its pending work released.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Consecutive batches that fail on the device, even pair by pair, before the engine is declared broken:
+    /// it stops, health turns NOT_SERVING and calls get UNAVAILABLE (so clients go to another replica).
+    pub max_consecutive_failures: usize,
+    /// When set, every Reranker call needs `authorization: Bearer <api_key>`; health stays open. Never
+    /// logged or reported.
+    pub api_key: Option<Secret>,
     /// PEM certificate chain and private key: when both are set, the listener speaks TLS only.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -86,11 +115,51 @@ impl Default for Config {
             max_pending_tokens: 20_000_000,
             max_stream_pending_pairs: 2048,
             max_concurrent_streams: 1024,
+            max_queue_time: Duration::from_secs(10),
+            target_batch_time: Duration::ZERO,
+            max_concurrent_calls: 512,
+            max_inflight_bytes: 1 << 30,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            stream_idle_timeout: Duration::from_secs(60),
+            max_consecutive_failures: 3,
             api_key: None,
             tls_cert: None,
             tls_key: None,
             drain_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// A secret setting: its value is only reachable through `expose`; Debug and Serialize (the log, Info)
+/// write "[redacted]" instead.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub const REDACTED: &'static str = "[redacted]";
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Self::REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(Self::REDACTED)
     }
 }
 
@@ -196,7 +265,21 @@ impl Config {
                 "max_concurrent_streams",
                 self.max_concurrent_streams as usize,
             ),
+            ("max_concurrent_calls", self.max_concurrent_calls),
+            ("max_inflight_bytes", self.max_inflight_bytes),
+            ("max_consecutive_failures", self.max_consecutive_failures),
         ];
+        let positive_times = [
+            ("max_queue_time", self.max_queue_time),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("stream_idle_timeout", self.stream_idle_timeout),
+        ];
+        if let Some((key, _)) = positive_times.iter().find(|(_, value)| value.is_zero()) {
+            return Err(StartupError::Config(format!(
+                "{key} must be greater than 0"
+            )));
+        }
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(StartupError::Config(format!(
                 "{key} must be greater than 0"
@@ -204,8 +287,8 @@ impl Config {
         }
         if self
             .api_key
-            .as_deref()
-            .is_some_and(|key| key.trim().is_empty())
+            .as_ref()
+            .is_some_and(|key| key.expose().trim().is_empty())
         {
             return Err(StartupError::Config(
                 "api_key must not be empty when set".into(),
@@ -236,6 +319,11 @@ impl Config {
             })?,
         };
         Ok(SocketAddr::new(ip, self.port))
+    }
+
+    /// The configuration as JSON for the start-up log; secrets appear as "[redacted]".
+    pub fn to_log_string(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     pub fn tokenizer_threads(&self) -> usize {
@@ -288,6 +376,26 @@ mod tests {
             let cli = Cli::parse_from(["rerank-server", "--max-documents", "0"]);
             let err = Config::load(&cli).expect_err("zero limit");
             assert!(err.to_string().contains("max_documents"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_api_key_never_reaches_the_log_or_debug_output() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RERANK_API_KEY", "hunter2-secret");
+            let config = Config::load(&Cli::default()).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.api_key.as_ref().map(Secret::expose),
+                Some("hunter2-secret"),
+                "the server still sees the key"
+            );
+            let logged = config.to_log_string();
+            let debugged = format!("{config:?}");
+            for text in [&logged, &debugged] {
+                assert!(!text.contains("hunter2"), "{text}");
+                assert!(text.contains(Secret::REDACTED), "{text}");
+            }
             Ok(())
         });
     }

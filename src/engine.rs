@@ -13,6 +13,7 @@ use crate::error::{RerankError, StartupError};
 use crate::model::{LoadedModel, PaddedBatch};
 use crate::scheduler::request::{BatchOutcome, RequestHandle, ScoredPairs};
 use crate::scheduler::{Batch, SchedulerStats};
+use crate::throughput::Throughput;
 
 /// Batches the scheduler may have ready while the engine computes one.
 pub const QUEUE_DEPTH: usize = 1;
@@ -153,34 +154,86 @@ pub fn run_batch(model: &LoadedModel, inputs: &PaddedBatch) -> Result<Vec<Vec<f3
     }
 }
 
-/// Starts the engine thread. It stops when the scheduler drops its end of the channel.
+/// What the engine thread reports to and reads from the rest of the server.
+pub struct EngineContext {
+    pub stats: Arc<SchedulerStats>,
+    pub throughput: Arc<Throughput>,
+    /// Consecutive batches that fail on the device, even pair by pair, before the engine stops for good.
+    pub max_consecutive_failures: usize,
+}
+
+/// Starts the engine thread. It stops when the scheduler drops its end of the channel, when the device keeps
+/// failing, or if it panics; in each case its end of the channel is dropped, which the scheduler sees and
+/// reports (every pending call then fails with UNAVAILABLE and health turns NOT_SERVING).
 pub fn spawn(
     model: Arc<LoadedModel>,
     mut batches: mpsc::Receiver<Batch>,
-    stats: Arc<SchedulerStats>,
+    context: EngineContext,
 ) -> Result<JoinHandle<()>, StartupError> {
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
+            let mut failures = 0;
             while let Some(batch) = batches.blocking_recv() {
                 let started = Instant::now();
-                process(&model, batch);
-                stats
+                let (real, padded) = (batch.inputs.real_tokens(), batch.inputs.padded_tokens());
+                let outcome = process(&model, batch);
+                let elapsed = started.elapsed();
+                context
+                    .stats
                     .engine_busy_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+                if batches.is_empty() {
+                    context.throughput.set_idle();
+                }
+                match outcome {
+                    BatchRun::Skipped => {}
+                    BatchRun::Computed => {
+                        failures = 0;
+                        context.throughput.record(real, padded, elapsed);
+                    }
+                    BatchRun::Failed(reason) => {
+                        failures += 1;
+                        if failures >= context.max_consecutive_failures {
+                            tracing::error!(
+                                failures,
+                                %reason,
+                                "the device failed every pair of the last batches; the engine stops and the \
+                                 server reports NOT_SERVING"
+                            );
+                            break;
+                        }
+                    }
+                }
             }
+            context.throughput.set_idle();
             tracing::info!("engine stopped");
         })
         .map_err(StartupError::Io)
 }
 
-fn process(model: &LoadedModel, batch: Batch) {
+/// What became of one batch.
+#[derive(Debug, PartialEq)]
+enum BatchRun {
+    /// Every pair belonged to a cancelled call: nothing was computed.
+    Skipped,
+    /// At least one pair was scored.
+    Computed,
+    /// Every pair failed, even alone: the device itself is failing.
+    Failed(String),
+}
+
+fn process(model: &LoadedModel, batch: Batch) -> BatchRun {
     if batch.pairs.iter().all(|pair| pair.request.is_cancelled()) {
-        return;
+        return BatchRun::Skipped;
     }
     let started = Instant::now();
     let rows = score_rows(model, &batch.inputs);
     let inference = started.elapsed();
+    let run = match rows.iter().find_map(|row| row.as_ref().err()) {
+        Some(reason) if rows.iter().all(Result::is_err) => BatchRun::Failed(reason.clone()),
+        _ => BatchRun::Computed,
+    };
     let failed: Vec<(u64, &String)> = batch
         .pairs
         .iter()
@@ -207,6 +260,7 @@ fn process(model: &LoadedModel, batch: Batch) {
             request.deliver(BatchOutcome::Scored(scored));
         }
     }
+    run
 }
 
 /// Scores every row of a batch. A failed batch (a device error, out of memory) is retried in halves, so only
@@ -248,6 +302,7 @@ fn group_by_request(
                     tokens: 0,
                     started,
                     inference,
+                    queued: std::time::Duration::ZERO,
                 };
                 groups.push((Arc::clone(&pair.request), empty));
                 groups.len() - 1
@@ -256,6 +311,9 @@ fn group_by_request(
         let scored = &mut groups[position].1;
         scored.pairs.push((pair.index, logits));
         scored.tokens += pair.len() as u64;
+        scored.queued = scored
+            .queued
+            .max(started.saturating_duration_since(pair.enqueued_at));
     }
     groups
 }
@@ -316,7 +374,7 @@ mod tests {
                 .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
             0,
         );
-        process(&model, Batch { pairs, inputs });
+        assert_eq!(process(&model, Batch { pairs, inputs }), BatchRun::Computed);
         match good_rx.try_recv() {
             Ok(BatchOutcome::Scored(scored)) => {
                 let logits: Vec<(u32, Vec<f32>)> = scored.pairs;

@@ -12,6 +12,7 @@ pub mod model;
 pub mod rerank;
 pub mod scheduler;
 pub mod server;
+pub mod throughput;
 pub mod tokenization;
 pub mod transport;
 

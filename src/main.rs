@@ -28,8 +28,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<(), rerank_server::error::StartupError> {
     let config = Config::load(&cli)?;
-    let effective = serde_json::to_string(&config).unwrap_or_default();
-    tracing::info!(config = %effective, "effective configuration");
+    tracing::info!(config = %config.to_log_string(), "effective configuration");
     let mut running = server::start(config).await?;
     tokio::select! {
         ready = running.ready() => ready?,

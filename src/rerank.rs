@@ -1,5 +1,8 @@
 //! The one rerank path shared by every endpoint: validate, tokenize, queue pairs, collect scores, rank.
 
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,8 +11,8 @@ use tokio::sync::mpsc;
 use crate::admission::Admission;
 use crate::error::RerankError;
 use crate::model::scoring::Scoring;
-use crate::scheduler::request::{BatchOutcome, Pair, RequestHandle};
-use crate::scheduler::{BatchPolicy, SchedulerHandle, StatsSnapshot};
+use crate::scheduler::request::{BatchOutcome, Pair, RequestHandle, ScoredPairs};
+use crate::scheduler::{engine_gone, BatchPolicy, SchedulerHandle, SchedulerStats, StatsSnapshot};
 use crate::tokenization::{PairTokenizer, PairTokens, QueryTokens, Truncation};
 
 /// Per-request limits; violations are InvalidArgument errors that name the limit.
@@ -21,6 +24,8 @@ pub struct Limits {
     pub max_query_bytes: usize,
     /// Pairs of one stream that may wait for scores before the server stops reading the stream.
     pub max_stream_pending_pairs: usize,
+    /// A stream whose client neither reads nor sends for this long is ended.
+    pub stream_idle_timeout: Duration,
 }
 
 impl Limits {
@@ -122,6 +127,14 @@ pub struct ModelDescription {
     pub max_message_bytes: usize,
 }
 
+/// What admission holds across all calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub pairs: usize,
+    pub tokens: usize,
+    pub bytes: usize,
+}
+
 /// Cheap-to-clone entry point of the rerank path.
 #[derive(Clone)]
 pub struct Reranker {
@@ -159,14 +172,19 @@ impl Reranker {
         }
     }
 
-    /// Whether `pairs` more pairs would be admitted now.
-    pub fn has_room_for(&self, pairs: usize) -> bool {
-        self.inner.admission.has_room_for(pairs)
+    /// Work admitted and not yet scored, and request text held, across all calls.
+    pub fn pending(&self) -> Pending {
+        let (pairs, tokens) = self.inner.admission.pending();
+        Pending {
+            pairs,
+            tokens,
+            bytes: self.inner.admission.held_bytes(),
+        }
     }
 
-    /// (pairs, tokens) admitted and not yet scored, across all requests.
-    pub fn pending(&self) -> (usize, usize) {
-        self.inner.admission.pending()
+    /// The engine's measured speed in real tokens per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.inner.admission.throughput().tokens_per_second()
     }
 
     pub fn description(&self) -> &ModelDescription {
@@ -179,6 +197,11 @@ impl Reranker {
 
     pub fn policy(&self) -> &BatchPolicy {
         &self.inner.policy
+    }
+
+    /// The counters every stage writes to.
+    pub fn stats_home(&self) -> Arc<SchedulerStats> {
+        self.inner.scheduler.shared_stats()
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -227,12 +250,11 @@ impl Reranker {
             outcomes,
             received_at,
             scores: Vec::new(),
-            documents: Vec::new(),
+            ready: VecDeque::new(),
+            documents: Documents::default(),
             pushed: 0,
             scored: 0,
             usage: Usage::default(),
-            first_enqueued: None,
-            first_started: None,
             admitted: (0, 0),
             done: false,
         })
@@ -243,7 +265,7 @@ impl Reranker {
 pub type ScoredChunk = Vec<RankedDocument>;
 
 /// One query and the documents pushed so far; scores arrive as batches finish. Dropping an unfinished
-/// session cancels its pairs that have not reached the model.
+/// session cancels its pairs that have not reached the model and returns everything it held to admission.
 pub struct RerankSession {
     reranker: Reranker,
     options: RerankOptions,
@@ -253,13 +275,13 @@ pub struct RerankSession {
     received_at: Instant,
     /// Score (or raw score) by global index; NaN until computed.
     scores: Vec<f32>,
-    /// Chunks of documents kept for return_documents, with the global index of their first document.
-    documents: Vec<(usize, Arc<[String]>)>,
+    /// Scores received while `push` waited for room, not yet taken by `next_scores`.
+    ready: VecDeque<ScoredChunk>,
+    /// Texts kept for return_documents.
+    documents: Documents,
     pushed: usize,
     scored: usize,
     usage: Usage,
-    first_enqueued: Option<Instant>,
-    first_started: Option<Instant>,
     /// (pairs, tokens) this session holds in the global admission counts.
     admitted: (usize, usize),
     done: bool,
@@ -271,23 +293,40 @@ impl RerankSession {
         self.pushed - self.scored
     }
 
+    /// Whether `next_scores` has more to give: scores outstanding or received and not yet taken.
+    pub fn awaits_scores(&self) -> bool {
+        self.outstanding() > 0 || !self.ready.is_empty()
+    }
+
     pub fn pushed(&self) -> usize {
         self.pushed
     }
 
-    /// Validates, tokenizes and queues documents; their global indices continue from earlier pushes.
+    fn admission(&self) -> &Admission {
+        &self.reranker.inner.admission
+    }
+
+    /// Validates, tokenizes and queues documents; their global indices continue from earlier pushes. Work the
+    /// server has no room for is refused at once (RESOURCE_EXHAUSTED), except that a session whose own pairs
+    /// are still being scored waits for them to make room: a stream slows down instead of failing mid-way.
     pub async fn push(&mut self, documents: Vec<String>) -> Result<(), RerankError> {
         if documents.is_empty() {
             return Ok(());
         }
         self.validate(&documents)?;
         let first_index = self.pushed;
+        let count = documents.len();
+        let bytes: usize = documents.iter().map(String::len).sum();
         let documents: Arc<[String]> = documents.into();
         let started = Instant::now();
         let inner = Arc::clone(&self.reranker.inner);
-        // Pairs are admitted before the tokenizer spends work on them, tokens once they are known.
-        inner.admission.admit_pairs(documents.len())?;
-        self.admitted.0 += documents.len();
+        // Text and pairs are admitted before the tokenizer spends work on them, tokens once they are known.
+        self.admit_or_wait(|admission| admission.admit_bytes(bytes))
+            .await?;
+        self.documents.held_bytes += bytes;
+        self.admit_or_wait(|admission| admission.admit_pairs(count))
+            .await?;
+        self.admitted.0 += count;
         let tokens = inner
             .tokenizer
             .encode_documents(
@@ -297,12 +336,20 @@ impl RerankSession {
                 self.options.truncation,
             )
             .await?;
+        if self.options.return_documents {
+            self.documents.hold_chunk(first_index, documents);
+        } else {
+            self.release_bytes(bytes);
+        }
         let token_count: usize = tokens.iter().map(PairTokens::len).sum();
-        inner.admission.admit_tokens(token_count)?;
+        let (call, deadline) = (self.request.id, self.options.deadline);
+        self.admit_or_wait(|admission| {
+            admission.admit_tokens(call, token_count, deadline, Instant::now())
+        })
+        .await?;
         self.admitted.1 += token_count;
         self.usage.tokenize_ns += nanos(started.elapsed());
         let enqueued_at = Instant::now();
-        self.first_enqueued.get_or_insert(enqueued_at);
         let pairs: Vec<Pair> = tokens
             .into_iter()
             .enumerate()
@@ -315,11 +362,31 @@ impl RerankSession {
             .collect();
         self.pushed += pairs.len();
         self.scores.resize(self.pushed, f32::NAN);
-        inner.scheduler.submit(pairs)?;
-        if self.options.return_documents {
-            self.documents.push((first_index, documents));
+        inner.scheduler.submit(pairs)
+    }
+
+    /// Runs an admission step; while it is refused for room and this session has pairs being scored, waits for
+    /// their scores (kept for `next_scores`) and tries again.
+    async fn admit_or_wait(
+        &mut self,
+        admit: impl Fn(&Admission) -> Result<(), RerankError>,
+    ) -> Result<(), RerankError> {
+        loop {
+            match admit(self.admission()) {
+                Err(RerankError::ResourceExhausted(_)) if self.outstanding() > 0 => {
+                    let chunk = self.receive().await?;
+                    self.ready.push_back(chunk);
+                }
+                Err(refused @ RerankError::ResourceExhausted(_)) => {
+                    self.reranker
+                        .stats_home()
+                        .refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(refused);
+                }
+                other => return other,
+            }
         }
-        Ok(())
     }
 
     fn validate(&self, documents: &[String]) -> Result<(), RerankError> {
@@ -331,40 +398,69 @@ impl RerankSession {
 
     /// Waits for the next batch of this request's scores. Ok(None) when nothing is outstanding.
     pub async fn next_scores(&mut self) -> Result<Option<ScoredChunk>, RerankError> {
+        if let Some(chunk) = self.ready.pop_front() {
+            return Ok(Some(chunk));
+        }
         if self.outstanding() == 0 {
             return Ok(None);
         }
-        match self.outcomes.recv().await {
-            Some(BatchOutcome::Scored(scored)) => {
-                let scoring = self.reranker.inner.description.scoring;
-                let raw = self.options.raw_scores;
-                self.release(scored.pairs.len(), scored.tokens as usize);
-                self.usage.tokens += scored.tokens;
-                self.usage.inference_ns += nanos(scored.inference);
-                let first = *self.first_started.get_or_insert(scored.started);
-                self.first_started = Some(first.min(scored.started));
-                let mut chunk = Vec::with_capacity(scored.pairs.len());
-                for (index, logits) in scored.pairs {
-                    let score = if raw {
-                        scoring.raw(&logits)
-                    } else {
-                        scoring.score(&logits)
-                    };
-                    if let Some(slot) = self.scores.get_mut(index as usize) {
-                        *slot = score;
-                        self.scored += 1;
-                        chunk.push(RankedDocument {
-                            index,
-                            score,
-                            document: None,
-                        });
-                    }
-                }
-                Ok(Some(chunk))
-            }
+        self.receive().await.map(Some)
+    }
+
+    /// Receives one batch outcome of this request and records its scores. A stopped engine ends the wait
+    /// with UNAVAILABLE, also for pairs that were inside the engine when it stopped.
+    async fn receive(&mut self) -> Result<ScoredChunk, RerankError> {
+        let scheduler = &self.reranker.inner.scheduler;
+        let outcome = tokio::select! {
+            biased;
+            outcome = self.outcomes.recv() => outcome,
+            _ = scheduler.engine_stopped() => None,
+        };
+        match outcome {
+            Some(BatchOutcome::Scored(scored)) => Ok(self.record(scored)),
             Some(BatchOutcome::Failed(error)) => Err(error),
+            None if scheduler.has_engine_stopped() => Err(engine_gone()),
             None => Err(RerankError::internal("the scheduler dropped this request")),
         }
+    }
+
+    fn record(&mut self, scored: ScoredPairs) -> ScoredChunk {
+        let scoring = self.reranker.inner.description.scoring;
+        let raw = self.options.raw_scores;
+        self.release(scored.pairs.len(), scored.tokens as usize);
+        self.usage.tokens += scored.tokens;
+        self.usage.inference_ns += nanos(scored.inference);
+        self.usage.queue_ns += nanos(scored.queued);
+        let mut chunk = Vec::with_capacity(scored.pairs.len());
+        for (index, logits) in scored.pairs {
+            let score = if raw {
+                scoring.raw(&logits)
+            } else {
+                scoring.score(&logits)
+            };
+            if let Some(slot) = self.scores.get_mut(index as usize) {
+                *slot = score;
+                self.scored += 1;
+                chunk.push(RankedDocument {
+                    index,
+                    score,
+                    document: None,
+                });
+            }
+        }
+        if self.options.return_documents {
+            let held_before = self.documents.held_bytes;
+            let mut freed = 0;
+            for doc in &chunk {
+                freed += self
+                    .documents
+                    .scored(doc.index, doc.score, self.options.top_n);
+            }
+            let copied = self.documents.held_bytes - held_before;
+            self.reranker.inner.admission.hold_bytes(copied);
+            self.release_bytes(freed);
+        }
+        chunk
     }
 
     /// Waits for every outstanding score and ranks all documents pushed.
@@ -379,10 +475,6 @@ impl RerankSession {
         let results = self.rank();
         let mut usage = self.usage;
         usage.pairs = self.pushed as u32;
-        usage.queue_ns = match (self.first_enqueued, self.first_started) {
-            (Some(enqueued), Some(started)) => nanos(started.saturating_duration_since(enqueued)),
-            _ => 0,
-        };
         usage.total_ns = nanos(self.received_at.elapsed());
         Ok(RerankOutcome { results, usage })
     }
@@ -409,18 +501,9 @@ impl RerankSession {
             .map(|index| RankedDocument {
                 index,
                 score: self.scores[index as usize],
-                document: self.document(index as usize).map(str::to_owned),
+                document: self.documents.kept.get(&index).cloned(),
             })
             .collect()
-    }
-
-    fn document(&self, index: usize) -> Option<&str> {
-        let chunk = self
-            .documents
-            .partition_point(|(start, _)| *start <= index)
-            .checked_sub(1)?;
-        let (start, docs) = &self.documents[chunk];
-        docs.get(index - start).map(String::as_str)
     }
 }
 
@@ -428,8 +511,17 @@ impl RerankSession {
     /// Returns admitted work to the global counts as it is scored (or dropped).
     fn release(&mut self, pairs: usize, tokens: usize) {
         let (pairs, tokens) = (pairs.min(self.admitted.0), tokens.min(self.admitted.1));
-        self.reranker.inner.admission.release(pairs, tokens);
+        self.reranker
+            .inner
+            .admission
+            .release(self.request.id, pairs, tokens);
         self.admitted = (self.admitted.0 - pairs, self.admitted.1 - tokens);
+    }
+
+    fn release_bytes(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.documents.held_bytes);
+        self.reranker.inner.admission.release_bytes(bytes);
+        self.documents.held_bytes -= bytes;
     }
 }
 
@@ -440,8 +532,91 @@ impl Drop for RerankSession {
         }
         let (pairs, tokens) = self.admitted;
         self.release(pairs, tokens);
+        self.release_bytes(self.documents.held_bytes);
+        self.reranker.inner.admission.end_call(self.request.id);
     }
 }
+
+/// Texts a return_documents session holds: the chunks with documents still waiting for scores, and copies of
+/// the scored documents that can still be returned (with top_n, only the best top_n so far). So a stream's
+/// memory follows its window and top_n, not its length.
+#[derive(Default)]
+struct Documents {
+    /// Chunks by the global index of their first document, with how many of their documents are unscored.
+    chunks: BTreeMap<usize, (Arc<[String]>, usize)>,
+    /// Scored documents that may be returned, by index.
+    kept: HashMap<u32, String>,
+    /// With top_n: the kept documents, worst on top, to know which to drop.
+    ranking: BinaryHeap<Reverse<Rank>>,
+    /// Bytes of chunks and kept copies, charged to admission.
+    held_bytes: usize,
+}
+
+impl Documents {
+    fn hold_chunk(&mut self, first_index: usize, documents: Arc<[String]>) {
+        let count = documents.len();
+        self.chunks.insert(first_index, (documents, count));
+    }
+
+    /// Keeps the scored document's text if it can still be returned; returns the bytes no longer held.
+    fn scored(&mut self, index: u32, score: f32, top_n: usize) -> usize {
+        let Some((&first, (chunk, unscored))) =
+            self.chunks.range_mut(..=index as usize).next_back()
+        else {
+            return 0;
+        };
+        let text = chunk
+            .get(index as usize - first)
+            .cloned()
+            .unwrap_or_default();
+        *unscored -= 1;
+        let mut freed = 0;
+        if *unscored == 0 {
+            freed += chunk.iter().map(String::len).sum::<usize>();
+            self.chunks.remove(&first);
+        }
+        self.held_bytes += text.len();
+        self.kept.insert(index, text);
+        if top_n > 0 {
+            self.ranking.push(Reverse(Rank { score, index }));
+            if self.ranking.len() > top_n {
+                if let Some(Reverse(worst)) = self.ranking.pop() {
+                    freed += self.kept.remove(&worst.index).map_or(0, |text| text.len());
+                }
+            }
+        }
+        freed
+    }
+}
+
+/// A scored document's place in the ranking: higher scores first, then lower indices (as `rank` orders).
+#[derive(Debug, Clone, Copy)]
+struct Rank {
+    score: f32,
+    index: u32,
+}
+
+impl Ord for Rank {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then(other.index.cmp(&self.index))
+    }
+}
+
+impl PartialOrd for Rank {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Rank {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Rank {}
 
 /// Runs `call` to completion, or fails with DeadlineExceeded (dropping it) once `deadline` passes.
 pub async fn within_deadline<T>(
@@ -462,4 +637,52 @@ pub async fn within_deadline<T>(
 
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 20,000 documents of 8 KB stream through in chunks of 1,000 with top_n 5: the texts held stay those of
+    /// the open chunk and the best five, never the stream.
+    #[test]
+    fn a_return_documents_stream_holds_its_window_and_top_n_not_its_length() {
+        let mut documents = Documents::default();
+        let text = |i: usize| format!("{i:08}").repeat(1024);
+        let mut peak = 0;
+        let mut charged = 0usize;
+        for chunk in 0..20 {
+            let first = chunk * 1000;
+            let texts: Arc<[String]> = (first..first + 1000).map(text).collect();
+            let bytes = texts.iter().map(String::len).sum::<usize>();
+            charged += bytes;
+            documents.held_bytes += bytes;
+            documents.hold_chunk(first, texts);
+            for i in first..first + 1000 {
+                // Scores rise and fall, so the best five change along the way.
+                let score = ((i * 7919) % 10_007) as f32;
+                let before = documents.held_bytes;
+                let freed = documents.scored(i as u32, score, 5);
+                charged += documents.held_bytes - before;
+                charged -= freed;
+                documents.held_bytes -= freed;
+                peak = peak.max(documents.held_bytes);
+            }
+        }
+        assert!(
+            peak <= 1000 * 8192 + 6 * 8192,
+            "held {peak} bytes at the peak: more than one chunk and the top five"
+        );
+        assert_eq!(documents.kept.len(), 5);
+        assert_eq!(documents.held_bytes, 5 * 8192);
+        assert_eq!(charged, documents.held_bytes, "every byte held is charged");
+        let mut best: Vec<u32> = (0..20_000u32).collect();
+        best.sort_by_key(|&i| std::cmp::Reverse(((i as usize * 7919) % 10_007, u32::MAX - i)));
+        let mut kept: Vec<u32> = documents.kept.keys().copied().collect();
+        kept.sort_unstable();
+        let mut expected = best[..5].to_vec();
+        expected.sort_unstable();
+        assert_eq!(kept, expected, "the kept texts are those of the best five");
+        assert_eq!(documents.kept[&expected[0]], text(expected[0] as usize));
+    }
 }

@@ -12,16 +12,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, AdmissionLimits};
 use crate::config::Config;
-use crate::engine;
+use crate::engine::{self, EngineContext};
 use crate::error::StartupError;
 use crate::hub;
-use crate::model::{self, LoadedModel, PaddedBatch};
+use crate::model::{self, CrossEncoder, LoadedModel, PaddedBatch};
 use crate::proto::reranker_server::RerankerServer;
 use crate::rerank::{Limits, ModelDescription, Reranker};
-use crate::scheduler::{self, BatchPolicy};
+use crate::scheduler::{self, BatchPolicy, Pacing};
+use crate::throughput::Throughput;
 use crate::tokenization::PairTokenizer;
+use crate::transport::call_limit::CallLimit;
 use crate::transport::grpc::{ApiKeyCheck, GrpcReranker};
 use tonic::service::interceptor::InterceptedService;
 
@@ -81,8 +83,9 @@ impl RunningServer {
     /// Graceful shutdown: health turns NOT_SERVING, new Reranker calls are refused with UNAVAILABLE, the
     /// listener stops, and in-flight calls get `drain_timeout` to finish; then it returns.
     pub async fn shutdown(mut self) -> Result<(), StartupError> {
-        set_health(&self.health, ServingStatus::NotServing).await;
+        // Refuse new calls before health says so, so that a client that sees NOT_SERVING is also refused.
         self.draining.store(true, Ordering::Release);
+        set_health(&self.health, ServingStatus::NotServing).await;
         if let Some(signal) = self.shutdown.take() {
             let _ = signal.send(());
         }
@@ -104,8 +107,20 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status(SERVICE_NAME, status).await;
 }
 
+/// Wraps the loaded model after its warm-up, before it serves: lets tests put a stub in front of a real model
+/// (one that blocks until released, or fails like a broken device).
+pub type ModelWrapper = Arc<dyn Fn(Box<dyn CrossEncoder>) -> Box<dyn CrossEncoder> + Send + Sync>;
+
 /// Binds the listener and starts serving; the model loads in the background.
 pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
+    start_with(config, None).await
+}
+
+/// `start`, with the model wrapped by `wrapper`.
+pub async fn start_with(
+    config: Config,
+    wrapper: Option<ModelWrapper>,
+) -> Result<RunningServer, StartupError> {
     let config_drain_timeout = config.drain_timeout;
     let listener = TcpListener::bind(config.listen_addr()?).await?;
     let local_addr = listener.local_addr()?;
@@ -117,12 +132,17 @@ pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
         RerankerServer::new(GrpcReranker::new(Arc::clone(&slot), Arc::clone(&draining)))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-    let rerank_service =
-        InterceptedService::new(rerank_service, ApiKeyCheck::new(config.api_key.as_deref()));
+    let rerank_service = InterceptedService::new(
+        rerank_service,
+        ApiKeyCheck::new(config.api_key.as_ref().map(|key| key.expose())),
+    );
+    let rerank_service = CallLimit::new(rerank_service, config.max_concurrent_calls);
     let reflection = reflection_services()?;
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(config.max_concurrent_streams));
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout));
     if let Some(tls) = tls_config(&config)? {
         builder = builder
             .tls_config(tls)
@@ -142,7 +162,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartupError> {
     let (ready_sender, readiness) = watch::channel(Readiness::Loading);
     let loader_health = health.clone();
     tokio::spawn(async move {
-        let state = match build_reranker(&config).await {
+        let state = match build_reranker_with(&config, wrapper).await {
             Ok(reranker) => {
                 let watched = reranker.clone();
                 let engine_health = loader_health.clone();
@@ -231,6 +251,14 @@ fn reflection_services() -> Result<
 
 /// Loads model and tokenizer, warms the model up at the largest batch shape, and starts engine and scheduler.
 pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
+    build_reranker_with(config, None).await
+}
+
+/// `build_reranker`, with the model wrapped by `wrapper` after its warm-up.
+pub async fn build_reranker_with(
+    config: &Config,
+    wrapper: Option<ModelWrapper>,
+) -> Result<Reranker, StartupError> {
     let started = Instant::now();
     let dir = hub::resolve(&config.model_id, &config.revision).await?;
     let target = engine::compute_target(&config.device, &config.dtype)?;
@@ -249,11 +277,16 @@ pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
         max_wait: config.max_wait,
     };
     let max_length = tokenizer.max_length();
+    let (mut model, throughput) = tokio::task::spawn_blocking(move || {
+        warm_up(&model, &policy, max_length).map(|throughput| (model, throughput))
+    })
+    .await
+    .map_err(|e| StartupError::Config(format!("warm-up failed: {e}")))??;
+    if let Some(wrap) = wrapper {
+        model.model = wrap(model.model);
+    }
     let model = Arc::new(model);
-    let warm = Arc::clone(&model);
-    tokio::task::spawn_blocking(move || warm_up(&warm, &policy, max_length))
-        .await
-        .map_err(|e| StartupError::Config(format!("warm-up failed: {e}")))??;
+    let throughput = Arc::new(throughput);
     let description = ModelDescription {
         model_id: config.model_id.clone(),
         architecture: model.architecture.clone(),
@@ -265,14 +298,26 @@ pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
     };
     let (batches, engine_inbox) = tokio::sync::mpsc::channel(engine::QUEUE_DEPTH);
     let pad_id = model.pad_token_id;
-    let scheduler = scheduler::spawn(policy, max_length, pad_id, batches);
-    engine::spawn(model, engine_inbox, scheduler.shared_stats())?;
+    let on_gpu = !model_device_is_cpu(&description.device);
+    let pacing = Pacing {
+        throughput: Arc::clone(&throughput),
+        target_batch_time: target_batch_time(config.target_batch_time, on_gpu),
+        cut_ahead: on_gpu,
+    };
+    let scheduler = scheduler::spawn(policy, pacing, max_length, pad_id, batches);
+    let context = EngineContext {
+        stats: scheduler.shared_stats(),
+        throughput: Arc::clone(&throughput),
+        max_consecutive_failures: config.max_consecutive_failures,
+    };
+    engine::spawn(model, engine_inbox, context)?;
     let limits = Limits {
         max_documents: config.max_documents,
         max_stream_documents: config.max_stream_documents,
         max_document_bytes: config.max_document_bytes,
         max_query_bytes: config.max_query_bytes,
         max_stream_pending_pairs: config.max_stream_pending_pairs,
+        stream_idle_timeout: config.stream_idle_timeout,
     };
     tracing::info!(
         architecture = %description.architecture,
@@ -281,7 +326,15 @@ pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
         seconds = started.elapsed().as_secs_f32(),
         "model ready"
     );
-    let admission = Admission::new(config.max_pending_pairs, config.max_pending_tokens);
+    let admission = Admission::new(
+        AdmissionLimits {
+            max_pending_pairs: config.max_pending_pairs,
+            max_pending_tokens: config.max_pending_tokens,
+            max_inflight_bytes: config.max_inflight_bytes,
+            max_queue_time: config.max_queue_time,
+        },
+        throughput,
+    );
     Ok(Reranker::new(
         Arc::new(tokenizer),
         scheduler,
@@ -318,12 +371,27 @@ fn load_model_and_tokenizer(
     Ok((model, tokenizer))
 }
 
+/// The batch time to aim for: the configured one, else 250 ms on a CPU (a small request waits about that
+/// long behind other work) and 50 ms on a GPU (long enough to keep it busy).
+fn target_batch_time(configured: Duration, on_gpu: bool) -> Duration {
+    match (configured.is_zero(), on_gpu) {
+        (false, _) => configured,
+        (true, false) => Duration::from_millis(250),
+        (true, true) => Duration::from_millis(50),
+    }
+}
+
+fn model_device_is_cpu(device: &str) -> bool {
+    device == "cpu"
+}
+
 /// Runs the largest batch the policy allows, so a shape that does not fit fails at start, not under load.
+/// Its time is the engine's first speed measurement.
 fn warm_up(
     model: &LoadedModel,
     policy: &BatchPolicy,
     max_length: usize,
-) -> Result<(), StartupError> {
+) -> Result<Throughput, StartupError> {
     let rows = (policy.max_batch_tokens / max_length).clamp(1, policy.max_batch_size);
     let ids = vec![model.pad_token_id; max_length];
     let types = vec![0; max_length];
@@ -334,11 +402,12 @@ fn warm_up(
     let started = Instant::now();
     engine::run_batch(model, &batch)
         .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
+    let elapsed = started.elapsed();
     tracing::info!(
         rows,
         max_length,
-        ms = started.elapsed().as_millis() as u64,
+        ms = elapsed.as_millis() as u64,
         "warm-up batch done"
     );
-    Ok(())
+    Ok(Throughput::new(rows * max_length, elapsed))
 }

@@ -1,17 +1,20 @@
 //! Server behaviour under pressure and at the edges of a call's life: admission limits, deadlines, API keys,
-//! stream back-pressure and graceful shutdown.
+//! stream back-pressure, stalled clients, a failing engine and graceful shutdown. Tests that depend on when
+//! the engine finishes put a gate in front of the model and release it themselves: no sleeps, no time windows.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{client, start, test_config, ONE_LABEL};
+use common::{broken_device, client, start, start_wrapped, stats, test_config, Gate, ONE_LABEL};
 use rerank_server::proto::{
     rerank_stream_request, rerank_stream_response, DocumentChunk, RerankRequest, RerankStart,
     RerankStreamRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 fn request(documents: usize) -> RerankRequest {
     RerankRequest {
@@ -23,24 +26,76 @@ fn request(documents: usize) -> RerankRequest {
     }
 }
 
-/// A server whose batches hold one pair, so thousands of pairs stay pending for a while.
+fn start_message(query: &str) -> RerankStreamRequest {
+    RerankStreamRequest {
+        item: Some(rerank_stream_request::Item::Start(RerankStart {
+            query: query.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn chunk_message(chunk: usize, documents: usize) -> RerankStreamRequest {
+    RerankStreamRequest {
+        item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
+            documents: (0..documents)
+                .map(|i| format!("chunk {chunk} document {i} about the harbour market"))
+                .collect(),
+        })),
+    }
+}
+
+/// A server whose batches hold one pair, with no queue-time limit (tests hold batches as long as they like).
 fn slow_config() -> rerank_server::config::Config {
     let mut config = test_config(ONE_LABEL);
     config.max_batch_size = 1;
     config.max_documents = 8000;
+    config.max_queue_time = Duration::from_secs(3600);
     config
+}
+
+/// The server's health updates, from the health service's Watch stream (opened now, read later).
+async fn health_updates(
+    addr: std::net::SocketAddr,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// Waits until the health updates report `wanted`.
+async fn health_becomes(
+    mut updates: tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    wanted: ServingStatus,
+) {
+    while let Some(update) = updates.message().await.expect("health update") {
+        if update.status == wanted as i32 {
+            return;
+        }
+    }
+    panic!("health stream ended before {wanted:?}");
 }
 
 #[tokio::test]
 async fn work_past_the_admission_limit_is_refused_at_once() {
     let mut config = slow_config();
-    config.max_pending_pairs = 8000;
-    let server = start(config).await;
+    config.max_pending_pairs = 100;
+    let gate = Gate::closed();
+    let server = start_wrapped(config, gate.wrapper()).await;
     let mut big = client(&server).await;
-    let first = tokio::spawn(async move { big.rerank(request(8000)).await });
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    let first = tokio::spawn(async move { big.rerank(request(100)).await });
+    // The big request's first pair is in the engine, held at the gate: all 100 pairs are pending.
+    gate.wait_entered(1).await;
     let mut small = client(&server).await;
-    let started = std::time::Instant::now();
     let refused = small.rerank(request(10)).await.expect_err("over the limit");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
@@ -48,18 +103,45 @@ async fn work_past_the_admission_limit_is_refused_at_once() {
         "{}",
         refused.message()
     );
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "refused at once, not after waiting"
-    );
+    gate.open();
     let first = first
         .await
         .expect("task")
         .expect("the admitted request completes");
-    assert_eq!(first.into_inner().results.len(), 8000);
+    assert_eq!(first.into_inner().results.len(), 100);
     assert!(
         small.rerank(request(10)).await.is_ok(),
         "capacity is returned as pairs are scored"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_calls_past_max_concurrent_calls_are_refused_at_once() {
+    let mut config = slow_config();
+    config.max_concurrent_calls = 1;
+    let gate = Gate::closed();
+    let server = start_wrapped(config, gate.wrapper()).await;
+    let mut first = client(&server).await;
+    let running = tokio::spawn(async move { first.rerank(request(2)).await });
+    gate.wait_entered(1).await;
+    let mut second = client(&server).await;
+    let refused = second
+        .rerank(request(2))
+        .await
+        .expect_err("one call at a time");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("max_concurrent_calls"),
+        "{refused:?}"
+    );
+    gate.open();
+    running
+        .await
+        .expect("task")
+        .expect("the running call completes");
+    assert!(
+        second.rerank(request(2)).await.is_ok(),
+        "the slot is free again"
     );
 }
 
@@ -67,45 +149,63 @@ async fn work_past_the_admission_limit_is_refused_at_once() {
 // in-process client from racing it with its own timer on one thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_passed_deadline_is_deadline_exceeded_and_frees_its_pairs() {
-    let server = start(slow_config()).await;
+    let gate = Gate::closed();
+    let server = start_wrapped(slow_config(), gate.wrapper()).await;
     let mut c = client(&server).await;
-    let mut call = Request::new(request(3000));
-    call.set_timeout(Duration::from_millis(40));
+    let mut call = Request::new(request(300));
+    call.set_timeout(Duration::from_millis(300));
     let status = c.rerank(call).await.expect_err("deadline");
-    // The server answers DEADLINE_EXCEEDED just before the deadline; tonic's own client timer may win the
-    // race and report CANCELLED "Timeout expired" instead. The stream test below sees the server's status.
+    // tonic's own client timer may win the race and report CANCELLED "Timeout expired".
     assert!(
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = c
-            .info(rerank_server::proto::InfoRequest {})
-            .await
-            .expect("info")
-            .into_inner()
-            .stats
-            .expect("stats");
-        if stats.queued_pairs == 0 {
-            // Depending on where the deadline fell (tokenizing, queued, computing), none or some pairs ran;
-            // the rest were dropped from the queue instead of computed.
-            assert!(
-                stats.pairs < 3000,
-                "pairs past the deadline were dropped, not computed: {stats:?}"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "queue never drained: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gate.open();
+    // Commands reach the scheduler in order: once this request is answered, the expired call's cancel has
+    // been applied.
+    c.rerank(request(3))
+        .await
+        .expect("the server keeps serving");
+    let stats = stats(&mut c).await;
     assert!(
-        c.rerank(request(3)).await.is_ok(),
-        "the server keeps serving"
+        stats.pairs <= 2 + 3,
+        "only the pair held in the engine ran; the rest were dropped: {stats:?}"
     );
+    assert_eq!(
+        (
+            stats.queued_pairs,
+            stats.pending_pairs,
+            stats.pending_tokens
+        ),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.held_bytes, 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn queue_time_sums_the_waits_of_each_batch() {
+    let gate = Gate::closed();
+    let server = start_wrapped(slow_config(), gate.wrapper()).await;
+    let mut c = client(&server).await;
+    let call = tokio::spawn(async move { c.rerank(request(2)).await });
+    // The first pair is in the engine; the second waits in the queue for as long as the gate stays shut.
+    gate.wait_entered(1).await;
+    let held = Duration::from_millis(200);
+    tokio::time::sleep(held).await;
+    gate.open();
+    let usage = call
+        .await
+        .expect("task")
+        .expect("rerank")
+        .into_inner()
+        .usage
+        .expect("usage");
+    assert!(
+        Duration::from_nanos(usage.queue_ns) >= held,
+        "the second pair waited at least {held:?}: {usage:?}"
+    );
+    assert!(usage.queue_ns <= usage.total_ns, "{usage:?}");
 }
 
 #[tokio::test]
@@ -196,14 +296,16 @@ async fn a_stream_larger_than_its_window_completes() {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
-    let server = start(slow_config()).await;
+    let gate = Gate::closed();
+    let server = start_wrapped(slow_config(), gate.wrapper()).await;
     let addr = server.local_addr;
     let mut in_flight = client(&server).await;
-    let call = tokio::spawn(async move { in_flight.rerank(request(2000)).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let call = tokio::spawn(async move { in_flight.rerank(request(20)).await });
+    gate.wait_entered(1).await;
     let mut late = client(&server).await;
+    let updates = health_updates(addr).await;
     let shutdown = tokio::spawn(server.shutdown());
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    health_becomes(updates, ServingStatus::NotServing).await;
     let refused = late
         .rerank(request(2))
         .await
@@ -215,11 +317,12 @@ async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
         ),
         "{refused:?}"
     );
+    gate.open();
     let finished = call
         .await
         .expect("task")
         .expect("the in-flight call completes");
-    assert_eq!(finished.into_inner().results.len(), 2000);
+    assert_eq!(finished.into_inner().results.len(), 20);
     shutdown.await.expect("task").expect("clean shutdown");
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
@@ -229,24 +332,13 @@ async fn shutdown_lets_in_flight_calls_finish_and_refuses_new_ones() {
 
 #[tokio::test]
 async fn a_stream_past_its_deadline_ends_with_deadline_exceeded() {
-    let server = start(slow_config()).await;
+    let gate = Gate::closed();
+    let server = start_wrapped(slow_config(), gate.wrapper()).await;
     let mut c = client(&server).await;
-    let start_message = RerankStreamRequest {
-        item: Some(rerank_stream_request::Item::Start(RerankStart {
-            query: "harbour".into(),
-            ..Default::default()
-        })),
-    };
-    let documents = request(3000).documents;
-    let chunk = RerankStreamRequest {
-        item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
-            documents,
-        })),
-    };
-    // The client never half-closes: only the deadline can end this call.
+    // The client never half-closes and the engine never finishes: only the deadline can end this call.
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
-    sender.send(start_message).await.expect("send");
-    sender.send(chunk).await.expect("send");
+    sender.send(start_message("harbour")).await.expect("send");
+    sender.send(chunk_message(0, 30)).await.expect("send");
     let mut call = Request::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
     call.set_timeout(Duration::from_millis(300));
     let mut inbound = c
@@ -263,6 +355,125 @@ async fn a_stream_past_its_deadline_ends_with_deadline_exceeded() {
     };
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     drop(sender);
+    gate.open();
+}
+
+#[tokio::test]
+async fn a_stream_waits_for_its_own_scores_when_tokens_run_out() {
+    let mut config = test_config(ONE_LABEL);
+    // One chunk of 1,000 pairs is more tokens than the limit: it is admitted alone, and the next chunk has to
+    // wait for the stream's own scores instead of failing the stream.
+    config.max_pending_tokens = 2000;
+    let server = start(config).await;
+    let mut c = client(&server).await;
+    let messages: Vec<_> = std::iter::once(start_message("harbour"))
+        .chain((0..5).map(|chunk| chunk_message(chunk, 1000)))
+        .collect();
+    let mut inbound = c
+        .rerank_stream(tokio_stream::iter(messages))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut scored = 0;
+    let mut final_pairs = None;
+    while let Some(message) = inbound
+        .message()
+        .await
+        .expect("no RESOURCE_EXHAUSTED mid-stream")
+    {
+        match message.item.expect("item") {
+            rerank_stream_response::Item::Scores(chunk) => scored += chunk.results.len(),
+            rerank_stream_response::Item::Final(response) => {
+                final_pairs = response.usage.map(|u| u.pairs)
+            }
+        }
+    }
+    assert_eq!((scored, final_pairs), (5000, Some(5000)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_stops_reading_is_ended_and_releases_its_work() {
+    let mut config = test_config(ONE_LABEL);
+    config.stream_idle_timeout = Duration::from_millis(300);
+    config.max_stream_pending_pairs = 64;
+    let server = start(config).await;
+    // A client with small flow-control windows: the scores it does not read soon fill them, and then the
+    // server's outbox.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.local_addr))
+        .expect("endpoint")
+        .initial_stream_window_size(Some(4096))
+        .initial_connection_window_size(Some(4096))
+        .connect()
+        .await
+        .expect("connect");
+    let mut stalled = rerank_server::proto::reranker_client::RerankerClient::new(channel);
+    let messages: Vec<_> = std::iter::once(start_message("harbour"))
+        .chain((0..60).map(|chunk| chunk_message(chunk, 1000)))
+        .collect();
+    let inbound = stalled
+        .rerank_stream(tokio_stream::iter(messages))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut observer = client(&server).await;
+    // The stream holds admitted pairs while it is stalled; once stream_idle_timeout passes without a read,
+    // the server ends it and every pair and byte it held is released.
+    let stats = loop {
+        let stats = stats(&mut observer).await;
+        if stats.stalled_streams == 1 {
+            break stats;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(
+        (stats.pending_pairs, stats.pending_tokens, stats.held_bytes),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert!(
+        stats.pairs < 60_000,
+        "the stalled stream was not scored to its end: {stats:?}"
+    );
+    // The client finally reads: what was sent, then the server's status for the stalled call.
+    let mut inbound = inbound;
+    let status = loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a stalled stream must not end as if it succeeded"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("stream_idle_timeout"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_device_that_keeps_failing_stops_the_engine_and_calls_get_unavailable() {
+    let mut config = test_config(ONE_LABEL);
+    config.max_consecutive_failures = 2;
+    let server = start_wrapped(config, broken_device()).await;
+    let mut c = client(&server).await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(
+            c.rerank(request(2))
+                .await
+                .expect_err("the device fails")
+                .code(),
+        );
+    }
+    assert_eq!(codes[..2], [Code::Internal, Code::Internal], "{codes:?}");
+    assert_eq!(codes[2], Code::Unavailable, "the engine is gone: {codes:?}");
+    health_becomes(
+        health_updates(server.local_addr).await,
+        ServingStatus::NotServing,
+    )
+    .await;
+    let status = c.rerank(request(2)).await.expect_err("no engine");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 
 #[tokio::test]
@@ -320,75 +531,55 @@ async fn the_listener_speaks_tls_when_a_certificate_is_configured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_request_is_answered_promptly_while_a_large_stream_runs() {
-    small_request_next_to_a_stream(30).await;
-}
-
-/// The issue-sized version: 100,000 documents (`cargo test --test production -- --ignored --nocapture`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: a 100,000-document stream"]
-async fn a_small_request_is_answered_promptly_while_a_100k_document_stream_runs() {
-    small_request_next_to_a_stream(100).await;
-}
-
-/// A 20-document unary request sent while a stream of `chunks` x 1,000 documents is being scored.
-async fn small_request_next_to_a_stream(chunks: usize) {
+async fn a_small_request_is_answered_within_a_few_batches_while_a_large_stream_runs() {
     let mut config = test_config(ONE_LABEL);
     config.max_batch_size = 8;
-    let server = start(config).await;
+    config.max_queue_time = Duration::from_secs(3600);
+    let window = config.max_stream_pending_pairs as u64;
+    let gate = Gate::closed();
+    let server = start_wrapped(config, gate.wrapper()).await;
     let mut streamer = client(&server).await;
-    let mut messages = vec![RerankStreamRequest {
-        item: Some(rerank_stream_request::Item::Start(RerankStart {
-            query: "harbour".into(),
-            ..Default::default()
-        })),
-    }];
-    for chunk in 0..chunks {
-        let documents = (0..1000)
-            .map(|i| format!("chunk {chunk} document {i} about the harbour market"))
-            .collect();
-        messages.push(RerankStreamRequest {
-            item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
-                documents,
-            })),
-        });
-    }
-    let mut inbound = streamer
-        .rerank_stream(tokio_stream::iter(messages))
-        .await
-        .expect("stream")
-        .into_inner();
-    inbound
-        .message()
-        .await
-        .expect("message")
-        .expect("the stream is being scored");
+    let messages: Vec<_> = std::iter::once(start_message("harbour"))
+        .chain((0..30).map(|chunk| chunk_message(chunk, 1000)))
+        .collect();
     let stream = tokio::spawn(async move {
-        let started = std::time::Instant::now();
+        let mut inbound = streamer
+            .rerank_stream(tokio_stream::iter(messages))
+            .await
+            .expect("stream")
+            .into_inner();
         while inbound.message().await.expect("message").is_some() {}
-        started.elapsed()
     });
+    // The engine holds the stream's first batch; the stream fills its window and stops being read.
+    gate.wait_entered(1).await;
+    let mut observer = client(&server).await;
+    while stats(&mut observer).await.pending_pairs < window {
+        tokio::task::yield_now().await;
+    }
     let mut small = client(&server).await;
-    let started = std::time::Instant::now();
-    small.rerank(request(20)).await.expect("small request");
-    let small_latency = started.elapsed();
-    let stream_rest = stream.await.expect("task");
-    let stats = small
-        .info(rerank_server::proto::InfoRequest {})
-        .await
-        .expect("info")
-        .into_inner()
-        .stats
-        .expect("stats");
-    let batch_time =
-        std::time::Duration::from_secs_f64(stats.engine_busy_seconds / stats.batches.max(1) as f64);
-    println!(
-        "stream of {chunks}k documents: small request answered in {small_latency:?} ({:.1} mean batch times \
-         of {batch_time:?}); the stream needed {stream_rest:?} more",
-        small_latency.as_secs_f64() / batch_time.as_secs_f64().max(1e-9)
-    );
+    let small_call = tokio::spawn(async move { small.rerank(request(20)).await });
+    while stats(&mut observer).await.pending_pairs < window + 20 {
+        tokio::task::yield_now().await;
+    }
+    // Let batches through one at a time and count them until the small request is answered.
+    let mut released = 0;
+    while !small_call.is_finished() {
+        gate.release(1);
+        released += 1;
+        tokio::select! {
+            _ = gate.wait_entered(released + 1) => {}
+            _ = async { while !small_call.is_finished() { tokio::task::yield_now().await } } => {}
+        }
+    }
+    small_call.await.expect("task").expect("small request");
+    // Its 20 pairs need 3 to 5 batches of 8 (they fall into two length buckets); the stream takes every other
+    // turn, and one stream batch was already running: a dozen batches at most, against hundreds in a queue
+    // served in arrival order.
     assert!(
-        small_latency * 5 < stream_rest,
-        "the small request ({small_latency:?}) did not wait for the stream ({stream_rest:?})"
+        released <= 12,
+        "the small request waited for {released} batches; a queue in arrival order needs {}",
+        window / 8
     );
+    gate.open();
+    stream.await.expect("stream task");
 }

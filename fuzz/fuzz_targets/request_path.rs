@@ -26,6 +26,7 @@ const LIMITS: Limits = Limits {
     max_document_bytes: 4096,
     max_query_bytes: 1024,
     max_stream_pending_pairs: 64,
+    stream_idle_timeout: std::time::Duration::from_secs(60),
 };
 
 fn exercise(query: &str, documents: &[String], top_n: u32, raw: bool, truncation: i32) {

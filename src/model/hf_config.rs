@@ -35,6 +35,10 @@ pub struct ModelConfig {
     /// sentence-transformers (>= 4) stores its CrossEncoder settings here.
     #[serde(default)]
     pub sentence_transformers: Option<SentenceTransformersConfig>,
+    /// Where sentence-transformers before 4 saved the CrossEncoder activation (a torch class path); still
+    /// honoured by CrossEncoder when `sentence_transformers.activation_fn` is absent.
+    #[serde(default)]
+    pub sbert_ce_default_activation_function: Option<String>,
 }
 
 /// The part of sentence-transformers' saved config that decides scoring.
@@ -107,7 +111,9 @@ pub fn read_optional_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>,
 }
 
 /// Decides the score semantics from the saved configs, as sentence-transformers' CrossEncoder does: a saved
-/// `activation_fn` wins, otherwise sigmoid for one label; two labels score P(label 1); other counts are refused.
+/// activation wins (config_sentence_transformers.json, then config.json's `sentence_transformers.activation_fn`,
+/// then the legacy `sbert_ce_default_activation_function`), otherwise sigmoid for one label; two labels score
+/// P(label 1); other counts are refused.
 pub fn scoring_for(
     config: &ModelConfig,
     config_path: &Path,
@@ -120,7 +126,8 @@ pub fn scoring_for(
                 .sentence_transformers
                 .as_ref()
                 .and_then(|c| c.activation_fn.as_deref())
-        });
+        })
+        .or(config.sbert_ce_default_activation_function.as_deref());
     match config.num_labels() {
         1 => match saved_activation {
             None => Ok(Scoring::SingleLogit(Activation::Sigmoid)),
@@ -188,6 +195,23 @@ mod tests {
         assert_eq!(
             scoring_for(&plain, path, None).ok(),
             Some(Scoring::SingleLogit(Activation::Sigmoid))
+        );
+        // Older sentence-transformers saved the activation under a key of its own; CrossEncoder still reads it,
+        // after `sentence_transformers.activation_fn`.
+        let legacy = config(
+            r#", "num_labels": 1, "sbert_ce_default_activation_function": "torch.nn.modules.linear.Identity""#,
+        );
+        assert_eq!(
+            scoring_for(&legacy, path, None).ok(),
+            Some(Scoring::SingleLogit(Activation::Identity))
+        );
+        let both = config(
+            r#", "num_labels": 1, "sbert_ce_default_activation_function": "torch.nn.modules.activation.Tanh",
+            "sentence_transformers": {"activation_fn": "torch.nn.modules.linear.Identity"}"#,
+        );
+        assert_eq!(
+            scoring_for(&both, path, None).ok(),
+            Some(Scoring::SingleLogit(Activation::Identity))
         );
         let three = config(r#", "num_labels": 3"#);
         let err = scoring_for(&three, path, None)

@@ -5,7 +5,7 @@ pub mod request;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -14,6 +14,7 @@ pub use queue::{bucket_bounds, Batch, BatchPolicy, BatchQueue};
 use request::{BatchOutcome, Pair, RequestHandle, RequestId};
 
 use crate::error::RerankError;
+use crate::throughput::Throughput;
 
 /// Counters since start, shared with `Info`.
 #[derive(Debug, Default)]
@@ -26,6 +27,9 @@ pub struct SchedulerStats {
     pub queued_pairs: AtomicU64,
     /// Time the engine spent running batches (upload, forward, download), in microseconds.
     pub engine_busy_micros: AtomicU64,
+    /// Work refused by admission (RESOURCE_EXHAUSTED), and streams ended because their client stalled.
+    pub refused: AtomicU64,
+    pub stalled_streams: AtomicU64,
 }
 
 /// A point-in-time copy of the counters.
@@ -38,6 +42,8 @@ pub struct StatsSnapshot {
     pub cancelled_pairs: u64,
     pub queued_pairs: u64,
     pub engine_busy_seconds: f64,
+    pub refused: u64,
+    pub stalled_streams: u64,
     /// Filled in by the Reranker, which owns the tokenizer.
     pub tokenizer_busy_seconds: f64,
 }
@@ -64,6 +70,8 @@ impl SchedulerStats {
             cancelled_pairs: get(&self.cancelled_pairs),
             queued_pairs: get(&self.queued_pairs),
             engine_busy_seconds: get(&self.engine_busy_micros) as f64 / 1e6,
+            refused: get(&self.refused),
+            stalled_streams: get(&self.stalled_streams),
             tokenizer_busy_seconds: 0.0,
         }
     }
@@ -101,9 +109,16 @@ impl SchedulerHandle {
 
     /// Queues pairs for computation.
     pub fn submit(&self, pairs: Vec<Pair>) -> Result<(), RerankError> {
+        if self.has_engine_stopped() {
+            return Err(engine_gone());
+        }
         self.commands
             .send(Command::Submit(pairs))
             .map_err(|_| RerankError::Unavailable("the scheduler has stopped".into()))
+    }
+
+    pub fn has_engine_stopped(&self) -> bool {
+        *self.engine_stopped.borrow()
     }
 
     /// Drops a request's pairs that are still queued.
@@ -128,10 +143,22 @@ impl SchedulerHandle {
     }
 }
 
-/// Starts the scheduler task on the current tokio runtime. Batches go to `engine`, a bounded channel, so the
-/// next batch is assembled while the engine runs the current one.
+/// How batches are sized and handed over, besides the policy's limits.
+#[derive(Debug, Clone)]
+pub struct Pacing {
+    /// The engine's measured speed; batches hold what it computes in `target_batch_time`.
+    pub throughput: Arc<Throughput>,
+    pub target_batch_time: Duration,
+    /// Cut the next batch while the engine runs the current one (a GPU overlaps host work with the device).
+    /// Without it a batch is cut only when the engine is idle, so work that arrived meanwhile (a small
+    /// request) gets into the very next batch, and cancelled work is never cut.
+    pub cut_ahead: bool,
+}
+
+/// Starts the scheduler task on the current tokio runtime. Batches go to `engine`, a bounded channel.
 pub fn spawn(
     policy: BatchPolicy,
+    pacing: Pacing,
     max_length: usize,
     pad_id: u32,
     engine: mpsc::Sender<Batch>,
@@ -142,6 +169,7 @@ pub fn spawn(
     let (stopped_sender, engine_stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(run(
         queue,
+        pacing,
         receiver,
         engine,
         Arc::clone(&stats),
@@ -157,11 +185,13 @@ pub fn spawn(
 
 async fn run(
     mut queue: BatchQueue,
+    pacing: Pacing,
     mut commands: mpsc::UnboundedReceiver<Command>,
     engine: mpsc::Sender<Batch>,
     stats: Arc<SchedulerStats>,
     engine_stopped: tokio::sync::watch::Sender<bool>,
 ) {
+    let throughput = Arc::clone(&pacing.throughput);
     loop {
         while let Ok(command) = commands.try_recv() {
             apply(&mut queue, command, &stats);
@@ -169,10 +199,17 @@ async fn run(
         stats
             .queued_pairs
             .store(queue.len() as u64, Ordering::Relaxed);
+        queue.set_token_budget(throughput.padded_tokens_in(pacing.target_batch_time));
         if queue.has_ready(Instant::now()) {
+            let engine_can_take = async {
+                if !pacing.cut_ahead {
+                    throughput.idle().await;
+                }
+                engine.reserve().await
+            };
             tokio::select! {
                 biased;
-                permit = engine.reserve() => {
+                permit = engine_can_take => {
                     let Ok(permit) = permit else { break };
                     // Cut only now that the engine can take it, so the batch includes the latest arrivals.
                     let batch = queue.cut(Instant::now());
@@ -180,6 +217,7 @@ async fn run(
                     if let Some(batch) = batch {
                         stats.record_batch(&batch);
                         log_batch(&batch);
+                        throughput.set_busy();
                         permit.send(batch);
                     }
                 }
@@ -187,6 +225,7 @@ async fn run(
                     Some(command) => apply(&mut queue, command, &stats),
                     None => return,
                 },
+                _ = engine.closed() => break,
             }
         } else {
             let deadline = queue.next_deadline();
@@ -196,6 +235,7 @@ async fn run(
                     None => return,
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => {}
+                _ = engine.closed() => break,
             }
         }
     }
@@ -213,10 +253,11 @@ fn apply(queue: &mut BatchQueue, command: Command, stats: &SchedulerStats) {
     match command {
         Command::Submit(pairs) => pairs.into_iter().for_each(|pair| queue.push(pair)),
         Command::Cancel(request) => {
-            let dropped = queue.cancel(request);
+            // The queue counts what it drops (here and when it meets flagged pairs while cutting) in one place.
+            queue.cancel(request);
             stats
                 .cancelled_pairs
-                .fetch_add(dropped as u64, Ordering::Relaxed);
+                .fetch_add(queue.take_dropped() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -233,6 +274,11 @@ fn log_batch(batch: &Batch) {
     );
 }
 
+/// What a call gets once the engine has stopped: UNAVAILABLE, so clients retry at another replica.
+pub fn engine_gone() -> RerankError {
+    RerankError::Unavailable("the inference engine has stopped; retry at another replica".into())
+}
+
 /// The engine is gone: every queued and future pair fails instead of waiting forever.
 async fn fail_everything(
     mut queue: BatchQueue,
@@ -240,7 +286,7 @@ async fn fail_everything(
     stats: &SchedulerStats,
 ) {
     tracing::error!("the engine stopped; failing all pending requests");
-    let error = || BatchOutcome::Failed(RerankError::internal("the inference engine has stopped"));
+    let error = || BatchOutcome::Failed(engine_gone());
     let policy = *queue.policy();
     let far_future = Instant::now() + policy.max_wait + std::time::Duration::from_secs(3600);
     while let Some(batch) = queue.cut(far_future) {
@@ -262,13 +308,21 @@ mod tests {
     use super::*;
     use crate::tokenization::PairTokens;
     use std::collections::HashSet;
-    use std::time::Duration;
 
     fn policy() -> BatchPolicy {
         BatchPolicy {
             max_batch_tokens: 512,
             max_batch_size: 8,
             max_wait: Duration::from_millis(1),
+        }
+    }
+
+    /// An engine measured at 1,000,000 tokens per second, batches of 1 ms, cut ahead.
+    fn pacing() -> Pacing {
+        Pacing {
+            throughput: Arc::new(Throughput::new(1_000_000, Duration::from_secs(1))),
+            target_batch_time: Duration::from_millis(1),
+            cut_ahead: true,
         }
     }
 
@@ -305,6 +359,7 @@ mod tests {
                 tokens: 0,
                 started: Instant::now(),
                 inference: Duration::ZERO,
+                queued: Duration::ZERO,
             };
             request.deliver(BatchOutcome::Scored(scored));
         }
@@ -313,7 +368,7 @@ mod tests {
     #[tokio::test]
     async fn every_pair_of_concurrent_requests_is_answered_exactly_once() {
         let (engine, mut inbox) = mpsc::channel(1);
-        let scheduler = spawn(policy(), 128, 0, engine);
+        let scheduler = spawn(policy(), pacing(), 128, 0, engine);
         tokio::spawn(async move {
             while let Some(batch) = inbox.recv().await {
                 echo(batch);
@@ -354,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn cancelling_drops_pairs_that_have_not_reached_the_engine() {
         let (engine, mut inbox) = mpsc::channel(1);
-        let scheduler = spawn(policy(), 128, 0, engine);
+        let scheduler = spawn(policy(), pacing(), 128, 0, engine);
         let (request, _receiver) = scheduler.new_request();
         scheduler.submit(pairs(&request, 80, 20)).expect("submit");
         // The engine is busy: one batch sits in its inbox, the rest wait in the queue.
@@ -380,7 +435,7 @@ mod tests {
     async fn a_stopped_engine_fails_requests_instead_of_hanging() {
         let (engine, inbox) = mpsc::channel(1);
         drop(inbox);
-        let scheduler = spawn(policy(), 128, 0, engine);
+        let scheduler = spawn(policy(), pacing(), 128, 0, engine);
         let (request, mut receiver) = scheduler.new_request();
         scheduler.submit(pairs(&request, 3, 10)).expect("submit");
         let outcome = tokio::time::timeout(Duration::from_secs(5), receiver.recv())
@@ -388,7 +443,7 @@ mod tests {
             .expect("in time");
         assert!(matches!(
             outcome,
-            Some(BatchOutcome::Failed(RerankError::Internal(_)))
+            Some(BatchOutcome::Failed(RerankError::Unavailable(_)))
         ));
         tokio::time::timeout(Duration::from_secs(5), scheduler.engine_stopped())
             .await

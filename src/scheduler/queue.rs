@@ -78,7 +78,10 @@ struct RequestEntry {
 /// arguments, so behaviour is deterministic under test.
 #[derive(Debug)]
 pub struct BatchQueue {
+    /// The configured policy.
     policy: BatchPolicy,
+    /// The policy in force: the configured one with the token budget of the current batch time.
+    active: BatchPolicy,
     pad_id: u32,
     buckets: Vec<Bucket>,
     requests: HashMap<RequestId, RequestEntry>,
@@ -162,6 +165,7 @@ impl BatchQueue {
             .collect();
         Self {
             policy,
+            active: policy,
             pad_id,
             buckets,
             requests: HashMap::new(),
@@ -173,6 +177,12 @@ impl BatchQueue {
 
     pub fn policy(&self) -> &BatchPolicy {
         &self.policy
+    }
+
+    /// Sets the padded tokens the next batches may hold (what the engine computes in the target batch time),
+    /// within max_batch_tokens. A bucket holding that much is cut at once.
+    pub fn set_token_budget(&mut self, tokens: usize) {
+        self.active.max_batch_tokens = tokens.clamp(1, self.policy.max_batch_tokens);
     }
 
     /// Pairs waiting.
@@ -247,7 +257,7 @@ impl BatchQueue {
 
     /// Whether some bucket is ready to be cut at `now`.
     pub fn has_ready(&self, now: Instant) -> bool {
-        self.buckets.iter().any(|b| b.is_ready(&self.policy, now))
+        self.buckets.iter().any(|b| b.is_ready(&self.active, now))
     }
 
     /// The earliest time a not-yet-ready bucket becomes due by max_wait.
@@ -256,7 +266,7 @@ impl BatchQueue {
             .iter()
             .filter_map(Bucket::oldest)
             .min()
-            .map(|t| t + self.policy.max_wait)
+            .map(|t| t + self.active.max_wait)
     }
 
     /// Cuts the next batch if a bucket is ready. Requests take turns anchoring batches: the first request in
@@ -274,7 +284,7 @@ impl BatchQueue {
             let mut fill = Fill::default();
             self.take_from_bucket(bucket_index, &mut fill, None);
             for neighbour in nearest_first(bucket_index, self.buckets.len()) {
-                if fill.pairs.is_empty() || !fill.has_room(&self.policy) {
+                if fill.pairs.is_empty() || !fill.has_room(&self.active) {
                     break;
                 }
                 if self.buckets[neighbour].count > 0 {
@@ -300,7 +310,7 @@ impl BatchQueue {
         let ready: Vec<bool> = self
             .buckets
             .iter()
-            .map(|b| b.is_ready(&self.policy, now))
+            .map(|b| b.is_ready(&self.active, now))
             .collect();
         self.turns.iter().enumerate().find_map(|(turn, request)| {
             let entry = self.requests.get(request)?;
@@ -321,7 +331,7 @@ impl BatchQueue {
     /// next pair would break the size or token budget, or raise the padding ratio above `max_padding`. Pairs of
     /// cancelled requests are dropped, not batched.
     fn take_from_bucket(&mut self, bucket_index: usize, fill: &mut Fill, max_padding: Option<f64>) {
-        let policy = self.policy;
+        let policy = self.active;
         let anchor = self.turns.back().copied();
         let bucket = &mut self.buckets[bucket_index];
         if let Some(position) = anchor.and_then(|r| bucket.lane_position(r)) {
@@ -510,6 +520,37 @@ mod tests {
         let batch = queue.cut(t0 + 5 * MS).expect("due at max_wait");
         assert_eq!(batch.pairs.len(), 1);
         assert!(queue.is_empty() && queue.next_deadline().is_none());
+    }
+
+    #[test]
+    fn the_token_budget_of_the_batch_time_sizes_batches_within_max_batch_tokens() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(policy(10_000, 64, 1000), 512, 0);
+        let r = request(1);
+        for i in 0..40 {
+            queue.push(pair(&r, i, 100, t0));
+        }
+        queue.set_token_budget(1000);
+        assert!(
+            queue.has_ready(t0),
+            "a bucket holding the budget is cut at once"
+        );
+        let batch = queue.cut(t0).expect("batch");
+        assert_eq!(batch.pairs.len(), 10, "1,000 tokens of 100-token pairs");
+        queue.set_token_budget(1_000_000);
+        let batch = queue.cut(t0 + Duration::from_secs(1)).expect("batch");
+        assert_eq!(
+            batch.pairs.len(),
+            30,
+            "the rest, within max_batch_tokens 10,000"
+        );
+        queue.set_token_budget(0);
+        queue.push(pair(&r, 40, 300, t0));
+        assert_eq!(
+            queue.cut(t0).map(|b| b.pairs.len()),
+            Some(1),
+            "a pair longer than the budget still runs, alone"
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct ScoredPairs {
     /// When the batch started on the model, and how long it ran.
     pub started: Instant,
     pub inference: Duration,
+    /// How long the longest-waiting of these pairs waited in the queue before the batch started.
+    pub queued: Duration,
 }
 
 /// A live request as the scheduler and engine see it.

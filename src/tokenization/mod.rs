@@ -6,9 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use tokenizers::utils::truncation::{
-    truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
-};
+use tokenizers::utils::truncation::TruncationDirection;
 use tokenizers::{Encoding, PostProcessor, Tokenizer};
 
 use crate::error::{RerankError, StartupError};
@@ -26,20 +24,55 @@ pub enum Truncation {
     Reject,
 }
 
-/// A query tokenized without special tokens, shared by all of its pairs.
+/// A query tokenized without special tokens, shared by all of its pairs. Only the part that can ever reach a
+/// pair is kept, so each pair copies at most max_length tokens of it, however long the query.
 #[derive(Debug, Clone)]
 pub struct QueryTokens {
+    /// The query's first (max_length - special tokens) tokens, without overflow pieces.
     encoding: Encoding,
+    /// Tokens of the whole query: longest-first truncation compares this length, not the kept part's.
+    full_len: usize,
 }
 
 impl QueryTokens {
     pub fn len(&self) -> usize {
-        self.encoding.len()
+        self.full_len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.encoding.is_empty()
+        self.full_len == 0
     }
+}
+
+/// Lengths (first, second) that tokenizers' `longest_first` truncation keeps of a pair of sequences of
+/// `first` and `second` tokens within `max` tokens (the same arithmetic as `truncate_encodings`).
+fn longest_first_lengths(first: usize, second: usize, max: usize) -> (usize, usize) {
+    if first + second <= max {
+        return (first, second);
+    }
+    let mut short = first.min(second);
+    let mut long = if short > max {
+        short
+    } else {
+        short.max(max - short)
+    };
+    if short + long > max {
+        short = max / 2;
+        long = short + max % 2;
+    }
+    if first > second {
+        (long, short)
+    } else {
+        (short, long)
+    }
+}
+
+/// Cuts an encoding to its first `len` tokens and drops the overflow pieces tokenizers keeps, so that the pair
+/// template never combines them (it would build one pair per combination of query and document pieces).
+fn keep_first(mut encoding: Encoding, len: usize) -> Encoding {
+    encoding.truncate(len, 0, TruncationDirection::Right);
+    drop(encoding.take_overflowing());
+    encoding
 }
 
 /// Model input of one (query, document) pair, special tokens included.
@@ -70,6 +103,8 @@ pub struct PairTokenizer {
     ascii_wordpiece: Option<AsciiWordPiece>,
     /// Worker time spent encoding documents, in microseconds (for the utilisation in Info).
     busy_micros: std::sync::atomic::AtomicU64,
+    /// Documents encoded since start.
+    documents_encoded: std::sync::atomic::AtomicU64,
 }
 
 impl PairTokenizer {
@@ -116,12 +151,19 @@ impl PairTokenizer {
             pool,
             ascii_wordpiece,
             busy_micros: std::sync::atomic::AtomicU64::new(0),
+            documents_encoded: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// Seconds the workers have spent encoding documents since start.
     pub fn busy_seconds(&self) -> f64 {
         self.busy_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Documents encoded since start (not counting those a cancelled call never had encoded).
+    pub fn documents_encoded(&self) -> u64 {
+        self.documents_encoded
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn max_length(&self) -> usize {
@@ -132,11 +174,20 @@ impl PairTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// Tokens of a pair's text: max_length less the template's special tokens.
+    fn text_budget(&self) -> usize {
+        self.max_length - self.added_pair_tokens
+    }
+
     /// Tokenizes the query once, without special tokens.
     pub fn encode_query(&self, query: &str) -> Result<QueryTokens, RerankError> {
         let encoding = guarded(|| self.tokenizer.encode_fast(query, false))
             .map_err(|e| RerankError::invalid(format!("query could not be tokenized: {e}")))?;
-        Ok(QueryTokens { encoding })
+        let full_len = encoding.len();
+        Ok(QueryTokens {
+            encoding: keep_first(encoding, self.text_budget()),
+            full_len,
+        })
     }
 
     /// Builds one pair's model input. `index` names the document in errors.
@@ -162,16 +213,18 @@ impl PairTokenizer {
             }
         };
         let total = query.len() + doc.len() + self.added_pair_tokens;
-        let (first, second) = if total <= self.max_length {
-            (query.encoding.clone(), doc)
-        } else if truncation == Truncation::Reject {
+        if total > self.max_length && truncation == Truncation::Reject {
             return Err(RerankError::invalid(format!(
                 "documents[{index}]: the pair is {total} tokens, over max_length {} (truncation is NONE)",
                 self.max_length
             )));
-        } else {
-            self.truncate(query.encoding.clone(), doc)?
-        };
+        }
+        let (query_len, doc_len) =
+            longest_first_lengths(query.len(), doc.len(), self.text_budget());
+        let (first, second) = (
+            keep_first(query.encoding.clone(), query_len),
+            keep_first(doc, doc_len),
+        );
         let pair =
             guarded(|| self.tokenizer.post_process(first, Some(second), true)).map_err(|e| {
                 RerankError::internal(format!("documents[{index}]: pair template failed: {e}"))
@@ -197,26 +250,10 @@ impl PairTokenizer {
         self.fast_document(document).map(|e| e.get_ids().to_vec())
     }
 
-    fn truncate(
-        &self,
-        query: Encoding,
-        doc: Encoding,
-    ) -> Result<(Encoding, Encoding), RerankError> {
-        let params = TruncationParams {
-            max_length: self.max_length - self.added_pair_tokens,
-            strategy: TruncationStrategy::LongestFirst,
-            stride: 0,
-            direction: TruncationDirection::Right,
-        };
-        match truncate_encodings(query, Some(doc), &params) {
-            Ok((query, Some(doc))) => Ok((query, doc)),
-            Ok((_, None)) => Err(RerankError::internal("truncation lost the document")),
-            Err(e) => Err(RerankError::internal(format!("truncation failed: {e}"))),
-        }
-    }
-
     /// Tokenizes documents in parallel on the worker pool, off the async runtime. Index i of the result is
-    /// `documents[i]`; `first_index` is the global index of `documents[0]`, for error messages.
+    /// `documents[i]`; `first_index` is the global index of `documents[0]`, for error messages. When the caller
+    /// stops waiting (the call was cancelled, passed its deadline or lost its client, so this future was
+    /// dropped), the job stops at the next document, and a job still queued never starts.
     pub async fn encode_documents(
         self: &Arc<Self>,
         query: Arc<QueryTokens>,
@@ -233,12 +270,19 @@ impl PairTokenizer {
                         .par_iter()
                         .enumerate()
                         .map(|(i, doc)| {
+                            if sender.is_closed() {
+                                return Err(RerankError::Unavailable(
+                                    "the call ended before its documents were tokenized".into(),
+                                ));
+                            }
                             let started = std::time::Instant::now();
                             let pair = this.encode_pair(&query, doc, truncation, first_index + i);
                             this.busy_micros.fetch_add(
                                 started.elapsed().as_micros() as u64,
                                 std::sync::atomic::Ordering::Relaxed,
                             );
+                            this.documents_encoded
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             pair
                         })
                         .collect::<Result<Vec<_>, _>>()

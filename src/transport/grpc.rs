@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -204,7 +204,7 @@ impl RerankerRpc for GrpcReranker {
         )))
     }
 
-    type RerankStreamStream = ReceiverStream<Result<proto::RerankStreamResponse, Status>>;
+    type RerankStreamStream = ResponseStream;
 
     async fn rerank_stream(
         &self,
@@ -214,12 +214,22 @@ impl RerankerRpc for GrpcReranker {
         let deadline = parse_deadline(request.metadata())?;
         let inbound = request.into_inner();
         let (outbox, receiver) = mpsc::channel(STREAM_OUTBOX);
+        // The call's error goes out after the messages already in the outbox, even when the outbox is full
+        // because the client stopped reading.
+        let (error_sender, error) = oneshot::channel::<Status>();
         tokio::spawn(async move {
+            let stats = reranker.stats_home();
             if let Err(status) = drive_stream(reranker, inbound, deadline, &outbox).await {
-                let _ = outbox.send(Err(status)).await;
+                if status.code() == tonic::Code::Aborted {
+                    stats.stalled_streams.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = error_sender.send(status);
             }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        let error = futures::stream::once(error).filter_map(|status| status.ok().map(Err));
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(receiver).chain(error),
+        )))
     }
 
     async fn info(
@@ -232,6 +242,11 @@ impl RerankerRpc for GrpcReranker {
 }
 
 type Outbox = mpsc::Sender<Result<proto::RerankStreamResponse, Status>>;
+
+/// The messages of one RerankStream call, then its error if it failed.
+pub type ResponseStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::RerankStreamResponse, Status>> + Send>,
+>;
 
 /// Runs one RerankStream: `start`, then document chunks; partial scores flow back as batches finish, and the
 /// final ranking follows the client's half-close. Returning (or the client going away) drops the session,
@@ -287,15 +302,13 @@ async fn run_stream(
     // While this many of the stream's pairs wait for scores, the server stops reading the stream; HTTP/2
     // flow control then holds the client back.
     let window = reranker.limits().max_stream_pending_pairs;
+    let idle = reranker.limits().stream_idle_timeout;
     loop {
         tokio::select! {
             message = inbound.next(), if session.outstanding() < window => match message {
                 Some(Ok(proto::RerankStreamRequest { item: Some(rerank_stream_request::Item::Documents(chunk)) })) => {
-                    // A stream that holds pending pairs waits for its own scores to make room rather than
-                    // failing mid-stream; only a stream with nothing pending is refused at the limit.
-                    while session.outstanding() > 0 && !reranker.has_room_for(chunk.documents.len()) {
-                        send_scores(outbox, session.next_scores().await?).await?;
-                    }
+                    // Without room the push waits for the stream's own scores (a stream with nothing pending
+                    // is refused); they go out right after.
                     session.push(chunk.documents).await?;
                 }
                 Some(Ok(proto::RerankStreamRequest { item: Some(rerank_stream_request::Item::Start(_)) })) => {
@@ -307,14 +320,19 @@ async fn run_stream(
                 Some(Err(status)) => return Err(status),
                 None => break,
             },
-            scores = session.next_scores(), if session.outstanding() > 0 => {
-                send_scores(outbox, scores?).await?;
+            scores = session.next_scores(), if session.awaits_scores() => {
+                send_scores(outbox, scores?, idle).await?;
             }
             _ = outbox.closed() => return Ok(()),
+            _ = tokio::time::sleep(idle), if !session.awaits_scores() => {
+                return Err(Status::aborted(format!(
+                    "the client sent nothing for {idle:?} (stream_idle_timeout); the stream was ended"
+                )));
+            }
         }
     }
     while let Some(scores) = session.next_scores().await? {
-        send_scores(outbox, Some(scores)).await?;
+        send_scores(outbox, Some(scores), idle).await?;
     }
     let model = reranker.description().model_id.clone();
     let outcome = session.finish().await?;
@@ -322,24 +340,35 @@ async fn run_stream(
         outcome, &model,
     )));
     outbox
-        .send(Ok(final_message))
+        .send_timeout(Ok(final_message), idle)
         .await
-        .map_err(|_| Status::cancelled("the client went away"))
+        .map_err(|_| Status::cancelled("the client went away or stopped reading"))
 }
 
-async fn send_scores(outbox: &Outbox, scores: Option<Vec<RankedDocument>>) -> Result<(), Status> {
+/// Sends partial scores; a client that reads nothing for `idle` while the outbox is full ends the call, so a
+/// stalled reader cannot hold its admitted work forever.
+async fn send_scores(
+    outbox: &Outbox,
+    scores: Option<Vec<RankedDocument>>,
+    idle: Duration,
+) -> Result<(), Status> {
     let Some(scores) = scores.filter(|s| !s.is_empty()) else {
         return Ok(());
     };
     let chunk = proto::ScoredChunk {
         results: scores.into_iter().map(ranked).collect(),
     };
+    let message = Ok(stream_message(rerank_stream_response::Item::Scores(chunk)));
     outbox
-        .send(Ok(stream_message(rerank_stream_response::Item::Scores(
-            chunk,
-        ))))
+        .send_timeout(message, idle)
         .await
-        .map_err(|_| Status::cancelled("the client went away"))
+        .map_err(|error| match error {
+            mpsc::error::SendTimeoutError::Timeout(_) => Status::aborted(format!(
+                "the client read no scores for {idle:?} (stream_idle_timeout); the stream was ended and its \
+                 pending work released"
+            )),
+            mpsc::error::SendTimeoutError::Closed(_) => Status::cancelled("the client went away"),
+        })
 }
 
 fn info(reranker: &Reranker) -> proto::InfoResponse {
@@ -347,6 +376,7 @@ fn info(reranker: &Reranker) -> proto::InfoResponse {
     let limits = reranker.limits();
     let policy = reranker.policy();
     let stats = reranker.stats();
+    let pending = reranker.pending();
     let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     proto::InfoResponse {
         model: description.model_id.clone(),
@@ -374,6 +404,12 @@ fn info(reranker: &Reranker) -> proto::InfoResponse {
             queued_pairs: stats.queued_pairs,
             engine_busy_seconds: stats.engine_busy_seconds,
             tokenizer_busy_seconds: stats.tokenizer_busy_seconds,
+            pending_pairs: pending.pairs as u64,
+            pending_tokens: pending.tokens as u64,
+            held_bytes: pending.bytes as u64,
+            tokens_per_second: reranker.tokens_per_second(),
+            refused: stats.refused,
+            stalled_streams: stats.stalled_streams,
         }),
     }
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use rerank_server::config::Config;
+use rerank_server::model::{CrossEncoder, PaddedBatch};
 use rerank_server::proto::reranker_client::RerankerClient;
 use rerank_server::server::{self, RunningServer};
 use serde::Deserialize;
@@ -68,4 +69,130 @@ pub async fn client(server: &RunningServer) -> RerankerClient<Channel> {
         .await
         .expect("client connects")
         .max_decoding_message_size(64 * 1024 * 1024)
+}
+
+/// A stub in front of the real model: each batch waits at the gate until the test lets it through, so tests
+/// decide exactly when the engine finishes work instead of sleeping and hoping.
+pub struct Gate {
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    open: bool,
+    permits: usize,
+    entered: usize,
+}
+
+impl Gate {
+    pub fn closed() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            state: Default::default(),
+            changed: Default::default(),
+        })
+    }
+
+    /// Lets `batches` more batches through.
+    pub fn release(&self, batches: usize) {
+        self.lock().permits += batches;
+        self.changed.notify_all();
+    }
+
+    /// Lets every batch through from now on.
+    pub fn open(&self) {
+        self.lock().open = true;
+        self.changed.notify_all();
+    }
+
+    /// Batches that have reached the gate so far.
+    pub fn entered(&self) -> usize {
+        self.lock().entered
+    }
+
+    /// Waits until `batches` batches have reached the gate.
+    pub async fn wait_entered(self: &std::sync::Arc<Self>, batches: usize) {
+        let gate = std::sync::Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut state = gate.lock();
+            while state.entered < batches {
+                state = gate.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        })
+        .await
+        .expect("gate waiter");
+    }
+
+    fn pass(&self) {
+        let mut state = self.lock();
+        state.entered += 1;
+        self.changed.notify_all();
+        while !state.open && state.permits == 0 {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        if !state.open {
+            state.permits -= 1;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wraps the server's model so that every batch passes this gate first.
+    pub fn wrapper(self: &std::sync::Arc<Self>) -> rerank_server::server::ModelWrapper {
+        let gate = std::sync::Arc::clone(self);
+        std::sync::Arc::new(move |inner| {
+            Box::new(Gated {
+                inner,
+                gate: std::sync::Arc::clone(&gate),
+            })
+        })
+    }
+}
+
+struct Gated {
+    inner: Box<dyn CrossEncoder>,
+    gate: std::sync::Arc<Gate>,
+}
+
+impl CrossEncoder for Gated {
+    fn forward(&self, batch: &PaddedBatch) -> candle_core::Result<candle_core::Tensor> {
+        self.gate.pass();
+        self.inner.forward(batch)
+    }
+}
+
+/// A model whose every batch fails, as on a device that has gone bad.
+pub fn broken_device() -> rerank_server::server::ModelWrapper {
+    struct Broken;
+    impl CrossEncoder for Broken {
+        fn forward(&self, _: &PaddedBatch) -> candle_core::Result<candle_core::Tensor> {
+            candle_core::bail!("simulated device fault")
+        }
+    }
+    std::sync::Arc::new(|_| Box::new(Broken))
+}
+
+/// Starts a server whose model is wrapped, and waits until it is SERVING.
+pub async fn start_wrapped(
+    config: Config,
+    wrapper: rerank_server::server::ModelWrapper,
+) -> RunningServer {
+    let mut server = server::start_with(config, Some(wrapper))
+        .await
+        .expect("server starts");
+    server.ready().await.expect("model loads");
+    server
+}
+
+/// The server's scheduler and admission counters.
+pub async fn stats(client: &mut RerankerClient<Channel>) -> rerank_server::proto::SchedulerStats {
+    client
+        .info(rerank_server::proto::InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+        .stats
+        .expect("stats")
 }

@@ -1,0 +1,151 @@
+//! The engine's measured speed (smoothed seconds per token) and whether it is busy: written by the engine,
+//! read by admission (expected waits) and the scheduler (batch sizes and when to cut).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// How quickly old measurements fade: a measurement weighs 1 - exp(-batch time / this).
+const SMOOTHING: Duration = Duration::from_secs(2);
+
+/// Speed of one engine, as exponentially smoothed seconds per token, and its busy flag.
+#[derive(Debug)]
+pub struct Throughput {
+    /// f64 bits: seconds per real token (what a request's queued work is measured in).
+    seconds_per_token: AtomicU64,
+    /// f64 bits: seconds per padded token (what a batch's size is measured in).
+    seconds_per_padded_token: AtomicU64,
+    busy: AtomicBool,
+    idle: Notify,
+}
+
+impl Throughput {
+    /// Starts from a first measurement (the warm-up batch): `tokens` computed in `elapsed`.
+    pub fn new(tokens: usize, elapsed: Duration) -> Self {
+        let rate = per_token(elapsed, tokens);
+        Self {
+            seconds_per_token: AtomicU64::new(rate.to_bits()),
+            seconds_per_padded_token: AtomicU64::new(rate.to_bits()),
+            busy: AtomicBool::new(false),
+            idle: Notify::new(),
+        }
+    }
+
+    /// Folds in one batch: `real` and `padded` tokens computed in `elapsed`.
+    pub fn record(&self, real: usize, padded: usize, elapsed: Duration) {
+        if real == 0 || elapsed.is_zero() {
+            return;
+        }
+        let weight = 1.0 - (-elapsed.as_secs_f64() / SMOOTHING.as_secs_f64()).exp();
+        blend(&self.seconds_per_token, per_token(elapsed, real), weight);
+        blend(
+            &self.seconds_per_padded_token,
+            per_token(elapsed, padded),
+            weight,
+        );
+    }
+
+    pub fn seconds_per_token(&self) -> f64 {
+        f64::from_bits(self.seconds_per_token.load(Ordering::Relaxed))
+    }
+
+    /// Real tokens per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        1.0 / self.seconds_per_token()
+    }
+
+    /// Expected engine time for `tokens` real tokens.
+    pub fn time_for(&self, tokens: usize) -> Duration {
+        Duration::try_from_secs_f64(tokens as f64 * self.seconds_per_token())
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// Padded tokens the engine computes in `duration` (at least 1).
+    pub fn padded_tokens_in(&self, duration: Duration) -> usize {
+        let per = f64::from_bits(self.seconds_per_padded_token.load(Ordering::Relaxed));
+        ((duration.as_secs_f64() / per) as usize).max(1)
+    }
+
+    /// The scheduler marks the engine busy as it hands it a batch.
+    pub fn set_busy(&self) {
+        self.busy.store(true, Ordering::Release);
+    }
+
+    /// The engine has nothing left to compute.
+    pub fn set_idle(&self) {
+        self.busy.store(false, Ordering::Release);
+        self.idle.notify_waiters();
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the engine is idle.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_busy() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+fn per_token(elapsed: Duration, tokens: usize) -> f64 {
+    // A floor keeps a degenerate measurement (an empty or instant batch) from promising infinite speed.
+    (elapsed.as_secs_f64() / tokens.max(1) as f64).max(1e-12)
+}
+
+fn blend(cell: &AtomicU64, sample: f64, weight: f64) {
+    let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+        let old = f64::from_bits(bits);
+        Some((old + weight * (sample - old)).to_bits())
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follows_the_measured_speed_and_sizes_batches_by_time() {
+        let speed = Throughput::new(1000, Duration::from_secs(1));
+        assert_eq!(speed.padded_tokens_in(Duration::from_millis(250)), 250);
+        // The engine turns out four times faster: after some seconds of batches the estimate follows.
+        for _ in 0..100 {
+            speed.record(1000, 1000, Duration::from_millis(250));
+        }
+        assert!(
+            (speed.tokens_per_second() - 4000.0).abs() < 40.0,
+            "{}",
+            speed.tokens_per_second()
+        );
+        assert_eq!(speed.time_for(4000).as_millis(), 1000);
+        // Padding costs time: a batch with half its tokens padding computes half as many real tokens per second.
+        for _ in 0..100 {
+            speed.record(500, 1000, Duration::from_millis(250));
+        }
+        assert!((speed.tokens_per_second() - 2000.0).abs() < 20.0);
+        assert!((speed.padded_tokens_in(Duration::from_secs(1)) as f64 - 4000.0).abs() < 40.0);
+    }
+
+    #[tokio::test]
+    async fn idle_resolves_only_once_the_engine_is_idle() {
+        let speed = std::sync::Arc::new(Throughput::new(1, Duration::from_millis(1)));
+        speed.idle().await;
+        speed.set_busy();
+        let waiter = tokio::spawn({
+            let speed = std::sync::Arc::clone(&speed);
+            async move { speed.idle().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        speed.set_idle();
+        waiter.await.expect("waiter");
+    }
+}
