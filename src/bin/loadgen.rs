@@ -152,6 +152,8 @@ struct ClientReport {
     latencies: Vec<Duration>,
     pairs: u64,
     errors: BTreeMap<String, u64>,
+    /// Time to the answer of calls that failed, by status code (how fast refusals come back).
+    failed_latencies: BTreeMap<String, Vec<Duration>>,
 }
 
 fn with_timeout(request: RerankRequest, args: &Args) -> tonic::Request<RerankRequest> {
@@ -160,19 +162,28 @@ fn with_timeout(request: RerankRequest, args: &Args) -> tonic::Request<RerankReq
     request
 }
 
+/// Counts one finished call, which took `latency`.
 fn record(
     report: &mut ClientReport,
     outcome: Result<(), tonic::Status>,
-    started: Instant,
+    latency: Duration,
     pairs: u64,
 ) {
     let code = match outcome {
         Ok(()) => {
-            report.latencies.push(started.elapsed());
+            report.latencies.push(latency);
             report.pairs += pairs;
             "Ok".to_string()
         }
-        Err(status) => format!("{:?}", status.code()),
+        Err(status) => {
+            let code = format!("{:?}", status.code());
+            report
+                .failed_latencies
+                .entry(code.clone())
+                .or_default()
+                .push(latency);
+            code
+        }
     };
     *report.errors.entry(code).or_default() += 1;
 }
@@ -196,13 +207,15 @@ async fn run_open_loop(
         let pairs = args.documents as u64;
         tasks.spawn(async move {
             let started = Instant::now();
-            (client.rerank(request).await.map(|_| ()), started, pairs)
+            let outcome = client.rerank(request).await.map(|_| ());
+            // Measured here: the task is joined only after the run.
+            (outcome, started.elapsed(), pairs)
         });
     }
     let mut report = ClientReport::default();
     while let Some(done) = tasks.join_next().await {
         match done {
-            Ok((outcome, started, pairs)) => record(&mut report, outcome, started, pairs),
+            Ok((outcome, latency, pairs)) => record(&mut report, outcome, latency, pairs),
             Err(_) => {
                 *report
                     .errors
@@ -302,7 +315,12 @@ async fn run_client(
         let request = with_timeout(make_request(&mut rng, &args, range), &args);
         let started = Instant::now();
         let outcome = client.rerank(request).await.map(|_| ());
-        record(&mut report, outcome, started, args.documents as u64);
+        record(
+            &mut report,
+            outcome,
+            started.elapsed(),
+            args.documents as u64,
+        );
     }
     report
 }
@@ -388,6 +406,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (code, n) in report.errors {
             *total.errors.entry(code).or_default() += n;
         }
+        for (code, latencies) in report.failed_latencies {
+            total
+                .failed_latencies
+                .entry(code)
+                .or_default()
+                .extend(latencies);
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     total.latencies.sort_unstable();
@@ -415,5 +440,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms(percentile(&total.latencies, 0.99)),
         total.errors
     );
+    for (code, latencies) in &mut total.failed_latencies {
+        latencies.sort_unstable();
+        println!(
+            "{code}: answered after p50={:.1}ms p99={:.1}ms max={:.1}ms",
+            ms(percentile(latencies, 0.50)),
+            ms(percentile(latencies, 0.99)),
+            ms(latencies.last().copied().unwrap_or_default())
+        );
+    }
     Ok(())
 }
