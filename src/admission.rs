@@ -119,6 +119,42 @@ impl Admission {
         now: Instant,
     ) -> Result<(), RerankError> {
         let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let load = self.check_time(&calls, call, tokens, deadline, now)?;
+        add_within(&self.tokens, tokens, self.limits.max_pending_tokens).map_err(|pending| {
+            RerankError::ResourceExhausted(format!(
+                "the server is at capacity: {pending} tokens pending, {tokens} more would pass max_pending_tokens \
+                 {}; retry later",
+                self.limits.max_pending_tokens
+            ))
+        })?;
+        calls.insert(call, load);
+        Ok(())
+    }
+
+    /// Refuses before any tokenizer work when even `at_least_tokens` (a low estimate of the work) could not be
+    /// admitted by time. Finishing times only grow with the work, so this never refuses what `admit_tokens`
+    /// would admit, and under a flood of retries refusals stay cheap.
+    pub fn precheck(
+        &self,
+        call: CallId,
+        at_least_tokens: usize,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<(), RerankError> {
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_time(&calls, call, at_least_tokens, deadline, now)
+            .map(|_| ())
+    }
+
+    /// The call's load with `tokens` more, if it can finish in time without making another call late.
+    fn check_time(
+        &self,
+        calls: &HashMap<CallId, CallLoad>,
+        call: CallId,
+        tokens: usize,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<CallLoad, RerankError> {
         let seconds_per_token = self.throughput.seconds_per_token() * SAFETY;
         let before = calls.get(&call).map_or(0, |load| load.remaining);
         let after = before + tokens;
@@ -157,15 +193,7 @@ impl Admission {
                 self.throughput.tokens_per_second()
             )));
         }
-        add_within(&self.tokens, tokens, self.limits.max_pending_tokens).map_err(|pending| {
-            RerankError::ResourceExhausted(format!(
-                "the server is at capacity: {pending} tokens pending, {tokens} more would pass max_pending_tokens \
-                 {}; retry later",
-                self.limits.max_pending_tokens
-            ))
-        })?;
-        calls.insert(call, load);
-        Ok(())
+        Ok(load)
     }
 
     fn too_late(
@@ -193,12 +221,6 @@ impl Admission {
             own.as_secs_f64(),
             self.throughput.tokens_per_second()
         ))
-    }
-
-    /// Whether `pairs` more pairs would be admitted now (a hint: another request may take the room first).
-    pub fn has_room_for(&self, pairs: usize) -> bool {
-        let pending = self.pairs.load(Ordering::Acquire);
-        pending == 0 || pending + pairs <= self.limits.max_pending_pairs
     }
 
     /// Returns scored (or dropped) work of `call`.
@@ -360,6 +382,33 @@ mod tests {
         admission
             .admit_tokens(4, 4000, None, now)
             .expect("room again");
+    }
+
+    #[test]
+    fn the_precheck_refuses_only_what_admission_would_refuse() {
+        let admission = admission(10 * SECOND);
+        let now = Instant::now();
+        admission.admit_tokens(1, 6000, None, now).expect("alone");
+        // With 6.9 s of work admitted, small calls fit a 12 s deadline and large ones do not: the precheck
+        // gives admission's answer at every size, and admits nothing itself.
+        for tokens in [10, 1000, 5000, 8000, 12_000, 40_000] {
+            let checked = admission
+                .precheck(2, tokens, Some(now + 12 * SECOND), now)
+                .is_ok();
+            let admitted = admission.check_time(
+                &admission.calls.lock().expect("lock"),
+                2,
+                tokens,
+                Some(now + 12 * SECOND),
+                now,
+            );
+            assert_eq!(checked, admitted.is_ok(), "{tokens} tokens");
+        }
+        assert!(admission.precheck(2, 1000, None, now).is_ok());
+        assert!(admission
+            .precheck(2, 40_000, Some(now + 12 * SECOND), now)
+            .is_err());
+        assert_eq!(admission.pending(), (0, 6000), "a precheck admits nothing");
     }
 
     #[test]

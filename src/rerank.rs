@@ -321,6 +321,14 @@ impl RerankSession {
         let started = Instant::now();
         let inner = Arc::clone(&self.reranker.inner);
         // Text and pairs are admitted before the tokenizer spends work on them, tokens once they are known.
+        // Work that could not be admitted even at a low estimate of its tokens is refused before tokenizing,
+        // so a flood of retries costs the engine little.
+        let (call, deadline) = (self.request.id, self.options.deadline);
+        let at_least = inner.tokenizer.least_tokens(&self.query, count, bytes);
+        self.admit_or_wait(|admission| {
+            admission.precheck(call, at_least, deadline, Instant::now())
+        })
+        .await?;
         self.admit_or_wait(|admission| admission.admit_bytes(bytes))
             .await?;
         self.documents.held_bytes += bytes;
@@ -342,7 +350,6 @@ impl RerankSession {
             self.release_bytes(bytes);
         }
         let token_count: usize = tokens.iter().map(PairTokens::len).sum();
-        let (call, deadline) = (self.request.id, self.options.deadline);
         self.admit_or_wait(|admission| {
             admission.admit_tokens(call, token_count, deadline, Instant::now())
         })
