@@ -30,7 +30,7 @@ Scenarios (--only picks some; default all, in this order):
                            cancelled after 0.3 s, then at once a 2-document probe: latency and status.
   deadline_large           the same 3000-document request with a 0.3 s gRPC deadline; when it answers, the
                            probe. Prints the first's status and time-to-answer and the probe's latency.
-  stalled_reader           a RerankStream that sends start + 3 chunks of 1000 small documents, never reads a
+  stalled_reader           a RerankStream that sends start + 3 (--stall-chunks) chunks of 1000 small documents, never reads a
                            response and never half-closes; after --stall-seconds (default 5) the server's
                            status for it, if it ended the call, and the Info stats before, after sending, and
                            after the stall. Run the server with stream_idle_timeout below the stall seconds
@@ -463,7 +463,7 @@ def stalled_reader(ctx):
 
     def requests():
         yield api.StreamRequest(start=api.RerankStart(query="small documents", top_n=5))
-        for _ in range(3):
+        for _ in range(ctx.args.stall_chunks):
             yield api.StreamRequest(documents=api.DocumentChunk(
                 documents=[text.prose_words(20) for _ in range(per_chunk)]))
         all_sent.set()  # asked for a 5th message: the 4 above went out
@@ -501,7 +501,7 @@ def stalled_reader(ctx):
         call.cancel()
         drained.wait(5.0)
     release.set()
-    out(f"[stalled_reader] chunks=3x{per_chunk} all_sent={sent} (at {sent_at:.2f}s) stall={stall:.1f}s "
+    out(f"[stalled_reader] chunks={ctx.args.stall_chunks}x{per_chunk} all_sent={sent} (at {sent_at:.2f}s) stall={stall:.1f}s "
         f"{status} {mem.report(before)}")
     out(f"  stats_before: {stats_text(stats_before)}")
     out(f"  stats_sent:   {stats_text(stats_sent)}")
@@ -544,6 +544,8 @@ def main():
                              "(default 20000), e.g. 5000,20000")
     parser.add_argument("--stall-seconds", type=float, default=5.0,
                         help="stalled_reader: how long to keep the unread stream open (default 5)")
+    parser.add_argument("--stall-chunks", type=int, default=3,
+                        help="stalled_reader: chunks of 1000 documents to send (default 3)")
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline of each call, s (default 900)")
     parser.add_argument("--settle-seconds", type=float, default=120.0,
                         help="longest wait for an idle server before a scenario (default 120)")
