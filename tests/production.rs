@@ -85,6 +85,26 @@ async fn health_becomes(
     panic!("health stream ended before {wanted:?}");
 }
 
+/// The server's stats once `reached` holds. A guard fails the test instead of hanging it when the state is
+/// never reached (the behaviour under test is broken); it is not a timing window.
+async fn stats_when(
+    client: &mut rerank_server::proto::reranker_client::RerankerClient<tonic::transport::Channel>,
+    reached: impl Fn(&rerank_server::proto::SchedulerStats) -> bool,
+) -> rerank_server::proto::SchedulerStats {
+    let poll = async {
+        loop {
+            let current = stats(client).await;
+            if reached(&current) {
+                return current;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), poll)
+        .await
+        .expect("the server never reached the expected state")
+}
+
 #[tokio::test]
 async fn work_past_the_admission_limit_is_refused_at_once() {
     let mut config = slow_config();
@@ -419,13 +439,7 @@ async fn a_stream_whose_client_stops_reading_is_ended_and_releases_its_work() {
     let mut observer = client(&server).await;
     // The stream holds admitted pairs while it is stalled; once stream_idle_timeout passes without a read,
     // the server ends it and every pair and byte it held is released.
-    let stats = loop {
-        let stats = stats(&mut observer).await;
-        if stats.stalled_streams == 1 {
-            break stats;
-        }
-        tokio::task::yield_now().await;
-    };
+    let stats = stats_when(&mut observer, |s| s.stalled_streams == 1).await;
     assert_eq!(
         (stats.pending_pairs, stats.pending_tokens, stats.held_bytes),
         (0, 0, 0),
@@ -554,14 +568,10 @@ async fn a_small_request_is_answered_within_a_few_batches_while_a_large_stream_r
     // The engine holds the stream's first batch; the stream fills its window and stops being read.
     gate.wait_entered(1).await;
     let mut observer = client(&server).await;
-    while stats(&mut observer).await.pending_pairs < window {
-        tokio::task::yield_now().await;
-    }
+    stats_when(&mut observer, |s| s.pending_pairs >= window).await;
     let mut small = client(&server).await;
     let small_call = tokio::spawn(async move { small.rerank(request(20)).await });
-    while stats(&mut observer).await.pending_pairs < window + 20 {
-        tokio::task::yield_now().await;
-    }
+    stats_when(&mut observer, |s| s.pending_pairs >= window + 20).await;
     // Let batches through one at a time and count them until the small request is answered.
     let mut released = 0;
     while !small_call.is_finished() {
