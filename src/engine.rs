@@ -158,6 +158,9 @@ pub fn run_batch(model: &LoadedModel, inputs: &PaddedBatch) -> Result<Vec<Vec<f3
 pub struct EngineContext {
     pub stats: Arc<SchedulerStats>,
     pub throughput: Arc<Throughput>,
+    /// Only batches of at least a quarter of what fits this time update the speed estimate: small batches
+    /// are dominated by fixed costs and would make a loaded engine look slower than it is.
+    pub target_batch_time: std::time::Duration,
     /// Consecutive batches that fail on the device, even pair by pair, before the engine stops for good.
     pub max_consecutive_failures: usize,
 }
@@ -190,19 +193,29 @@ pub fn spawn(
                     BatchRun::Skipped => {}
                     BatchRun::Computed => {
                         failures = 0;
-                        context.throughput.record(real, padded, elapsed);
+                        let full = context.throughput.padded_tokens_in(context.target_batch_time);
+                        if padded * 4 >= full {
+                            context.throughput.record(real, padded, elapsed);
+                        }
                     }
                     BatchRun::Failed(reason) => {
                         failures += 1;
-                        if failures >= context.max_consecutive_failures {
-                            tracing::error!(
-                                failures,
-                                %reason,
-                                "the device failed every pair of the last batches; the engine stops and the \
-                                 server reports NOT_SERVING"
-                            );
-                            break;
+                        if failures < context.max_consecutive_failures {
+                            continue;
                         }
+                        // Inputs that always fail could look like a broken device: a batch of padding tells.
+                        if device_works(&model) {
+                            tracing::warn!(failures, %reason, "batches failed but the device computes a probe batch; serving on");
+                            failures = 0;
+                            continue;
+                        }
+                        tracing::error!(
+                            failures,
+                            %reason,
+                            "the device failed every pair of the last batches and a probe batch; the engine \
+                             stops and the server reports NOT_SERVING"
+                        );
+                        break;
                     }
                 }
             }
@@ -210,6 +223,14 @@ pub fn spawn(
             tracing::info!("engine stopped");
         })
         .map_err(StartupError::Io)
+}
+
+/// Whether the model still computes a small batch of padding.
+fn device_works(model: &LoadedModel) -> bool {
+    let ids = [model.pad_token_id; 8];
+    let types = [0; 8];
+    let probe = PaddedBatch::from_sequences([(&ids[..], &types[..])], model.pad_token_id);
+    run_batch(model, &probe).is_ok()
 }
 
 /// What became of one batch.

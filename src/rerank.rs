@@ -101,7 +101,7 @@ pub struct RankedDocument {
 pub struct Usage {
     pub pairs: u32,
     pub tokens: u64,
-    /// From the first pair entering the queue until its first batch started.
+    /// Summed over the request's batches: how long its longest-waiting pair in each waited in the queue.
     pub queue_ns: u64,
     pub tokenize_ns: u64,
     /// Model time of the batches the request's pairs ran in.
@@ -317,14 +317,14 @@ impl RerankSession {
         let first_index = self.pushed;
         let count = documents.len();
         let bytes: usize = documents.iter().map(String::len).sum();
-        let documents: Arc<[String]> = documents.into();
         let started = Instant::now();
         let inner = Arc::clone(&self.reranker.inner);
+        let at_least = inner.tokenizer.least_tokens(&self.query, &documents);
+        let documents: Arc<[String]> = documents.into();
         // Text and pairs are admitted before the tokenizer spends work on them, tokens once they are known.
         // Work that could not be admitted even at a low estimate of its tokens is refused before tokenizing,
         // so a flood of retries costs the engine little.
         let (call, deadline) = (self.request.id, self.options.deadline);
-        let at_least = inner.tokenizer.least_tokens(&self.query, count, bytes);
         self.admit_or_wait(|admission| {
             admission.precheck(call, at_least, deadline, Instant::now())
         })

@@ -299,15 +299,17 @@ pub async fn build_reranker_with(
     let (batches, engine_inbox) = tokio::sync::mpsc::channel(engine::QUEUE_DEPTH);
     let pad_id = model.pad_token_id;
     let on_gpu = !model_device_is_cpu(&description.device);
+    let batch_time = target_batch_time(config.target_batch_time, on_gpu);
     let pacing = Pacing {
         throughput: Arc::clone(&throughput),
-        target_batch_time: target_batch_time(config.target_batch_time, on_gpu),
+        target_batch_time: batch_time,
         cut_ahead: on_gpu,
     };
     let scheduler = scheduler::spawn(policy, pacing, max_length, pad_id, batches);
     let context = EngineContext {
         stats: scheduler.shared_stats(),
         throughput: Arc::clone(&throughput),
+        target_batch_time: batch_time,
         max_consecutive_failures: config.max_consecutive_failures,
     };
     engine::spawn(model, engine_inbox, context)?;
@@ -332,6 +334,7 @@ pub async fn build_reranker_with(
             max_pending_tokens: config.max_pending_tokens,
             max_inflight_bytes: config.max_inflight_bytes,
             max_queue_time: config.max_queue_time,
+            batches_in_flight: batch_time * if on_gpu { 2 } else { 1 },
         },
         throughput,
     );
@@ -402,12 +405,25 @@ fn warm_up(
     let started = Instant::now();
     engine::run_batch(model, &batch)
         .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
-    let elapsed = started.elapsed();
+    let cold = started.elapsed();
+    // The first run pays one-time costs (allocations, kernel loading on a GPU): a second, smaller run of the
+    // same length gives the first speed estimate.
+    let timed_rows = (rows / 4).max(1);
+    let timed = PaddedBatch::from_sequences(
+        (0..timed_rows).map(|_| (&ids[..], &types[..])),
+        model.pad_token_id,
+    );
+    let started = Instant::now();
+    engine::run_batch(model, &timed)
+        .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
+    let warm = started.elapsed();
     tracing::info!(
         rows,
         max_length,
-        ms = elapsed.as_millis() as u64,
-        "warm-up batch done"
+        cold_ms = cold.as_millis() as u64,
+        timed_rows,
+        warm_ms = warm.as_millis() as u64,
+        "warm-up batches done"
     );
-    Ok(Throughput::new(rows * max_length, elapsed))
+    Ok(Throughput::new(timed_rows * max_length, warm))
 }

@@ -209,10 +209,14 @@ async fn queue_time_sums_the_waits_of_each_batch() {
     let gate = Gate::closed();
     let server = start_wrapped(slow_config(), gate.wrapper()).await;
     let mut c = client(&server).await;
-    let call = tokio::spawn(async move { c.rerank(request(2)).await });
-    // The first pair is in the engine; the second waits in the queue for as long as the gate stays shut.
+    let call = tokio::spawn(async move { c.rerank(request(3)).await });
+    // Three batches of one pair: the second waits one hold, the third two; the sum is three holds, more than
+    // any single wait.
+    let held = Duration::from_millis(150);
     gate.wait_entered(1).await;
-    let held = Duration::from_millis(200);
+    tokio::time::sleep(held).await;
+    gate.release(1);
+    gate.wait_entered(2).await;
     tokio::time::sleep(held).await;
     gate.open();
     let usage = call
@@ -223,10 +227,57 @@ async fn queue_time_sums_the_waits_of_each_batch() {
         .usage
         .expect("usage");
     assert!(
-        Duration::from_nanos(usage.queue_ns) >= held,
-        "the second pair waited at least {held:?}: {usage:?}"
+        Duration::from_nanos(usage.queue_ns) >= 3 * held,
+        "the waits of the three batches add up to at least {:?}: {usage:?}",
+        3 * held
     );
-    assert!(usage.queue_ns <= usage.total_ns, "{usage:?}");
+}
+
+#[tokio::test]
+async fn calls_that_cannot_finish_before_their_deadline_are_refused_at_once() {
+    let gate = Gate::closed();
+    let server = start_wrapped(slow_config(), gate.wrapper()).await;
+    let mut c = client(&server).await;
+    // 8,000 pairs at up to 64 tokens cannot be computed in a second at any speed this model shows; the gate
+    // stays shut, so only an answer that does not wait for the engine can come back.
+    let documents = || {
+        (0..8000)
+            .map(|i| format!("document {i} about the old harbour market and the river ").repeat(12))
+            .collect::<Vec<_>>()
+    };
+    let mut unary = Request::new(RerankRequest {
+        query: "harbour market".into(),
+        documents: documents(),
+        ..Default::default()
+    });
+    unary.set_timeout(Duration::from_secs(1));
+    let refused = c.rerank(unary).await.expect_err("cannot finish");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("deadline"), "{refused:?}");
+    let messages = vec![
+        start_message("harbour"),
+        RerankStreamRequest {
+            item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
+                documents: documents(),
+            })),
+        },
+    ];
+    let mut stream = Request::new(tokio_stream::iter(messages));
+    stream.set_timeout(Duration::from_secs(1));
+    let mut inbound = c
+        .rerank_stream(stream)
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let status = inbound
+        .message()
+        .await
+        .expect_err("the stream's chunk cannot finish");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("deadline"), "{status:?}");
+    assert_eq!(gate.entered(), 0, "nothing reached the engine");
+    assert!(stats(&mut c).await.refused >= 2);
+    gate.open();
 }
 
 #[tokio::test]
@@ -417,6 +468,8 @@ async fn a_stream_whose_client_stops_reading_is_ended_and_releases_its_work() {
     let mut config = test_config(ONE_LABEL);
     config.stream_idle_timeout = Duration::from_millis(300);
     config.max_stream_pending_pairs = 64;
+    // The stalled stream holds the only call slot (Info is not counted) until the server ends it.
+    config.max_concurrent_calls = 1;
     let server = start(config).await;
     // A client with small flow-control windows: the scores it does not read soon fill them, and then the
     // server's outbox.
@@ -449,6 +502,11 @@ async fn a_stream_whose_client_stops_reading_is_ended_and_releases_its_work() {
         stats.pairs < 60_000,
         "the stalled stream was not scored to its end: {stats:?}"
     );
+    // Its call slot is free although its last messages still wait for the client.
+    observer
+        .rerank(request(2))
+        .await
+        .expect("the stalled stream's call slot was released");
     // The client finally reads: what was sent, then the server's status for the stalled call.
     let mut inbound = inbound;
     let status = loop {

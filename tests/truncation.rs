@@ -62,6 +62,20 @@ fn text(max_words: usize) -> impl Strategy<Value = String> {
     prop::collection::vec(word, 0..max_words).prop_map(|words| words.join(" "))
 }
 
+/// Text of any characters: words of the vocabulary, long words, digits, punctuation, other scripts.
+fn any_text() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        3 => prop::sample::select(vec!["the ", "market ", "unbelievable ", "harbour ", ". ", ", "])
+            .prop_map(str::to_string),
+        2 => "[a-zA-Z]{1,30} ",
+        1 => "[a-z]{90,130}",
+        1 => "[0-9]{1,8} ",
+        1 => "[!-/:-@]{1,4}",
+        1 => "\\PC{1,12} ",
+    ];
+    prop::collection::vec(piece, 0..120).prop_map(|pieces| pieces.concat())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     #[test]
@@ -69,6 +83,33 @@ proptest! {
         prop_assume!(!query.trim().is_empty());
         assert_same_pair(ONE_LABEL, &query, &document);
         assert_same_pair(XLMR, &query, &document);
+    }
+
+    /// Admission refuses early on this estimate; it must never exceed the tokens the pairs really hold.
+    #[test]
+    fn the_early_token_estimate_is_a_lower_bound(
+        query in any_text(),
+        documents in prop::collection::vec(any_text(), 1..6),
+    ) {
+        prop_assume!(!query.trim().is_empty());
+        for model in [ONE_LABEL, XLMR] {
+            for max_length in [MAX_LENGTH, 512] {
+                let tokenizer = PairTokenizer::load(&fixture(model), Some(max_length), 512, 1)
+                    .expect("tokenizer loads");
+                let query_tokens = tokenizer.encode_query(&query).expect("query");
+                let real: usize = documents
+                    .iter()
+                    .map(|d| {
+                        tokenizer
+                            .encode_pair(&query_tokens, d, Truncation::LongestFirst, 0)
+                            .expect("pair")
+                            .len()
+                    })
+                    .sum();
+                let estimate = tokenizer.least_tokens(&query_tokens, &documents);
+                prop_assert!(estimate <= real, "{model} max_length {max_length}: {estimate} > {real}");
+            }
+        }
     }
 }
 

@@ -174,17 +174,21 @@ impl PairTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
-    /// A low estimate of the tokens `documents` documents of `bytes` bytes in all make with `query`, before
-    /// tokenizing them: every pair holds the query (up to what fits), the special tokens and at least one
-    /// document token, and text rarely has more than 10 bytes per token; no pair exceeds max_length.
-    pub fn least_tokens(&self, query: &QueryTokens, documents: usize, bytes: usize) -> usize {
-        let per_pair = query.len().min(self.text_budget() - 1) + self.added_pair_tokens + 1;
-        let by_text = documents
-            * (query.len().min(self.text_budget() - 1) + self.added_pair_tokens)
-            + bytes / 10;
-        (documents * per_pair)
-            .max(by_text)
-            .min(documents * self.max_length)
+    /// A low estimate of the tokens the pairs of `query` with `documents` hold, before tokenizing them. A pair
+    /// keeps min(query + document tokens, max_length - special tokens) of its text; an ASCII document is
+    /// counted at one token per 10 bytes (prose has 4 to 6), any other at none.
+    pub fn least_tokens(&self, query: &QueryTokens, documents: &[String]) -> usize {
+        documents
+            .iter()
+            .map(|document| {
+                let document_tokens = if document.is_ascii() {
+                    document.len() / 10
+                } else {
+                    0
+                };
+                (query.len() + document_tokens).min(self.text_budget()) + self.added_pair_tokens
+            })
+            .sum()
     }
 
     /// Tokens of a pair's text: max_length less the template's special tokens.

@@ -1,25 +1,29 @@
-//! The global limit on Reranker calls in progress (unary and streams alike, from arrival until the response
-//! has been sent): past it a call is refused at once with RESOURCE_EXHAUSTED, before its request is read.
+//! The global limit on rerank calls in progress (Rerank and RerankStream, from arrival until the handler's
+//! work is done): past it a call is refused at once with RESOURCE_EXHAUSTED, before its request is read.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
-use tonic::codegen::{http, BoxFuture, Bytes, Service};
+use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
 use tonic::Status;
 
-/// Wraps a gRPC service so that at most `max_calls` of its calls are in progress at once. The permit of a
-/// call lives in its response body, so a stream holds it until it ends.
+/// Wraps a gRPC service so that at most `max_calls` rerank calls are in progress at once. A call's slot
+/// travels in its request extensions; the handler keeps it for as long as it works on the call (a stream's
+/// task until the stream ends). Info calls are not counted.
 #[derive(Clone)]
 pub struct CallLimit<S> {
     inner: S,
     permits: Arc<Semaphore>,
     max_calls: usize,
 }
+
+/// A call's slot among max_concurrent_calls; the slot frees when the last clone is dropped.
+#[derive(Clone)]
+pub struct CallSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
 impl<S> CallLimit<S> {
     pub fn new(inner: S, max_calls: usize) -> Self {
@@ -43,7 +47,7 @@ where
         Error = Infallible,
     >,
     S::Future: Send + 'static,
-    ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResponseBody: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     ResponseBody::Error: Into<tonic::codegen::StdError>,
 {
     type Response = http::Response<Body>;
@@ -54,7 +58,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
+        if request.uri().path().ends_with("/Info") {
+            return boxed(self.inner.call(request));
+        }
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             let status = Status::resource_exhausted(format!(
                 "the server has {} calls in progress (max_concurrent_calls); retry later",
@@ -62,41 +69,20 @@ where
             ));
             return Box::pin(async move { Ok(status.into_http()) });
         };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| {
-                Body::new(HoldsPermit {
-                    body: Body::new(body),
-                    _permit: permit,
-                })
-            }))
-        })
+        request.extensions_mut().insert(CallSlot(Arc::new(permit)));
+        boxed(self.inner.call(request))
     }
 }
 
-/// A response body that keeps its call's permit until it is dropped.
-struct HoldsPermit {
-    body: Body,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl http_body::Body for HoldsPermit {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
+/// The inner service's response with its body as tonic's.
+fn boxed<ResponseBody>(
+    response: impl std::future::Future<Output = Result<http::Response<ResponseBody>, Infallible>>
+        + Send
+        + 'static,
+) -> BoxFuture<http::Response<Body>, Infallible>
+where
+    ResponseBody: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    ResponseBody::Error: Into<tonic::codegen::StdError>,
+{
+    Box::pin(async move { Ok(response.await?.map(Body::new)) })
 }

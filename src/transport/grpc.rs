@@ -14,6 +14,7 @@ use crate::proto::reranker_server::Reranker as RerankerRpc;
 use crate::proto::{self, rerank_stream_request, rerank_stream_response};
 use crate::rerank::{RankedDocument, RerankOptions, RerankOutcome, Reranker, Usage};
 use crate::tokenization::Truncation;
+use crate::transport::call_limit::CallSlot;
 
 /// The one place rerank errors become gRPC status codes.
 impl From<RerankError> for Status {
@@ -187,6 +188,8 @@ impl RerankerRpc for GrpcReranker {
     ) -> Result<Response<proto::RerankResponse>, Status> {
         let reranker = self.reranker()?;
         let deadline = parse_deadline(request.metadata())?;
+        // The call's slot among max_concurrent_calls is held until its work is done, not its response sent.
+        let _slot = request.extensions().get::<CallSlot>().cloned();
         let request = request.into_inner();
         let mut options = request_options(
             request.top_n,
@@ -212,12 +215,16 @@ impl RerankerRpc for GrpcReranker {
     ) -> Result<Response<Self::RerankStreamStream>, Status> {
         let reranker = self.reranker()?.clone();
         let deadline = parse_deadline(request.metadata())?;
+        // The slot lives in the task that runs the stream: a stream that ended (finished, failed, or stalled
+        // and aborted) frees it even while its last messages wait for a client that does not read.
+        let slot = request.extensions().get::<CallSlot>().cloned();
         let inbound = request.into_inner();
         let (outbox, receiver) = mpsc::channel(STREAM_OUTBOX);
         // The call's error goes out after the messages already in the outbox, even when the outbox is full
         // because the client stopped reading.
         let (error_sender, error) = oneshot::channel::<Status>();
         tokio::spawn(async move {
+            let _slot = slot;
             let stats = reranker.stats_home();
             if let Err(status) = drive_stream(reranker, inbound, deadline, &outbox).await {
                 if status.code() == tonic::Code::Aborted {
@@ -257,7 +264,7 @@ async fn drive_stream(
     deadline: Option<Instant>,
     outbox: &Outbox,
 ) -> Result<(), Status> {
-    let run = run_stream(reranker, inbound, outbox);
+    let run = run_stream(reranker, inbound, deadline, outbox);
     match deadline {
         None => run.await,
         // Past the deadline the stream's future is dropped, and with it the session and its queued pairs.
@@ -274,6 +281,7 @@ async fn drive_stream(
 async fn run_stream(
     reranker: Reranker,
     mut inbound: Streaming<proto::RerankStreamRequest>,
+    deadline: Option<Instant>,
     outbox: &Outbox,
 ) -> Result<(), Status> {
     let start = match inbound.next().await {
@@ -298,6 +306,11 @@ async fn run_stream(
         start.raw_scores,
         start.truncation,
     )?;
+    // Admission judges each chunk against the stream's deadline, as it does a unary call's.
+    let options = RerankOptions {
+        deadline,
+        ..options
+    };
     let mut session = reranker.start(&start.query, options)?;
     // While this many of the stream's pairs wait for scores, the server stops reading the stream; HTTP/2
     // flow control then holds the client back.
