@@ -12,9 +12,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rerank_server::model::bert::Bert;
 use rerank_server::model::hf_config::ModelConfig;
 use rerank_server::model::ops::FeedForwardActivation;
-use rerank_server::model::{CrossEncoder, PaddedBatch};
+use rerank_server::model::{CrossEncoder, PackedBatch};
 use rerank_server::scheduler::request::{Pair, RequestHandle};
-use rerank_server::scheduler::{BatchPolicy, BatchQueue};
+use rerank_server::scheduler::{BatchPolicy, BatchQueue, BatchShape};
 use rerank_server::tokenization::{PairTokenizer, PairTokens, Truncation};
 
 /// A tokenizer directory: RERANK_BENCH_MODEL (e.g. the MiniLM reranker from scripts/make_bench_model.py minilm),
@@ -103,7 +103,7 @@ fn batch_assembly(c: &mut Criterion) {
                     .collect::<Vec<_>>()
             },
             |pairs| {
-                let mut queue = BatchQueue::new(policy, 512, 0);
+                let mut queue = BatchQueue::new(policy, 512, BatchShape::Padded);
                 pairs.into_iter().for_each(|p| queue.push(p));
                 let now = Instant::now();
                 std::iter::from_fn(|| queue.cut(now)).count()
@@ -190,7 +190,7 @@ fn model_forward(c: &mut Criterion) {
             .collect();
         let types: Vec<Vec<u32>> = (0..rows).map(|_| vec![0; seq]).collect();
         let batch =
-            PaddedBatch::from_sequences(ids.iter().zip(&types).map(|(i, t)| (&i[..], &t[..])), 0);
+            PackedBatch::from_sequences(ids.iter().zip(&types).map(|(i, t)| (&i[..], &t[..])));
         group.throughput(Throughput::Elements(rows as u64));
         group.bench_with_input(
             BenchmarkId::new("pairs x tokens", format!("{rows}x{seq}")),

@@ -339,7 +339,7 @@ mod tests {
             max_queue_time,
             batches_in_flight: Duration::from_millis(250),
         };
-        Admission::new(limits, Arc::new(Throughput::new(1000, SECOND)))
+        Admission::new(limits, Arc::new(Throughput::new(1000, 1000, SECOND)))
     }
 
     #[test]

@@ -33,7 +33,11 @@ pub struct Config {
     /// How long a pair may wait for its batch to fill before the batch is cut anyway.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
-    /// Threads that tokenize documents (0 = number of CPUs).
+    /// CPU threads for the model on a CPU device (the engine's compute pool), and the budget the tokenizer
+    /// workers are sized from (0 = number of CPUs).
+    pub threads: usize,
+    /// Threads that tokenize documents (0 = from `threads`: one per eight threads on a CPU device, where the
+    /// model needs the cores; all of them on a GPU, where the host only tokenizes).
     pub tokenizer_workers: usize,
     /// Documents in one Rerank request, or in one stream chunk.
     pub max_documents: usize,
@@ -105,6 +109,7 @@ impl Default for Config {
             max_batch_tokens: 16_384,
             max_batch_size: 256,
             max_wait: Duration::from_millis(2),
+            threads: 0,
             tokenizer_workers: 0,
             max_documents: 1_000,
             max_stream_documents: 1_000_000,
@@ -220,6 +225,9 @@ pub struct Cli {
     pub max_wait: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer_workers: Option<usize>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -326,10 +334,20 @@ impl Config {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    pub fn tokenizer_threads(&self) -> usize {
-        match self.tokenizer_workers {
+    /// The CPU thread budget: `threads`, or every CPU.
+    pub fn cpu_threads(&self) -> usize {
+        match self.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
+        }
+    }
+
+    /// Tokenizer workers: as configured, else from the thread budget (see `tokenizer_workers`).
+    pub fn tokenizer_threads(&self, model_on_cpu: bool) -> usize {
+        match (self.tokenizer_workers, model_on_cpu) {
+            (0, true) => (self.cpu_threads() / 8).max(1),
+            (0, false) => self.cpu_threads(),
+            (n, _) => n,
         }
     }
 }

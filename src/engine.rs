@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
 use crate::error::{RerankError, StartupError};
-use crate::model::{LoadedModel, PaddedBatch};
+use crate::model::{LoadedModel, PackedBatch};
 use crate::scheduler::request::{BatchOutcome, RequestHandle, ScoredPairs};
 use crate::scheduler::{Batch, SchedulerStats};
 use crate::throughput::Throughput;
@@ -141,7 +141,7 @@ fn auto_device() -> (Device, String) {
 }
 
 /// Runs one batch and catches a panic inside the model, so a bad batch cannot kill the engine.
-pub fn run_batch(model: &LoadedModel, inputs: &PaddedBatch) -> Result<Vec<Vec<f32>>, String> {
+pub fn run_batch(model: &LoadedModel, inputs: &PackedBatch) -> Result<Vec<Vec<f32>>, String> {
     match std::panic::catch_unwind(AssertUnwindSafe(|| model.logits(inputs))) {
         Ok(Ok(rows)) if rows.len() == inputs.size() => Ok(rows),
         Ok(Ok(rows)) => Err(format!(
@@ -163,6 +163,24 @@ pub struct EngineContext {
     pub target_batch_time: std::time::Duration,
     /// Consecutive batches that fail on the device, even pair by pair, before the engine stops for good.
     pub max_consecutive_failures: usize,
+    /// The threads the model's CPU work runs on (every CPU kernel and GEMM of a batch).
+    pub pool: Arc<rayon::ThreadPool>,
+}
+
+/// The engine's compute threads: the CPU kernels run on these and nowhere else, so the model's parallelism is
+/// bounded by the configured budget instead of rayon's global pool (which takes every core).
+pub fn compute_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, StartupError> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("compute-{i}"))
+        .build()
+        .map_err(|e| StartupError::Config(format!("compute thread pool: {e}")))?;
+    tracing::info!(
+        threads = pool.current_num_threads(),
+        simd = crate::model::ops::cpu_simd_level(),
+        "CPU compute pool"
+    );
+    Ok(Arc::new(pool))
 }
 
 /// Starts the engine thread. It stops when the scheduler drops its end of the channel, when the device keeps
@@ -179,8 +197,8 @@ pub fn spawn(
             let mut failures = 0;
             while let Some(batch) = batches.blocking_recv() {
                 let started = Instant::now();
-                let (real, padded) = (batch.inputs.real_tokens(), batch.inputs.padded_tokens());
-                let outcome = process(&model, batch);
+                let (real, cost) = (batch.inputs.real_tokens(), batch.cost);
+                let outcome = context.pool.install(|| process(&model, batch));
                 let elapsed = started.elapsed();
                 context
                     .stats
@@ -193,9 +211,9 @@ pub fn spawn(
                     BatchRun::Skipped => {}
                     BatchRun::Computed => {
                         failures = 0;
-                        let full = context.throughput.padded_tokens_in(context.target_batch_time);
-                        if padded * 4 >= full {
-                            context.throughput.record(real, padded, elapsed);
+                        let full = context.throughput.cost_in(context.target_batch_time);
+                        if cost * 4 >= full {
+                            context.throughput.record(real, cost, elapsed);
                         }
                     }
                     BatchRun::Failed(reason) => {
@@ -204,7 +222,7 @@ pub fn spawn(
                             continue;
                         }
                         // Inputs that always fail could look like a broken device: a batch of padding tells.
-                        if device_works(&model) {
+                        if context.pool.install(|| device_works(&model)) {
                             tracing::warn!(failures, %reason, "batches failed but the device computes a probe batch; serving on");
                             failures = 0;
                             continue;
@@ -229,7 +247,7 @@ pub fn spawn(
 fn device_works(model: &LoadedModel) -> bool {
     let ids = [model.pad_token_id; 8];
     let types = [0; 8];
-    let probe = PaddedBatch::from_sequences([(&ids[..], &types[..])], model.pad_token_id);
+    let probe = PackedBatch::from_sequences([(&ids[..], &types[..])]);
     run_batch(model, &probe).is_ok()
 }
 
@@ -286,16 +304,16 @@ fn process(model: &LoadedModel, batch: Batch) -> BatchRun {
 
 /// Scores every row of a batch. A failed batch (a device error, out of memory) is retried in halves, so only
 /// the rows that also fail on their own fail, and their requests with them.
-fn score_rows(model: &LoadedModel, inputs: &PaddedBatch) -> Vec<Result<Vec<f32>, String>> {
+fn score_rows(model: &LoadedModel, inputs: &PackedBatch) -> Vec<Result<Vec<f32>, String>> {
     match run_batch(model, inputs) {
         Ok(rows) => rows.into_iter().map(Ok).collect(),
         Err(reason) if inputs.size() <= 1 => {
-            tracing::error!(seq_len = inputs.seq_len, %reason, "pair failed");
+            tracing::error!(tokens = inputs.max_len, %reason, "pair failed");
             vec![Err(reason)]
         }
         Err(reason) => {
-            tracing::warn!(pairs = inputs.size(), seq_len = inputs.seq_len, %reason, "batch failed; retrying in halves");
-            let (first, rest) = inputs.split_at(inputs.size() / 2, model.pad_token_id);
+            tracing::warn!(pairs = inputs.size(), max_len = inputs.max_len, %reason, "batch failed; retrying in halves");
+            let (first, rest) = inputs.split_at(inputs.size() / 2);
             let mut rows = score_rows(model, &first);
             rows.extend(score_rows(model, &rest));
             rows
@@ -353,7 +371,7 @@ mod tests {
     struct Fragile;
 
     impl CrossEncoder for Fragile {
-        fn forward(&self, batch: &PaddedBatch) -> candle_core::Result<candle_core::Tensor> {
+        fn forward(&self, batch: &PackedBatch) -> candle_core::Result<candle_core::Tensor> {
             if batch.input_ids.contains(&POISON) {
                 candle_core::bail!("simulated device fault");
             }
@@ -372,6 +390,7 @@ mod tests {
             scoring: Scoring::SingleLogit(Activation::Identity),
             dtype: DType::F32,
             pad_token_id: 0,
+            attention_span: 1000,
         };
         let (good, mut good_rx) = RequestHandle::new(1);
         let (bad, mut bad_rx) = RequestHandle::new(2);
@@ -389,13 +408,19 @@ mod tests {
                 enqueued_at: Instant::now(),
             });
         }
-        let inputs = PaddedBatch::from_sequences(
+        let inputs = PackedBatch::from_sequences(
             pairs
                 .iter()
                 .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
-            0,
         );
-        assert_eq!(process(&model, Batch { pairs, inputs }), BatchRun::Computed);
+        let (cost, device_tokens) = (inputs.real_tokens(), inputs.real_tokens());
+        let batch = Batch {
+            pairs,
+            inputs,
+            cost,
+            device_tokens,
+        };
+        assert_eq!(process(&model, batch), BatchRun::Computed);
         match good_rx.try_recv() {
             Ok(BatchOutcome::Scored(scored)) => {
                 let logits: Vec<(u32, Vec<f32>)> = scored.pairs;

@@ -17,10 +17,10 @@ use crate::config::Config;
 use crate::engine::{self, EngineContext};
 use crate::error::StartupError;
 use crate::hub;
-use crate::model::{self, CrossEncoder, LoadedModel, PaddedBatch};
+use crate::model::{self, CrossEncoder, LoadedModel, PackedBatch};
 use crate::proto::reranker_server::RerankerServer;
 use crate::rerank::{Limits, ModelDescription, Reranker};
-use crate::scheduler::{self, BatchPolicy, Pacing};
+use crate::scheduler::{self, BatchPolicy, BatchShape, Pacing};
 use crate::throughput::Throughput;
 use crate::tokenization::PairTokenizer;
 use crate::transport::call_limit::CallLimit;
@@ -277,8 +277,20 @@ pub async fn build_reranker_with(
         max_wait: config.max_wait,
     };
     let max_length = tokenizer.max_length();
+    // The CPU computes real tokens only; the CUDA attention kernels read padded batches.
+    let shape = if model_device_is_cpu(&device_name) {
+        BatchShape::Packed {
+            attention_span: model.attention_span,
+        }
+    } else {
+        BatchShape::Padded
+    };
+    let pool = engine::compute_pool(config.cpu_threads())?;
+    let warm_up_pool = Arc::clone(&pool);
     let (mut model, throughput) = tokio::task::spawn_blocking(move || {
-        warm_up(&model, &policy, max_length).map(|throughput| (model, throughput))
+        warm_up_pool
+            .install(|| warm_up(&model, &policy, shape, max_length))
+            .map(|throughput| (model, throughput))
     })
     .await
     .map_err(|e| StartupError::Config(format!("warm-up failed: {e}")))??;
@@ -297,7 +309,6 @@ pub async fn build_reranker_with(
         max_message_bytes: config.max_message_bytes,
     };
     let (batches, engine_inbox) = tokio::sync::mpsc::channel(engine::QUEUE_DEPTH);
-    let pad_id = model.pad_token_id;
     let on_gpu = !model_device_is_cpu(&description.device);
     let batch_time = target_batch_time(config.target_batch_time, on_gpu);
     let pacing = Pacing {
@@ -305,12 +316,13 @@ pub async fn build_reranker_with(
         target_batch_time: batch_time,
         cut_ahead: on_gpu,
     };
-    let scheduler = scheduler::spawn(policy, pacing, max_length, pad_id, batches);
+    let scheduler = scheduler::spawn(policy, pacing, max_length, shape, batches);
     let context = EngineContext {
         stats: scheduler.shared_stats(),
         throughput: Arc::clone(&throughput),
         target_batch_time: batch_time,
         max_consecutive_failures: config.max_consecutive_failures,
+        pool,
     };
     engine::spawn(model, engine_inbox, context)?;
     let limits = Limits {
@@ -359,7 +371,7 @@ fn load_model_and_tokenizer(
         dir,
         config.max_length,
         model.max_positions,
-        config.tokenizer_threads(),
+        config.tokenizer_threads(device.is_cpu()),
     )?;
     if tokenizer.vocab_size() > model.vocab_size {
         return Err(StartupError::InvalidFile {
@@ -393,15 +405,14 @@ fn model_device_is_cpu(device: &str) -> bool {
 fn warm_up(
     model: &LoadedModel,
     policy: &BatchPolicy,
+    shape: BatchShape,
     max_length: usize,
 ) -> Result<Throughput, StartupError> {
-    let rows = (policy.max_batch_tokens / max_length).clamp(1, policy.max_batch_size);
+    let rows =
+        (policy.max_batch_tokens / shape.pair_cost(max_length)).clamp(1, policy.max_batch_size);
     let ids = vec![model.pad_token_id; max_length];
     let types = vec![0; max_length];
-    let batch = PaddedBatch::from_sequences(
-        (0..rows).map(|_| (&ids[..], &types[..])),
-        model.pad_token_id,
-    );
+    let batch = PackedBatch::from_sequences((0..rows).map(|_| (&ids[..], &types[..])));
     let started = Instant::now();
     engine::run_batch(model, &batch)
         .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
@@ -409,10 +420,7 @@ fn warm_up(
     // The first run pays one-time costs (allocations, kernel loading on a GPU): a second, smaller run of the
     // same length gives the first speed estimate.
     let timed_rows = (rows / 4).max(1);
-    let timed = PaddedBatch::from_sequences(
-        (0..timed_rows).map(|_| (&ids[..], &types[..])),
-        model.pad_token_id,
-    );
+    let timed = PackedBatch::from_sequences((0..timed_rows).map(|_| (&ids[..], &types[..])));
     let started = Instant::now();
     engine::run_batch(model, &timed)
         .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
@@ -425,5 +433,9 @@ fn warm_up(
         warm_ms = warm.as_millis() as u64,
         "warm-up batches done"
     );
-    Ok(Throughput::new(timed_rows * max_length, warm))
+    Ok(Throughput::new(
+        timed_rows * max_length,
+        shape.batch_cost(&timed),
+        warm,
+    ))
 }

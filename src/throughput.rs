@@ -14,36 +14,33 @@ const SMOOTHING: Duration = Duration::from_secs(2);
 pub struct Throughput {
     /// f64 bits: seconds per real token (what a request's queued work is measured in).
     seconds_per_token: AtomicU64,
-    /// f64 bits: seconds per padded token (what a batch's size is measured in).
-    seconds_per_padded_token: AtomicU64,
+    /// f64 bits: seconds per unit of batch cost (what a batch's size is measured in; see `BatchShape`).
+    seconds_per_cost: AtomicU64,
     busy: AtomicBool,
     idle: Notify,
 }
 
 impl Throughput {
-    /// Starts from a first measurement (the warm-up batch): `tokens` computed in `elapsed`.
-    pub fn new(tokens: usize, elapsed: Duration) -> Self {
+    /// Starts from a first measurement (the warm-up batch): `tokens` real tokens of batch cost `cost`
+    /// computed in `elapsed`.
+    pub fn new(tokens: usize, cost: usize, elapsed: Duration) -> Self {
         let rate = per_token(elapsed, tokens);
         Self {
             seconds_per_token: AtomicU64::new(rate.to_bits()),
-            seconds_per_padded_token: AtomicU64::new(rate.to_bits()),
+            seconds_per_cost: AtomicU64::new(per_token(elapsed, cost).to_bits()),
             busy: AtomicBool::new(false),
             idle: Notify::new(),
         }
     }
 
-    /// Folds in one batch: `real` and `padded` tokens computed in `elapsed`.
-    pub fn record(&self, real: usize, padded: usize, elapsed: Duration) {
+    /// Folds in one batch: `real` tokens of batch cost `cost` computed in `elapsed`.
+    pub fn record(&self, real: usize, cost: usize, elapsed: Duration) {
         if real == 0 || elapsed.is_zero() {
             return;
         }
         let weight = 1.0 - (-elapsed.as_secs_f64() / SMOOTHING.as_secs_f64()).exp();
         blend(&self.seconds_per_token, per_token(elapsed, real), weight);
-        blend(
-            &self.seconds_per_padded_token,
-            per_token(elapsed, padded),
-            weight,
-        );
+        blend(&self.seconds_per_cost, per_token(elapsed, cost), weight);
     }
 
     pub fn seconds_per_token(&self) -> f64 {
@@ -61,9 +58,9 @@ impl Throughput {
             .unwrap_or(Duration::MAX)
     }
 
-    /// Padded tokens the engine computes in `duration` (at least 1).
-    pub fn padded_tokens_in(&self, duration: Duration) -> usize {
-        let per = f64::from_bits(self.seconds_per_padded_token.load(Ordering::Relaxed));
+    /// Batch cost the engine computes in `duration` (at least 1).
+    pub fn cost_in(&self, duration: Duration) -> usize {
+        let per = f64::from_bits(self.seconds_per_cost.load(Ordering::Relaxed));
         ((duration.as_secs_f64() / per) as usize).max(1)
     }
 
@@ -114,8 +111,8 @@ mod tests {
 
     #[test]
     fn follows_the_measured_speed_and_sizes_batches_by_time() {
-        let speed = Throughput::new(1000, Duration::from_secs(1));
-        assert_eq!(speed.padded_tokens_in(Duration::from_millis(250)), 250);
+        let speed = Throughput::new(1000, 1000, Duration::from_secs(1));
+        assert_eq!(speed.cost_in(Duration::from_millis(250)), 250);
         // The engine turns out four times faster: after some seconds of batches the estimate follows.
         for _ in 0..100 {
             speed.record(1000, 1000, Duration::from_millis(250));
@@ -131,12 +128,12 @@ mod tests {
             speed.record(500, 1000, Duration::from_millis(250));
         }
         assert!((speed.tokens_per_second() - 2000.0).abs() < 20.0);
-        assert!((speed.padded_tokens_in(Duration::from_secs(1)) as f64 - 4000.0).abs() < 40.0);
+        assert!((speed.cost_in(Duration::from_secs(1)) as f64 - 4000.0).abs() < 40.0);
     }
 
     #[tokio::test]
     async fn idle_resolves_only_once_the_engine_is_idle() {
-        let speed = std::sync::Arc::new(Throughput::new(1, Duration::from_millis(1)));
+        let speed = std::sync::Arc::new(Throughput::new(1, 1, Duration::from_millis(1)));
         speed.idle().await;
         speed.set_busy();
         let waiter = tokio::spawn({

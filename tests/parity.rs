@@ -3,7 +3,7 @@
 mod common;
 
 use common::{expected, fixture, test_config, ALL_MODELS};
-use rerank_server::model::{self, PaddedBatch};
+use rerank_server::model::{self, PackedBatch};
 use rerank_server::rerank::RerankOptions;
 use rerank_server::server::build_reranker;
 use rerank_server::tokenization::{PairTokenizer, Truncation};
@@ -73,7 +73,7 @@ fn model_logits_match_the_reference_per_label() {
                 .iter()
                 .zip(&case.token_type_ids)
                 .map(|(i, t)| (&i[..], &t[..]));
-            let batch = PaddedBatch::from_sequences(sequences, model.pad_token_id);
+            let batch = PackedBatch::from_sequences(sequences);
             let logits = model.logits(&batch).expect("forward");
             for (row, want) in logits.iter().zip(&case.logits) {
                 assert_eq!(row.len(), expected.num_labels);
@@ -164,7 +164,7 @@ fn half_precision_model_stays_close_to_the_reference() {
                 .iter()
                 .zip(&case.token_type_ids)
                 .map(|(i, t)| (&i[..], &t[..]));
-            let batch = PaddedBatch::from_sequences(sequences, model.pad_token_id);
+            let batch = PackedBatch::from_sequences(sequences);
             for (row, want) in model
                 .logits(&batch)
                 .expect("forward")

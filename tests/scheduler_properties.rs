@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use rerank_server::scheduler::request::{Pair, RequestHandle};
-use rerank_server::scheduler::{BatchPolicy, BatchQueue};
+use rerank_server::scheduler::{BatchPolicy, BatchQueue, BatchShape};
 use rerank_server::tokenization::PairTokens;
 
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ proptest! {
         max_wait_us in 0..5000u64,
     ) {
         let policy = BatchPolicy { max_batch_tokens, max_batch_size, max_wait: Duration::from_micros(max_wait_us) };
-        let mut queue = BatchQueue::new(policy, 512, 0);
+        let mut queue = BatchQueue::new(policy, 512, BatchShape::Padded);
         let handles: Vec<_> = (0..6).map(|id| RequestHandle::new(id as u64)).collect();
         let mut now = Instant::now();
         let mut next_index: HashMap<usize, u32> = HashMap::new();

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::{Parser, Subcommand};
 use rerank_server::model::ops::{
-    self, EmbeddingTables, FeedForwardActivation, LayerNorm, PaddingMask,
+    self, EmbeddingTables, FeedForwardActivation, LayerNorm, Sequences,
 };
 use rerank_server::proto::reranker_client::RerankerClient;
 use rerank_server::proto::RerankRequest;
@@ -249,50 +249,48 @@ fn check_attention(
     gpu: &Device,
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let cpu = Device::Cpu;
-    let (batch, seq) = (lengths.len(), *lengths.iter().max().unwrap_or(&1));
+    let batch = lengths.len();
+    let tokens: usize = lengths.iter().sum();
     let hidden = heads * head_dim;
     let rounded = |t: Tensor| t.to_dtype(dtype).and_then(|t| t.to_dtype(DType::F32));
-    let qkv = rounded(Tensor::randn(0f32, 1.0, (batch * seq, 3 * hidden), &cpu)?)?;
+    let qkv = rounded(Tensor::randn(0f32, 1.0, (tokens, 3 * hidden), &cpu)?)?;
     let bias = rounded(Tensor::randn(0f32, 0.5, 3 * hidden, &cpu)?)?;
-    let cpu_mask = PaddingMask::new(lengths, seq, &cpu)?;
-    let gpu_mask = PaddingMask::new(lengths, seq, gpu)?;
+    let cu_seqlens: Vec<usize> = std::iter::once(0)
+        .chain(lengths.iter().scan(0, |end, &len| {
+            *end += len;
+            Some(*end)
+        }))
+        .collect();
+    let cpu_sequences = Sequences::new(&cu_seqlens, &cpu)?;
+    let gpu_sequences = Sequences::new(&cu_seqlens, gpu)?;
     let on_gpu = |t: &Tensor| t.to_device(gpu).and_then(|t| t.to_dtype(dtype));
     let mut ok = true;
-    for q_rows in [seq, 1] {
-        let reference = ops::self_attention(&qkv, &bias, &cpu_mask, heads, q_rows)?;
-        let got = ops::self_attention(&on_gpu(&qkv)?, &on_gpu(&bias)?, &gpu_mask, heads, q_rows)?;
-        // Only real query rows are compared: padding rows are zeros on the GPU and do not matter.
-        let real = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let t = t
-                .to_device(&cpu)?
-                .to_dtype(DType::F32)?
-                .reshape((batch, q_rows, hidden))?;
-            let rows: Vec<Tensor> = lengths
-                .iter()
-                .enumerate()
-                .map(|(i, &len)| t.i(i)?.narrow(0, 0, len.min(q_rows)))
-                .collect::<candle_core::Result<_>>()?;
-            Tensor::cat(&rows, 0)
-        };
-        let (e, nan) = relative_error(&real(&got)?, &real(&reference)?)?;
-        let name = if q_rows == 1 {
+    for first_only in [false, true] {
+        let reference = ops::self_attention(&qkv, &bias, &cpu_sequences, heads, first_only)?;
+        let got = ops::self_attention(
+            &on_gpu(&qkv)?,
+            &on_gpu(&bias)?,
+            &gpu_sequences,
+            heads,
+            first_only,
+        )?
+        .to_device(&cpu)?
+        .to_dtype(DType::F32)?;
+        let (e, nan) = relative_error(&got, &reference)?;
+        let name = if first_only {
             "self_attention_cls"
         } else {
             "self_attention"
         };
+        let longest = lengths.iter().max().copied().unwrap_or(0);
         ok &= report(
             name,
             dtype,
-            &format!("{batch}x{heads}x{seq}x{head_dim}"),
+            &format!("{batch}x{heads}x{longest}x{head_dim}"),
             e,
             nan,
             bound * 2.0,
         );
-        let all: Vec<f32> = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        if all.iter().any(|v| !v.is_finite()) {
-            println!("self_attention: non-finite values in padding rows");
-            ok = false;
-        }
     }
     Ok(ok)
 }
@@ -308,9 +306,8 @@ fn bench(dir: &std::path::Path, rows: usize, seq: usize, iterations: usize) -> C
         })
         .collect();
     let types: Vec<Vec<u32>> = (0..rows).map(|_| vec![0; seq]).collect();
-    let batch = rerank_server::model::PaddedBatch::from_sequences(
+    let batch = rerank_server::model::PackedBatch::from_sequences(
         ids.iter().zip(&types).map(|(i, t)| (&i[..], &t[..])),
-        0,
     );
     for _ in 0..3 {
         model.logits(&batch)?;

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use super::encoder::{self, Encoder};
 use super::hf_config::ModelConfig;
 use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear};
-use super::{CrossEncoder, PaddedBatch};
+use super::{CrossEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "BertForSequenceClassification";
 
@@ -61,8 +61,8 @@ impl Bert {
 }
 
 impl CrossEncoder for Bert {
-    fn forward(&self, batch: &PaddedBatch) -> Result<Tensor> {
-        let (size, seq) = (batch.size(), batch.seq_len);
+    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let tokens = batch.real_tokens();
         if let Some(&t) = batch
             .type_ids
             .iter()
@@ -73,10 +73,10 @@ impl CrossEncoder for Bert {
                 self.type_vocab_size
             );
         }
-        let ids = Tensor::from_slice(&batch.input_ids, size * seq, &self.device)?;
-        let type_ids = Tensor::from_slice(&batch.type_ids, size * seq, &self.device)?;
-        let positions: Vec<u32> = (0..size).flat_map(|_| 0..seq as u32).collect();
-        let positions = Tensor::from_vec(positions, size * seq, &self.device)?;
+        let ids = Tensor::from_slice(&batch.input_ids, tokens, &self.device)?;
+        let type_ids = Tensor::from_slice(&batch.type_ids, tokens, &self.device)?;
+        let positions: Vec<u32> = batch.lengths().flat_map(|len| 0..len as u32).collect();
+        let positions = Tensor::from_vec(positions, tokens, &self.device)?;
         let hidden = ops::embed(
             &self.tables,
             &ids,
@@ -84,8 +84,11 @@ impl CrossEncoder for Bert {
             Some(&type_ids),
             &self.embedding_norm,
         )?;
-        let mask = ops::PaddingMask::new(&batch.lengths, seq, &self.device)?;
-        let first = self.encoder.forward_first_token(hidden, &mask)?.residual;
+        let sequences = ops::Sequences::new(&batch.cu_seqlens, &self.device)?;
+        let first = self
+            .encoder
+            .forward_first_token(hidden, &sequences)?
+            .residual;
         let pooled = match &self.pooler {
             Some(pooler) => ops::dense_tanh(pooler, &first)?,
             None => first,

@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use super::hf_config::ModelConfig;
 use super::ops::{
-    self, EmbeddingTables, FeedForwardActivation, Hidden, LayerNorm, Linear, PaddingMask,
+    self, EmbeddingTables, FeedForwardActivation, Hidden, LayerNorm, Linear, Sequences,
 };
 
 /// The weights of the base model: under `prefix` (as *ForSequenceClassification checkpoints save them, e.g.
@@ -88,18 +88,18 @@ impl Encoder {
         Ok(Self { layers, dims })
     }
 
-    /// Runs every layer over a right-padded batch and returns the hidden state of each sequence's first token,
-    /// [batch, hidden]. `hidden`: [batch * seq, hidden]. The last layer computes only the first-token rows
+    /// Runs every layer over packed sequences and returns the hidden state of each sequence's first token,
+    /// [sequences, hidden]. `hidden`: [tokens, hidden]. The last layer computes only the first-token rows
     /// after attention, since nothing else reaches the classification head.
-    pub fn forward_first_token(&self, hidden: Hidden, mask: &PaddingMask) -> Result<Hidden> {
+    pub fn forward_first_token(&self, hidden: Hidden, sequences: &Sequences) -> Result<Hidden> {
         let Some((last, rest)) = self.layers.split_last() else {
-            return hidden.first_tokens(mask.batch_size(), mask.seq_len());
+            return hidden.first_tokens(sequences);
         };
         let mut hidden = hidden;
         for layer in rest {
-            hidden = layer.forward(&hidden, mask, &self.dims)?;
+            hidden = layer.forward(&hidden, sequences, &self.dims)?;
         }
-        last.forward_first_token(&hidden, mask, &self.dims)
+        last.forward_first_token(&hidden, sequences, &self.dims)
     }
 }
 
@@ -121,27 +121,25 @@ impl EncoderLayer {
         })
     }
 
-    /// Full layer: [batch * seq, hidden] -> [batch * seq, hidden].
-    fn forward(&self, hidden: &Hidden, mask: &PaddingMask, dims: &Dims) -> Result<Hidden> {
+    /// Full layer: [tokens, hidden] -> [tokens, hidden].
+    fn forward(&self, hidden: &Hidden, sequences: &Sequences, dims: &Dims) -> Result<Hidden> {
         let qkv = self.qkv.matmul(&hidden.input)?;
-        let context = ops::self_attention(&qkv, self.qkv.bias(), mask, dims.heads, mask.seq_len())?;
+        let context = ops::self_attention(&qkv, self.qkv.bias(), sequences, dims.heads, false)?;
         let attended = self.attention_epilogue(&context, &hidden.residual)?;
         self.feed_forward(&attended, dims)
     }
 
     /// The layer for first-token rows only: K and V from every token, Q and everything after attention from
-    /// the first token. Returns [batch, hidden].
+    /// the first token. Returns [sequences, hidden].
     fn forward_first_token(
         &self,
         hidden: &Hidden,
-        mask: &PaddingMask,
+        sequences: &Sequences,
         dims: &Dims,
     ) -> Result<Hidden> {
         let qkv = self.qkv.matmul(&hidden.input)?;
-        let context = ops::self_attention(&qkv, self.qkv.bias(), mask, dims.heads, 1)?;
-        let residual = hidden
-            .first_tokens(mask.batch_size(), mask.seq_len())?
-            .residual;
+        let context = ops::self_attention(&qkv, self.qkv.bias(), sequences, dims.heads, true)?;
+        let residual = hidden.first_tokens(sequences)?.residual;
         let attended = self.attention_epilogue(&context, &residual)?;
         self.feed_forward(&attended, dims)
     }

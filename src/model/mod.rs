@@ -1,4 +1,4 @@
-//! Cross-encoder models: loading a Hugging Face model directory and running a padded batch to logits.
+//! Cross-encoder models: loading a Hugging Face model directory and running a packed batch to logits.
 
 pub mod bert;
 mod encoder;
@@ -18,82 +18,81 @@ use hf_config::{ModelConfig, SentenceTransformersConfig};
 use ops::FeedForwardActivation;
 use scoring::Scoring;
 
-/// A right-padded batch of token sequences, device-independent.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PaddedBatch {
-    /// [size * seq_len], row-major; padding positions hold the pad id.
+/// A batch of token sequences packed back to back without padding, device-independent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedBatch {
+    /// Every sequence's ids, concatenated: [real tokens].
     pub input_ids: Vec<u32>,
-    /// [size * seq_len]; 0 on padding.
+    /// Token type ids, aligned with `input_ids`.
     pub type_ids: Vec<u32>,
-    /// Real length of each sequence; the rest of its row is padding.
-    pub lengths: Vec<usize>,
-    pub seq_len: usize,
+    /// Sequence i is tokens cu_seqlens[i]..cu_seqlens[i + 1]; starts at 0, one entry more than sequences.
+    pub cu_seqlens: Vec<usize>,
+    /// The longest sequence.
+    pub max_len: usize,
 }
 
-impl PaddedBatch {
+impl Default for PackedBatch {
+    fn default() -> Self {
+        Self {
+            input_ids: Vec::new(),
+            type_ids: Vec::new(),
+            cu_seqlens: vec![0],
+            max_len: 0,
+        }
+    }
+}
+
+impl PackedBatch {
     pub fn size(&self) -> usize {
-        self.lengths.len()
+        self.cu_seqlens.len() - 1
     }
 
+    /// Tokens a device that pads every sequence to the longest one computes.
     pub fn padded_tokens(&self) -> usize {
-        self.size() * self.seq_len
+        self.size() * self.max_len
     }
 
     pub fn real_tokens(&self) -> usize {
-        self.lengths.iter().sum()
+        self.input_ids.len()
     }
 
-    /// Each row's real (ids, type ids), without padding.
+    pub fn lengths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.cu_seqlens.windows(2).map(|w| w[1] - w[0])
+    }
+
+    /// Each sequence's (ids, type ids).
     pub fn rows(&self) -> impl Iterator<Item = (&[u32], &[u32])> + Clone {
-        self.lengths.iter().enumerate().map(move |(row, &len)| {
-            let start = row * self.seq_len;
-            (
-                &self.input_ids[start..start + len],
-                &self.type_ids[start..start + len],
-            )
-        })
+        self.cu_seqlens
+            .windows(2)
+            .map(move |w| (&self.input_ids[w[0]..w[1]], &self.type_ids[w[0]..w[1]]))
     }
 
-    /// Splits into the first `n` rows and the rest, each padded to its own longest row.
-    pub fn split_at(&self, n: usize, pad_id: u32) -> (PaddedBatch, PaddedBatch) {
+    /// Splits into the first `n` sequences and the rest.
+    pub fn split_at(&self, n: usize) -> (PackedBatch, PackedBatch) {
         let rows = self.rows();
         (
-            Self::from_sequences(rows.clone().take(n), pad_id),
-            Self::from_sequences(rows.skip(n), pad_id),
+            Self::from_sequences(rows.clone().take(n)),
+            Self::from_sequences(rows.skip(n)),
         )
     }
 
-    /// Pads sequences (ids, type ids) to the longest one.
-    pub fn from_sequences<'a>(
-        sequences: impl IntoIterator<Item = (&'a [u32], &'a [u32])> + Clone,
-        pad_id: u32,
-    ) -> Self {
-        let seq_len = sequences
-            .clone()
-            .into_iter()
-            .map(|(ids, _)| ids.len())
-            .max()
-            .unwrap_or(0);
-        let mut batch = PaddedBatch {
-            seq_len,
-            ..Default::default()
-        };
+    /// Packs sequences (ids, type ids).
+    pub fn from_sequences<'a>(sequences: impl IntoIterator<Item = (&'a [u32], &'a [u32])>) -> Self {
+        let mut batch = PackedBatch::default();
         for (ids, types) in sequences {
-            batch.lengths.push(ids.len());
             batch.input_ids.extend_from_slice(ids);
-            batch
-                .input_ids
-                .resize(batch.lengths.len() * seq_len, pad_id);
             batch.type_ids.extend_from_slice(types);
-            batch.type_ids.resize(batch.lengths.len() * seq_len, 0);
+            batch.type_ids.resize(batch.input_ids.len(), 0);
+            batch.cu_seqlens.push(batch.input_ids.len());
+            batch.max_len = batch.max_len.max(ids.len());
         }
         batch
     }
 }
 
-/// A sequence-classification model: a padded batch in, logits [batch, num_labels] out.
+/// A sequence-classification model: a packed batch in, logits [sequences, num_labels] out.
 pub trait CrossEncoder: Send + Sync {
-    fn forward(&self, batch: &PaddedBatch) -> candle_core::Result<Tensor>;
+    fn forward(&self, batch: &PackedBatch) -> candle_core::Result<Tensor>;
 }
 
 /// A loaded model with what the rest of the server needs to know about it.
@@ -105,13 +104,17 @@ pub struct LoadedModel {
     pub vocab_size: usize,
     pub scoring: Scoring,
     pub dtype: DType,
-    /// Id that fills padding positions (config.json pad_token_id, else 0).
+    /// The padding token (config.json pad_token_id, else 0): a valid id for warm-up and probe batches.
     pub pad_token_id: u32,
+    /// Tokens of context at which a token's attention costs as much as its dense layers: 2·hidden +
+    /// intermediate (per layer, attention is 4·n·hidden FLOPs per token, the dense layers 2·hidden·(4·hidden +
+    /// 2·intermediate)).
+    pub attention_span: usize,
 }
 
 impl LoadedModel {
     /// Runs a batch and returns each sequence's logits as rows.
-    pub fn logits(&self, batch: &PaddedBatch) -> candle_core::Result<Vec<Vec<f32>>> {
+    pub fn logits(&self, batch: &PackedBatch) -> candle_core::Result<Vec<Vec<f32>>> {
         // Device kernels index the embedding tables with these ids: refuse any outside them here.
         if let Some(&id) = batch
             .input_ids
@@ -123,10 +126,10 @@ impl LoadedModel {
                 self.vocab_size
             );
         }
-        if batch.seq_len > self.max_positions {
+        if batch.max_len > self.max_positions {
             candle_core::bail!(
                 "{} tokens is over the model's {} positions",
-                batch.seq_len,
+                batch.max_len,
                 self.max_positions
             );
         }
@@ -187,6 +190,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
         scoring,
         dtype,
         pad_token_id: config.pad_token_id.unwrap_or(0),
+        attention_span: 2 * config.hidden_size + config.intermediate_size,
     })
 }
 
@@ -233,20 +237,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pads_to_the_longest_sequence() {
+    fn packs_sequences_back_to_back() {
         let a = ([1u32, 2, 3], [0u32, 0, 1]);
         let b = ([4u32], [0u32]);
         let seqs = [(&a.0[..], &a.1[..]), (&b.0[..], &b.1[..])];
-        let batch = PaddedBatch::from_sequences(seqs.iter().copied(), 9);
-        assert_eq!(batch.input_ids, vec![1, 2, 3, 4, 9, 9]);
-        assert_eq!(batch.type_ids, vec![0, 0, 1, 0, 0, 0]);
-        assert_eq!(batch.lengths, vec![3, 1]);
+        let batch = PackedBatch::from_sequences(seqs.iter().copied());
+        assert_eq!(batch.input_ids, vec![1, 2, 3, 4]);
+        assert_eq!(batch.type_ids, vec![0, 0, 1, 0]);
+        assert_eq!(batch.cu_seqlens, vec![0, 3, 4]);
+        assert_eq!(batch.lengths().collect::<Vec<_>>(), vec![3, 1]);
         assert_eq!((batch.padded_tokens(), batch.real_tokens()), (6, 4));
-        let (first, rest) = batch.split_at(1, 9);
-        assert_eq!((first.input_ids, first.seq_len), (vec![1, 2, 3], 3));
+        let (first, rest) = batch.split_at(1);
+        assert_eq!((first.input_ids, first.max_len), (vec![1, 2, 3], 3));
         assert_eq!(
-            (rest.input_ids, rest.seq_len, rest.type_ids),
-            (vec![4], 1, vec![0])
+            (rest.input_ids, rest.cu_seqlens, rest.type_ids),
+            (vec![4], vec![0, 1], vec![0])
         );
     }
 

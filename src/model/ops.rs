@@ -1,5 +1,5 @@
 //! The device operations every encoder architecture is built from (GEMM, fused bias/activation, residual LayerNorm,
-//! masked attention, embeddings). Architectures call only these, so a device backend can replace each one.
+//! attention over packed sequences, embeddings). Architectures call only these, so a device backend can replace each one.
 //!
 //! Precision: GEMM weights and activations are in the model dtype (fp16 on GPUs), while LayerNorm parameters and
 //! outputs (the residual stream) and the classification head stay fp32. Rounding the residual stream to fp16
@@ -104,18 +104,11 @@ impl Hidden {
         Ok(Self { residual, input })
     }
 
-    /// The rows of each sequence's first token, from a [batch * seq, hidden] state.
-    pub fn first_tokens(&self, batch: usize, seq: usize) -> Result<Self> {
-        let first = |t: &Tensor| -> Result<Tensor> {
-            let hidden = t.dim(D::Minus1)?;
-            t.reshape((batch, seq, hidden))?
-                .narrow(1, 0, 1)?
-                .reshape((batch, hidden))?
-                .contiguous()
-        };
+    /// The rows of each sequence's first token, from a packed [tokens, hidden] state.
+    pub fn first_tokens(&self, sequences: &Sequences) -> Result<Self> {
         Ok(Self {
-            residual: first(&self.residual)?,
-            input: first(&self.input)?,
+            residual: self.residual.index_select(&sequences.first_rows, 0)?,
+            input: self.input.index_select(&sequences.first_rows, 0)?,
         })
     }
 }
@@ -220,9 +213,97 @@ pub struct EmbeddingTables {
     pub token_type: Option<Tensor>,
 }
 
+/// Where each sequence of a packed batch lies: sequence i is tokens cu_seqlens[i]..cu_seqlens[i + 1] of the
+/// [tokens, hidden] activations. Dense layers run over the packed tokens; attention runs per sequence.
+#[derive(Debug, Clone)]
+pub struct Sequences {
+    cu_seqlens: Vec<usize>,
+    max_len: usize,
+    device: Device,
+    /// Each sequence's first token (its row in the packed activations), [sequences] u32 on the device.
+    first_rows: Tensor,
+    /// The right-padded form, built once per batch on devices whose attention kernels read padded input.
+    padded: Option<PaddedForm>,
+}
+
+impl Sequences {
+    /// From the sequences' offsets (starting at 0, non-decreasing, one more than the sequences).
+    pub fn new(cu_seqlens: &[usize], device: &Device) -> Result<Self> {
+        if cu_seqlens.first() != Some(&0) || cu_seqlens.windows(2).any(|w| w[0] > w[1]) {
+            candle_core::bail!(
+                "sequence offsets must start at 0 and never decrease: {cu_seqlens:?}"
+            );
+        }
+        let max_len = cu_seqlens
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0);
+        let starts: Vec<u32> = cu_seqlens[..cu_seqlens.len() - 1]
+            .iter()
+            .map(|&s| s as u32)
+            .collect();
+        let count = starts.len();
+        let mut sequences = Self {
+            cu_seqlens: cu_seqlens.to_vec(),
+            max_len,
+            device: device.clone(),
+            first_rows: Tensor::from_vec(starts, count, device)?,
+            padded: None,
+        };
+        if !device.is_cpu() {
+            sequences.padded = Some(sequences.padded_form()?);
+        }
+        Ok(sequences)
+    }
+
+    pub fn count(&self) -> usize {
+        self.cu_seqlens.len() - 1
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.cu_seqlens[self.cu_seqlens.len() - 1]
+    }
+
+    fn lengths(&self) -> Vec<usize> {
+        self.cu_seqlens.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// Index maps between the packed rows and a right-padded [sequences * max_len] layout, and its mask.
+    fn padded_form(&self) -> Result<PaddedForm> {
+        let (count, max_len) = (self.count(), self.max_len);
+        let mut gather = Vec::with_capacity(count * max_len);
+        let mut scatter = Vec::with_capacity(self.tokens());
+        for (seq, window) in self.cu_seqlens.windows(2).enumerate() {
+            let (start, end) = (window[0], window[1]);
+            // Padding slots repeat the sequence's first token: masked as keys, dropped as queries.
+            gather.extend(
+                (0..max_len).map(|i| if start + i < end { start + i } else { start } as u32),
+            );
+            scatter.extend((0..end - start).map(|i| (seq * max_len + i) as u32));
+        }
+        let tokens = scatter.len();
+        Ok(PaddedForm {
+            gather: Tensor::from_vec(gather, count * max_len, &self.device)?,
+            scatter: Tensor::from_vec(scatter, tokens, &self.device)?,
+            mask: PaddingMask::new(&self.lengths(), max_len, &self.device)?,
+        })
+    }
+}
+
+/// A packed batch seen as right-padded, for attention kernels that read padded batches.
+#[derive(Debug, Clone)]
+struct PaddedForm {
+    /// [sequences * max_len]: the packed row each padded slot reads.
+    gather: Tensor,
+    /// [tokens]: the padded slot of each packed row.
+    scatter: Tensor,
+    mask: PaddingMask,
+}
+
 /// Which keys of a right-padded batch are real: each sequence's first `lengths[i]` tokens.
 #[derive(Debug, Clone)]
-pub struct PaddingMask {
+struct PaddingMask {
     lengths: Vec<usize>,
     seq_len: usize,
     device: Device,
@@ -232,7 +313,7 @@ pub struct PaddingMask {
 }
 
 impl PaddingMask {
-    pub fn new(lengths: &[usize], seq_len: usize, device: &Device) -> Result<Self> {
+    fn new(lengths: &[usize], seq_len: usize, device: &Device) -> Result<Self> {
         let device_lengths = if device.is_cpu() {
             None
         } else {
@@ -248,12 +329,8 @@ impl PaddingMask {
         })
     }
 
-    pub fn batch_size(&self) -> usize {
+    fn batch_size(&self) -> usize {
         self.lengths.len()
-    }
-
-    pub fn seq_len(&self) -> usize {
-        self.seq_len
     }
 
     /// Additive bias, 0 on real keys and the most negative float on padding keys, shaped
@@ -272,15 +349,12 @@ impl PaddingMask {
 
 /// Scaled dot-product attention with padding keys excluded. q: [batch, heads, q_rows, head_dim]; k, v:
 /// [batch, heads, seq, head_dim]. Padded query rows stay finite because every sequence has a real key.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &PaddingMask) -> Result<Tensor> {
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &PaddingMask) -> Result<Tensor> {
     let head_dim = q.dim(D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     #[cfg(feature = "cuda")]
     if let Some(lengths) = &mask.device_lengths {
         return cuda::attention(q, k, v, scale as f32, lengths);
-    }
-    if let Some(context) = cpu::attention(q, k, v, scale as f32, &mask.lengths) {
-        return context;
     }
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let scores = (f32(q)?.matmul(&f32(k)?.t()?)? * scale)?.broadcast_add(&mask.bias()?)?;
@@ -289,11 +363,49 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &PaddingMask) -> Resu
         .to_dtype(q.dtype())
 }
 
-/// Multi-head self-attention over a padded batch, from the fused QKV projection. qkv: [batch * seq, 3 * hidden]
-/// without its bias (Q | K | V, `heads` heads each); bias: [3 * hidden]. Returns the context of each sequence's
-/// first `q_rows` rows, [batch * q_rows, hidden]: q_rows = seq for a full layer, 1 where only the first token
-/// matters.
+/// Multi-head self-attention over packed sequences, from the fused QKV projection. qkv: [tokens, 3 * hidden]
+/// without its bias (Q | K | V, `heads` heads each); bias: [3 * hidden]. Returns [tokens, hidden], or with
+/// `first_only` the context of each sequence's first token, [sequences, hidden].
+///
+/// The CPU computes the packed form directly. Other devices and dtypes gather the rows into a right-padded
+/// batch, run padded attention (the CUDA kernels) and scatter the real rows back.
 pub fn self_attention(
+    qkv: &Tensor,
+    bias: &Tensor,
+    sequences: &Sequences,
+    heads: usize,
+    first_only: bool,
+) -> Result<Tensor> {
+    if let Some(context) = cpu::self_attention(qkv, bias, &sequences.cu_seqlens, heads, first_only)
+    {
+        return context;
+    }
+    let built;
+    let padded = match &sequences.padded {
+        Some(padded) => padded,
+        None => {
+            built = sequences.padded_form()?;
+            &built
+        }
+    };
+    let q_rows = if first_only { 1 } else { sequences.max_len };
+    let context = padded_self_attention(
+        &qkv.index_select(&padded.gather, 0)?,
+        bias,
+        &padded.mask,
+        heads,
+        q_rows,
+    )?;
+    if first_only {
+        Ok(context)
+    } else {
+        context.index_select(&padded.scatter, 0)
+    }
+}
+
+/// Self-attention of a right-padded batch: qkv [batch * seq, 3 * hidden] without bias; returns the context of
+/// each sequence's first `q_rows` rows, [batch * q_rows, hidden].
+fn padded_self_attention(
     qkv: &Tensor,
     bias: &Tensor,
     mask: &PaddingMask,
@@ -339,6 +451,11 @@ pub fn dense_tanh(layer: &Linear, x: &Tensor) -> Result<Tensor> {
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+
+/// The instruction set the CPU kernels run with on this machine ("avx512", "avx2+fma" or "baseline").
+pub fn cpu_simd_level() -> &'static str {
+    cpu::vector::simd_level().name()
+}
 
 #[cfg(test)]
 mod tests {
@@ -456,39 +573,24 @@ mod tests {
         let composed = norm.forward(&x.broadcast_add(&b)?.add(&r)?)?;
         assert!(max_abs_diff(&add_bias_layer_norm(&x, &b, &r, &norm)?.residual, &composed) < 1e-5);
 
-        let mask = PaddingMask::new(&[5, 2], 5, &dev)?;
-        let (q, k, v) = (
-            Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?,
-            Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?,
-            Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?,
-        );
-        let fused = cpu::attention(&q, &k, &v, 0.25, &mask.lengths).expect("cpu path")?;
-        let probs = candle_nn::ops::softmax_last_dim(
-            &(q.matmul(&k.t()?)? * 0.25)?.broadcast_add(&mask.bias()?)?,
-        )?;
-        assert!(max_abs_diff(&fused, &probs.matmul(&v)?) < 1e-5);
-
         Ok(())
     }
 
     #[test]
     fn self_attention_matches_per_head_attention() -> Result<()> {
         let dev = Device::Cpu;
-        let (batch, seq, heads, head_dim) = (2, 6, 3, 4);
+        let (heads, head_dim) = (3, 4);
         let hidden = heads * head_dim;
-        let qkv = Tensor::randn(0f32, 1.0, (batch * seq, 3 * hidden), &dev)?;
+        let sequences = Sequences::new(&[0, 6, 10], &dev)?;
+        let qkv = Tensor::randn(0f32, 1.0, (10, 3 * hidden), &dev)?;
         let bias = Tensor::randn(0f32, 1.0, 3 * hidden, &dev)?;
-        let mask = PaddingMask::new(&[6, 4], seq, &dev)?;
-        let context = self_attention(&qkv, &bias, &mask, heads, seq)?;
-        assert_eq!(context.dims(), &[batch * seq, hidden]);
-        // Head 1 of sequence 1, by hand from its columns.
-        let with_bias = qkv
-            .broadcast_add(&bias)?
-            .reshape((batch, seq, 3 * hidden))?;
+        let context = self_attention(&qkv, &bias, &sequences, heads, false)?;
+        assert_eq!(context.dims(), &[10, hidden]);
+        // Head 1 of sequence 1 (packed rows 6..10), by hand from its columns.
+        let with_bias = qkv.broadcast_add(&bias)?;
         let columns = |offset: usize| -> Result<Tensor> {
             with_bias
-                .i(1)?
-                .narrow(0, 0, 4)?
+                .narrow(0, 6, 4)?
                 .narrow(1, offset + head_dim, head_dim)?
                 .unsqueeze(0)?
                 .unsqueeze(0)?
@@ -498,16 +600,52 @@ mod tests {
         let expected = attention(&q, &k, &v, &PaddingMask::new(&[4], 4, &dev)?)?
             .squeeze(0)?
             .squeeze(0)?;
-        let got = context
-            .reshape((batch, seq, hidden))?
-            .i(1)?
-            .narrow(0, 0, 4)?
-            .narrow(1, head_dim, head_dim)?;
+        let got = context.narrow(0, 6, 4)?.narrow(1, head_dim, head_dim)?;
         assert!(max_abs_diff(&got, &expected) < 1e-5);
-        // The first-row-only form is the first row of the full one.
-        let first = self_attention(&qkv, &bias, &mask, heads, 1)?;
-        let full_first = context.reshape((batch, seq, hidden))?.i((.., 0))?;
+        // The first-row-only form is the first row of each sequence.
+        let first = self_attention(&qkv, &bias, &sequences, heads, true)?;
+        let full_first = context.index_select(&Tensor::new(&[0u32, 6], &dev)?, 0)?;
         assert!(max_abs_diff(&first, &full_first) < 1e-6);
+        Ok(())
+    }
+
+    /// The route other devices and dtypes take (gather into a padded batch, padded attention, scatter back) gives
+    /// the packed kernel's result: checked here in f32 and through f16 inputs, which the CPU kernel declines.
+    #[test]
+    fn padded_route_equals_the_packed_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let heads = 2;
+        let sequences = Sequences::new(&[0, 7, 9, 9 + 13], &dev)?;
+        let qkv = Tensor::randn(0f32, 1.0, (22, 3 * 16), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, 3 * 16, &dev)?;
+        let padded = sequences.padded_form()?;
+        for first_only in [false, true] {
+            let packed = self_attention(&qkv, &bias, &sequences, heads, first_only)?;
+            let q_rows = if first_only { 1 } else { sequences.max_len };
+            let mut via_padding = padded_self_attention(
+                &qkv.index_select(&padded.gather, 0)?,
+                &bias,
+                &padded.mask,
+                heads,
+                q_rows,
+            )?;
+            if !first_only {
+                via_padding = via_padding.index_select(&padded.scatter, 0)?;
+            }
+            assert!(
+                max_abs_diff(&packed, &via_padding) < 1e-5,
+                "first_only {first_only}"
+            );
+            let half = self_attention(
+                &qkv.to_dtype(DType::F16)?,
+                &bias.to_dtype(DType::F16)?,
+                &sequences,
+                heads,
+                first_only,
+            )?;
+            assert_eq!(half.dtype(), DType::F16);
+            assert!(max_abs_diff(&packed, &half.to_dtype(DType::F32)?) < 2e-2);
+        }
         Ok(())
     }
 

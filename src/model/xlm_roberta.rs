@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::encoder::{self, Encoder};
 use super::hf_config::ModelConfig;
 use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear};
-use super::{CrossEncoder, PaddedBatch};
+use super::{CrossEncoder, PackedBatch};
 
 pub const ARCHITECTURES: &[&str] = &[
     "XLMRobertaForSequenceClassification",
@@ -60,12 +60,11 @@ impl XlmRoberta {
 }
 
 /// Position ids as the reference computes them from the ids: each non-pad token gets padding_idx + its
-/// 1-based count among the non-pad tokens of its row; pad tokens (padding and a literal `<pad>` alike) get
-/// padding_idx.
-pub fn position_ids(input_ids: &[u32], seq_len: usize, padding_idx: u32) -> Vec<u32> {
-    input_ids
-        .chunks(seq_len.max(1))
-        .flat_map(|row| {
+/// 1-based count among the non-pad tokens of its sequence; a literal `<pad>` token gets padding_idx.
+pub fn position_ids(batch: &PackedBatch, padding_idx: u32) -> Vec<u32> {
+    batch
+        .rows()
+        .flat_map(|(row, _)| {
             row.iter().scan(0u32, move |count, &id| {
                 Some(if id == padding_idx {
                     padding_idx
@@ -79,16 +78,13 @@ pub fn position_ids(input_ids: &[u32], seq_len: usize, padding_idx: u32) -> Vec<
 }
 
 impl CrossEncoder for XlmRoberta {
-    fn forward(&self, batch: &PaddedBatch) -> Result<Tensor> {
-        let (size, seq) = (batch.size(), batch.seq_len);
-        let ids = Tensor::from_slice(&batch.input_ids, size * seq, &self.device)?;
-        let positions = Tensor::from_vec(
-            position_ids(&batch.input_ids, seq, self.padding_idx),
-            size * seq,
-            &self.device,
-        )?;
+    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let tokens = batch.real_tokens();
+        let ids = Tensor::from_slice(&batch.input_ids, tokens, &self.device)?;
+        let positions =
+            Tensor::from_vec(position_ids(batch, self.padding_idx), tokens, &self.device)?;
         // The XLM-R tokenizer returns no token type ids: every token uses type 0, as in the reference.
-        let type_ids = Tensor::zeros(size * seq, DType::U32, &self.device)?;
+        let type_ids = Tensor::zeros(tokens, DType::U32, &self.device)?;
         let hidden = ops::embed(
             &self.tables,
             &ids,
@@ -96,8 +92,11 @@ impl CrossEncoder for XlmRoberta {
             Some(&type_ids),
             &self.embedding_norm,
         )?;
-        let mask = ops::PaddingMask::new(&batch.lengths, seq, &self.device)?;
-        let first = self.encoder.forward_first_token(hidden, &mask)?.residual;
+        let sequences = ops::Sequences::new(&batch.cu_seqlens, &self.device)?;
+        let first = self
+            .encoder
+            .forward_first_token(hidden, &sequences)?
+            .residual;
         self.head_out
             .forward(&ops::dense_tanh(&self.head_dense, &first)?)
     }
@@ -109,11 +108,12 @@ mod tests {
 
     #[test]
     fn positions_start_after_padding_idx_and_skip_pad_tokens() {
-        // Row 1: <s> a <pad>(literal) b </s> then padding; row 2 full.
-        let ids = [0, 5, 1, 6, 2, 1, 1, 0, 7, 8, 9, 10, 11, 2];
+        // Sequence 1: <s> a <pad>(literal) b </s>; sequence 2 longer.
+        let (a, b) = ([0, 5, 1, 6, 2], [0, 7, 8, 9, 10, 11, 2]);
+        let batch = PackedBatch::from_sequences([(&a[..], &[][..]), (&b[..], &[][..])]);
         assert_eq!(
-            position_ids(&ids, 7, 1),
-            vec![2, 3, 1, 4, 5, 1, 1, 2, 3, 4, 5, 6, 7, 8]
+            position_ids(&batch, 1),
+            vec![2, 3, 1, 4, 5, 2, 3, 4, 5, 6, 7, 8]
         );
     }
 }

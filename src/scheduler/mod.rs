@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use queue::{bucket_bounds, Batch, BatchPolicy, BatchQueue};
+pub use queue::{bucket_bounds, Batch, BatchPolicy, BatchQueue, BatchShape};
 use request::{BatchOutcome, Pair, RequestHandle, RequestId};
 
 use crate::error::RerankError;
@@ -81,7 +81,7 @@ impl SchedulerStats {
         self.pairs
             .fetch_add(batch.pairs.len() as u64, Ordering::Relaxed);
         self.padded_tokens
-            .fetch_add(batch.inputs.padded_tokens() as u64, Ordering::Relaxed);
+            .fetch_add(batch.device_tokens as u64, Ordering::Relaxed);
         self.real_tokens
             .fetch_add(batch.inputs.real_tokens() as u64, Ordering::Relaxed);
     }
@@ -160,12 +160,12 @@ pub fn spawn(
     policy: BatchPolicy,
     pacing: Pacing,
     max_length: usize,
-    pad_id: u32,
+    shape: BatchShape,
     engine: mpsc::Sender<Batch>,
 ) -> SchedulerHandle {
     let (commands, receiver) = mpsc::unbounded_channel();
     let stats = Arc::new(SchedulerStats::default());
-    let queue = BatchQueue::new(policy, max_length, pad_id);
+    let queue = BatchQueue::new(policy, max_length, shape);
     let (stopped_sender, engine_stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(run(
         queue,
@@ -199,7 +199,7 @@ async fn run(
         stats
             .queued_pairs
             .store(queue.len() as u64, Ordering::Relaxed);
-        queue.set_token_budget(throughput.padded_tokens_in(pacing.target_batch_time));
+        queue.set_token_budget(throughput.cost_in(pacing.target_batch_time));
         if queue.has_ready(Instant::now()) {
             let engine_can_take = async {
                 if !pacing.cut_ahead {
@@ -263,10 +263,11 @@ fn apply(queue: &mut BatchQueue, command: Command, stats: &SchedulerStats) {
 }
 
 fn log_batch(batch: &Batch) {
-    let (padded, real) = (batch.inputs.padded_tokens(), batch.inputs.real_tokens());
+    let (padded, real) = (batch.device_tokens, batch.inputs.real_tokens());
     tracing::debug!(
         pairs = batch.pairs.len(),
-        seq_len = batch.inputs.seq_len,
+        max_len = batch.inputs.max_len,
+        cost = batch.cost,
         padded_tokens = padded,
         real_tokens = real,
         padding_ratio = padded as f64 / real.max(1) as f64,
@@ -320,7 +321,11 @@ mod tests {
     /// An engine measured at 1,000,000 tokens per second, batches of 1 ms, cut ahead.
     fn pacing() -> Pacing {
         Pacing {
-            throughput: Arc::new(Throughput::new(1_000_000, Duration::from_secs(1))),
+            throughput: Arc::new(Throughput::new(
+                1_000_000,
+                1_000_000,
+                Duration::from_secs(1),
+            )),
             target_batch_time: Duration::from_millis(1),
             cut_ahead: true,
         }
@@ -368,7 +373,7 @@ mod tests {
     #[tokio::test]
     async fn every_pair_of_concurrent_requests_is_answered_exactly_once() {
         let (engine, mut inbox) = mpsc::channel(1);
-        let scheduler = spawn(policy(), pacing(), 128, 0, engine);
+        let scheduler = spawn(policy(), pacing(), 128, BatchShape::Padded, engine);
         tokio::spawn(async move {
             while let Some(batch) = inbox.recv().await {
                 echo(batch);
@@ -409,7 +414,7 @@ mod tests {
     #[tokio::test]
     async fn cancelling_drops_pairs_that_have_not_reached_the_engine() {
         let (engine, mut inbox) = mpsc::channel(1);
-        let scheduler = spawn(policy(), pacing(), 128, 0, engine);
+        let scheduler = spawn(policy(), pacing(), 128, BatchShape::Padded, engine);
         let (request, _receiver) = scheduler.new_request();
         scheduler.submit(pairs(&request, 80, 20)).expect("submit");
         // The engine takes one batch; at most one more waits in its inbox, the rest in the queue.
@@ -443,7 +448,7 @@ mod tests {
     async fn a_stopped_engine_fails_requests_instead_of_hanging() {
         let (engine, inbox) = mpsc::channel(1);
         drop(inbox);
-        let scheduler = spawn(policy(), pacing(), 128, 0, engine);
+        let scheduler = spawn(policy(), pacing(), 128, BatchShape::Padded, engine);
         let (request, mut receiver) = scheduler.new_request();
         scheduler.submit(pairs(&request, 3, 10)).expect("submit");
         let outcome = tokio::time::timeout(Duration::from_secs(5), receiver.recv())

@@ -4,23 +4,65 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::request::{Pair, RequestId};
-use crate::model::PaddedBatch;
+use crate::model::PackedBatch;
 
 /// Limits that decide when a batch is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchPolicy {
-    /// Padded tokens (pairs x longest pair) a batch may hold; a single longer pair runs alone.
+    /// The cost a batch may reach, in tokens as its `BatchShape` counts them (padded: pairs × longest pair;
+    /// packed: real tokens plus the attention term); a single larger pair runs alone.
     pub max_batch_tokens: usize,
     pub max_batch_size: usize,
     /// A bucket that is not full is cut once its oldest pair has waited this long.
     pub max_wait: Duration,
 }
 
-/// A cut batch: its pairs (in row order) and their padded model input.
+/// How the device lays out a batch, which decides what a batch costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchShape {
+    /// Every sequence padded to the longest one: a batch costs pairs × longest pair tokens.
+    Padded,
+    /// Real tokens only: a pair of n tokens costs n + n²/attention_span, since its dense layers grow with n
+    /// and its attention with n². For an encoder, attention_span = 2·hidden + intermediate (the ratio of a
+    /// token's dense FLOPs to its attention FLOPs per key).
+    Packed { attention_span: usize },
+}
+
+impl BatchShape {
+    /// The cost of one pair of `len` tokens on its own.
+    pub fn pair_cost(self, len: usize) -> usize {
+        match self {
+            Self::Padded => len,
+            Self::Packed { attention_span } => len + len * len / attention_span.max(1),
+        }
+    }
+
+    /// Tokens the device computes for this batch (padding included).
+    pub fn device_tokens(self, inputs: &PackedBatch) -> usize {
+        match self {
+            Self::Padded => inputs.padded_tokens(),
+            Self::Packed { .. } => inputs.real_tokens(),
+        }
+    }
+
+    /// The batch's cost in the budget's units.
+    pub fn batch_cost(self, inputs: &PackedBatch) -> usize {
+        match self {
+            Self::Padded => inputs.padded_tokens(),
+            Self::Packed { .. } => inputs.lengths().map(|len| self.pair_cost(len)).sum(),
+        }
+    }
+}
+
+/// A cut batch: its pairs (in row order), their packed model input and what computing it costs.
 #[derive(Debug)]
 pub struct Batch {
     pub pairs: Vec<Pair>,
-    pub inputs: PaddedBatch,
+    pub inputs: PackedBatch,
+    /// In the budget's units (see `BatchShape`): what the engine's speed is measured in.
+    pub cost: usize,
+    /// Tokens the device computes, padding included.
+    pub device_tokens: usize,
 }
 
 /// Pairs of one request inside one bucket, oldest first.
@@ -48,15 +90,15 @@ impl Bucket {
             .min()
     }
 
-    /// Enough pairs to fill a batch by size or by tokens (at the bucket's bound, an upper bound of the padding).
-    fn is_full(&self, policy: &BatchPolicy) -> bool {
+    /// Enough pairs to fill a batch by size or by cost (at the bucket's bound, an upper bound).
+    fn is_full(&self, policy: &BatchPolicy, shape: BatchShape) -> bool {
         self.count >= policy.max_batch_size
-            || self.count.saturating_mul(self.bound) >= policy.max_batch_tokens
+            || self.count.saturating_mul(shape.pair_cost(self.bound)) >= policy.max_batch_tokens
     }
 
-    fn is_ready(&self, policy: &BatchPolicy, now: Instant) -> bool {
+    fn is_ready(&self, policy: &BatchPolicy, shape: BatchShape, now: Instant) -> bool {
         self.count > 0
-            && (self.is_full(policy)
+            && (self.is_full(policy, shape)
                 || self
                     .oldest()
                     .is_some_and(|t| now.saturating_duration_since(t) >= policy.max_wait))
@@ -82,7 +124,7 @@ pub struct BatchQueue {
     policy: BatchPolicy,
     /// The policy in force: the configured one with the token budget of the current batch time.
     active: BatchPolicy,
-    pad_id: u32,
+    shape: BatchShape,
     buckets: Vec<Bucket>,
     requests: HashMap<RequestId, RequestEntry>,
     /// Requests with queued pairs; the front one anchors the next batch, then goes to the back.
@@ -95,38 +137,62 @@ pub struct BatchQueue {
 /// Largest padded/real token ratio a batch may reach when it is topped up from other buckets.
 const COALESCE_MAX_PADDING: f64 = 1.3;
 
-/// A batch being filled: its pairs, the longest pair and the real tokens.
-#[derive(Debug, Default)]
+/// A batch being filled: its pairs, the longest pair, the real tokens and the packed cost so far.
+#[derive(Debug)]
 struct Fill {
+    shape: BatchShape,
     pairs: Vec<Pair>,
     padded_len: usize,
     real_tokens: usize,
+    packed_cost: usize,
 }
 
 impl Fill {
-    /// Whether a pair of `len` tokens fits the budget (a first pair always does: a longer one runs alone) and
-    /// keeps the padding ratio within `max_padding`.
+    fn new(shape: BatchShape) -> Self {
+        Self {
+            shape,
+            pairs: Vec::new(),
+            padded_len: 0,
+            real_tokens: 0,
+            packed_cost: 0,
+        }
+    }
+
+    /// The batch's cost with `rows` rows, the longest `longest` tokens, and `extra` more packed cost.
+    fn cost_with(&self, rows: usize, longest: usize, extra: usize) -> usize {
+        match self.shape {
+            BatchShape::Padded => rows * longest,
+            BatchShape::Packed { .. } => self.packed_cost + extra,
+        }
+    }
+
+    /// Whether a pair of `len` tokens fits the budget (a first pair always does: a larger one runs alone) and,
+    /// when padded, keeps the padding ratio within `max_padding`.
     fn accepts(&self, len: usize, policy: &BatchPolicy, max_padding: Option<f64>) -> bool {
         if self.pairs.is_empty() {
             return true;
         }
         let rows = self.pairs.len() + 1;
-        let padded = rows * self.padded_len.max(len);
-        let within_budget = rows <= policy.max_batch_size && padded <= policy.max_batch_tokens;
-        let within_padding = max_padding
-            .is_none_or(|limit| padded as f64 <= limit * (self.real_tokens + len) as f64);
+        let longest = self.padded_len.max(len);
+        let cost = self.cost_with(rows, longest, self.shape.pair_cost(len));
+        let within_budget = rows <= policy.max_batch_size && cost <= policy.max_batch_tokens;
+        let within_padding = self.shape != BatchShape::Padded
+            || max_padding.is_none_or(|limit| {
+                (rows * longest) as f64 <= limit * (self.real_tokens + len) as f64
+            });
         within_budget && within_padding
     }
 
     /// Whether any further pair could fit the size budget.
     fn has_room(&self, policy: &BatchPolicy) -> bool {
         self.pairs.len() < policy.max_batch_size
-            && (self.pairs.len() + 1) * self.padded_len <= policy.max_batch_tokens
+            && self.cost_with(self.pairs.len() + 1, self.padded_len, 1) <= policy.max_batch_tokens
     }
 
     fn push(&mut self, pair: Pair) {
         self.padded_len = self.padded_len.max(pair.len());
         self.real_tokens += pair.len();
+        self.packed_cost += self.shape.pair_cost(pair.len());
         self.pairs.push(pair);
     }
 }
@@ -154,7 +220,7 @@ pub fn bucket_bounds(max_length: usize) -> Vec<usize> {
 }
 
 impl BatchQueue {
-    pub fn new(policy: BatchPolicy, max_length: usize, pad_id: u32) -> Self {
+    pub fn new(policy: BatchPolicy, max_length: usize, shape: BatchShape) -> Self {
         let buckets = bucket_bounds(max_length)
             .into_iter()
             .map(|bound| Bucket {
@@ -166,7 +232,7 @@ impl BatchQueue {
         Self {
             policy,
             active: policy,
-            pad_id,
+            shape,
             buckets,
             requests: HashMap::new(),
             turns: VecDeque::new(),
@@ -179,7 +245,7 @@ impl BatchQueue {
         &self.policy
     }
 
-    /// Sets the padded tokens the next batches may hold (what the engine computes in the target batch time),
+    /// Sets the cost the next batches may reach (what the engine computes in the target batch time),
     /// within max_batch_tokens. A bucket holding that much is cut at once.
     pub fn set_token_budget(&mut self, tokens: usize) {
         self.active.max_batch_tokens = tokens.clamp(1, self.policy.max_batch_tokens);
@@ -257,7 +323,9 @@ impl BatchQueue {
 
     /// Whether some bucket is ready to be cut at `now`.
     pub fn has_ready(&self, now: Instant) -> bool {
-        self.buckets.iter().any(|b| b.is_ready(&self.active, now))
+        self.buckets
+            .iter()
+            .any(|b| b.is_ready(&self.active, self.shape, now))
     }
 
     /// The earliest time a not-yet-ready bucket becomes due by max_wait.
@@ -281,7 +349,7 @@ impl BatchQueue {
             if let Some(request) = self.turns.remove(turn) {
                 self.turns.push_back(request);
             }
-            let mut fill = Fill::default();
+            let mut fill = Fill::new(self.shape);
             self.take_from_bucket(bucket_index, &mut fill, None);
             for neighbour in nearest_first(bucket_index, self.buckets.len()) {
                 if fill.pairs.is_empty() || !fill.has_room(&self.active) {
@@ -293,13 +361,17 @@ impl BatchQueue {
             }
             if !fill.pairs.is_empty() {
                 let pairs = fill.pairs;
-                let inputs = PaddedBatch::from_sequences(
+                let inputs = PackedBatch::from_sequences(
                     pairs
                         .iter()
                         .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
-                    self.pad_id,
                 );
-                return Some(Batch { pairs, inputs });
+                return Some(Batch {
+                    cost: self.shape.batch_cost(&inputs),
+                    device_tokens: self.shape.device_tokens(&inputs),
+                    pairs,
+                    inputs,
+                });
             }
             // Everything taken belonged to cancelled requests: look again.
         }
@@ -310,7 +382,7 @@ impl BatchQueue {
         let ready: Vec<bool> = self
             .buckets
             .iter()
-            .map(|b| b.is_ready(&self.active, now))
+            .map(|b| b.is_ready(&self.active, self.shape, now))
             .collect();
         self.turns.iter().enumerate().find_map(|(turn, request)| {
             let entry = self.requests.get(request)?;
@@ -437,7 +509,7 @@ mod tests {
     #[test]
     fn budget_and_size_are_never_exceeded() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(1000, 16, 5), 512, 0);
+        let mut queue = BatchQueue::new(policy(1000, 16, 5), 512, BatchShape::Padded);
         let r = request(1);
         let mut seed = 17u64;
         for i in 0..600 {
@@ -456,7 +528,7 @@ mod tests {
                 batch.inputs.padded_tokens()
             );
             assert_eq!(
-                batch.inputs.seq_len,
+                batch.inputs.max_len,
                 batch.pairs.iter().map(Pair::len).max().unwrap_or(0)
             );
         }
@@ -465,7 +537,7 @@ mod tests {
     #[test]
     fn a_pair_longer_than_the_budget_runs_alone() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(100, 8, 5), 512, 0);
+        let mut queue = BatchQueue::new(policy(100, 8, 5), 512, BatchShape::Padded);
         let r = request(1);
         queue.push(pair(&r, 0, 400, t0));
         queue.push(pair(&r, 1, 410, t0));
@@ -483,7 +555,7 @@ mod tests {
     #[test]
     fn long_context_pairs_share_a_batch_only_within_the_budget() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(16_384, 64, 5), 8192, 1);
+        let mut queue = BatchQueue::new(policy(16_384, 64, 5), 8192, BatchShape::Padded);
         let r = request(1);
         for i in 0..3 {
             queue.push(pair(&r, i, 8000, t0));
@@ -491,11 +563,11 @@ mod tests {
         queue.push(pair(&r, 3, 8192, t0));
         let sizes: Vec<(usize, usize)> = drain(&mut queue, t0)
             .iter()
-            .map(|b| (b.pairs.len(), b.inputs.seq_len))
+            .map(|b| (b.pairs.len(), b.inputs.max_len))
             .collect();
         assert_eq!(sizes.iter().map(|(n, _)| n).sum::<usize>(), 4);
         assert!(sizes.iter().all(|&(n, len)| n * len <= 16_384), "{sizes:?}");
-        let mut small_budget = BatchQueue::new(policy(4096, 64, 5), 8192, 1);
+        let mut small_budget = BatchQueue::new(policy(4096, 64, 5), 8192, BatchShape::Padded);
         small_budget.push(pair(&r, 0, 8192, t0));
         assert!(
             small_budget.has_ready(t0),
@@ -507,7 +579,7 @@ mod tests {
     #[test]
     fn max_wait_is_honoured() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(10_000, 64, 5), 512, 0);
+        let mut queue = BatchQueue::new(policy(10_000, 64, 5), 512, BatchShape::Padded);
         let r = request(1);
         queue.push(pair(&r, 0, 20, t0));
         assert!(
@@ -525,7 +597,7 @@ mod tests {
     #[test]
     fn the_token_budget_of_the_batch_time_sizes_batches_within_max_batch_tokens() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(10_000, 64, 1000), 512, 0);
+        let mut queue = BatchQueue::new(policy(10_000, 64, 1000), 512, BatchShape::Padded);
         let r = request(1);
         for i in 0..40 {
             queue.push(pair(&r, i, 100, t0));
@@ -556,7 +628,7 @@ mod tests {
     #[test]
     fn a_full_bucket_is_cut_without_waiting() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(10_000, 4, 1000), 512, 0);
+        let mut queue = BatchQueue::new(policy(10_000, 4, 1000), 512, BatchShape::Padded);
         let r = request(1);
         for i in 0..4 {
             queue.push(pair(&r, i, 30, t0));
@@ -568,7 +640,7 @@ mod tests {
     #[test]
     fn pairs_are_grouped_by_length() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(100_000, 64, 0), 512, 0);
+        let mut queue = BatchQueue::new(policy(100_000, 64, 0), 512, BatchShape::Padded);
         let r = request(1);
         for i in 0..20 {
             queue.push(pair(&r, i, if i % 2 == 0 { 10 } else { 300 }, t0));
@@ -587,7 +659,7 @@ mod tests {
     #[test]
     fn a_sparse_queue_is_coalesced_into_few_batches_with_bounded_padding() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(65_536, 512, 2), 512, 0);
+        let mut queue = BatchQueue::new(policy(65_536, 512, 2), 512, BatchShape::Padded);
         let r = request(1);
         // One request of 100 documents spread over 51..499 tokens: about one pair per bucket.
         for i in 0..100u32 {
@@ -617,7 +689,7 @@ mod tests {
     #[test]
     fn a_small_request_is_not_starved_by_a_huge_one() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(100_000, 32, 2), 512, 0);
+        let mut queue = BatchQueue::new(policy(100_000, 32, 2), 512, BatchShape::Padded);
         let (huge, small) = (request(1), request(2));
         for i in 0..5000 {
             queue.push(pair(&huge, i, 16 + (i as usize * 7) % 400, t0));
@@ -645,7 +717,7 @@ mod tests {
     #[test]
     fn cancelled_requests_are_dropped_before_batching() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(100_000, 64, 0), 512, 0);
+        let mut queue = BatchQueue::new(policy(100_000, 64, 0), 512, BatchShape::Padded);
         let (keep, gone, flagged) = (request(1), request(2), request(3));
         for i in 0..10 {
             queue.push(pair(&keep, i, 40, t0));
@@ -672,7 +744,7 @@ mod tests {
     #[test]
     fn every_pair_leaves_exactly_once_under_interleaved_pushes() {
         let t0 = Instant::now();
-        let mut queue = BatchQueue::new(policy(2048, 24, 3), 256, 0);
+        let mut queue = BatchQueue::new(policy(2048, 24, 3), 256, BatchShape::Padded);
         let requests: Vec<_> = (0..7).map(request).collect();
         let mut expected = HashSet::new();
         let mut seen = HashSet::new();

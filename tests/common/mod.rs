@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use rerank_server::config::Config;
-use rerank_server::model::{CrossEncoder, PaddedBatch};
+use rerank_server::model::{CrossEncoder, PackedBatch};
 use rerank_server::proto::reranker_client::RerankerClient;
 use rerank_server::server::{self, RunningServer};
 use serde::Deserialize;
@@ -157,7 +157,7 @@ struct Gated {
 }
 
 impl CrossEncoder for Gated {
-    fn forward(&self, batch: &PaddedBatch) -> candle_core::Result<candle_core::Tensor> {
+    fn forward(&self, batch: &PackedBatch) -> candle_core::Result<candle_core::Tensor> {
         self.gate.pass();
         self.inner.forward(batch)
     }
@@ -167,7 +167,7 @@ impl CrossEncoder for Gated {
 pub fn broken_device() -> rerank_server::server::ModelWrapper {
     struct Broken;
     impl CrossEncoder for Broken {
-        fn forward(&self, _: &PaddedBatch) -> candle_core::Result<candle_core::Tensor> {
+        fn forward(&self, _: &PackedBatch) -> candle_core::Result<candle_core::Tensor> {
             candle_core::bail!("simulated device fault")
         }
     }
