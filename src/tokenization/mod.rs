@@ -67,6 +67,18 @@ fn longest_first_lengths(first: usize, second: usize, max: usize) -> (usize, usi
     }
 }
 
+/// Fewest tokens an ASCII word can become: one per 10 bytes (prose has 4 to 6), at least one if it holds a
+/// letter or digit, and one for a word over 100 bytes (WordPiece maps such a word to a single [UNK]).
+fn least_word_tokens(word: &str) -> usize {
+    if !word.bytes().any(|b| b.is_ascii_alphanumeric()) {
+        0
+    } else if word.len() > 100 {
+        1
+    } else {
+        (word.len() / 10).max(1)
+    }
+}
+
 /// Cuts an encoding to its first `len` tokens and drops the overflow pieces tokenizers keeps, so that the pair
 /// template never combines them (it would build one pair per combination of query and document pieces).
 fn keep_first(mut encoding: Encoding, len: usize) -> Encoding {
@@ -176,13 +188,16 @@ impl PairTokenizer {
 
     /// A low estimate of the tokens the pairs of `query` with `documents` hold, before tokenizing them. A pair
     /// keeps min(query + document tokens, max_length - special tokens) of its text; an ASCII document is
-    /// counted at one token per 10 bytes (prose has 4 to 6), any other at none.
+    /// counted word by word (`least_word_tokens`), any other at none.
     pub fn least_tokens(&self, query: &QueryTokens, documents: &[String]) -> usize {
         documents
             .iter()
             .map(|document| {
                 let document_tokens = if document.is_ascii() {
-                    document.len() / 10
+                    document
+                        .split_ascii_whitespace()
+                        .map(least_word_tokens)
+                        .sum()
                 } else {
                     0
                 };
