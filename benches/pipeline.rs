@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rerank_server::model::bert::Bert;
 use rerank_server::model::hf_config::ModelConfig;
-use rerank_server::model::ops::FeedForwardActivation;
+use rerank_server::model::ops::{FeedForwardActivation, GemmPrecision};
 use rerank_server::model::{CrossEncoder, PackedBatch};
 use rerank_server::scheduler::request::{Pair, RequestHandle};
 use rerank_server::scheduler::{BatchPolicy, BatchQueue, BatchShape};
@@ -171,32 +171,50 @@ fn minilm_weights(config: &ModelConfig) -> candle_core::Result<HashMap<String, T
     Ok(tensors)
 }
 
+/// A packed batch: `rows` sequences whose lengths cycle through `lengths`.
+fn packed_batch(rows: usize, lengths: &[usize]) -> PackedBatch {
+    let ids: Vec<Vec<u32>> = (0..rows)
+        .map(|r| {
+            (0..lengths[r % lengths.len()])
+                .map(|t| ((r * 31 + t * 17) % 30000) as u32 + 100)
+                .collect()
+        })
+        .collect();
+    let types: Vec<Vec<u32>> = ids.iter().map(|i| vec![0; i.len()]).collect();
+    PackedBatch::from_sequences(ids.iter().zip(&types).map(|(i, t)| (&i[..], &t[..])))
+}
+
+/// The packed MiniLM-L6 forward on the CPU at a few shapes, in fp32 and (where the CPU has AMX) with bf16 GEMMs.
 fn model_forward(c: &mut Criterion) {
     let config: ModelConfig = serde_json::from_str(MINILM_CONFIG).expect("config");
     let weights = minilm_weights(&config).expect("weights");
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    let model = Bert::load(vb, &config, FeedForwardActivation::GeluErf).expect("model");
-    let mut group = c.benchmark_group("minilm_l6_forward_cpu");
+    let mut precisions = vec![("f32", GemmPrecision::Weights)];
+    if rerank_server::model::ops::cpu_has_bf16_tiles() {
+        precisions.push(("bf16-amx", GemmPrecision::Bf16Tiles));
+    }
+    let mut group = c.benchmark_group("minilm_l6_packed_forward_cpu");
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(8));
-    for (rows, seq) in [(8usize, 128usize), (32, 128), (16, 256)] {
-        let ids: Vec<Vec<u32>> = (0..rows)
-            .map(|r| {
-                (0..seq)
-                    .map(|t| ((r * 31 + t * 17) % 30000) as u32 + 100)
-                    .collect()
-            })
-            .collect();
-        let types: Vec<Vec<u32>> = (0..rows).map(|_| vec![0; seq]).collect();
-        let batch =
-            PackedBatch::from_sequences(ids.iter().zip(&types).map(|(i, t)| (&i[..], &t[..])));
-        group.throughput(Throughput::Elements(rows as u64));
-        group.bench_with_input(
-            BenchmarkId::new("pairs x tokens", format!("{rows}x{seq}")),
-            &batch,
-            |b, batch| b.iter(|| model.forward(batch).expect("forward")),
-        );
+    for (name, precision) in precisions {
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+        let model =
+            Bert::load(vb, &config, FeedForwardActivation::GeluErf, precision).expect("model");
+        for (label, rows, lengths) in [
+            ("8x128", 8usize, vec![128usize]),
+            ("16x256", 16, vec![256]),
+            (
+                "16x mixed 48..496",
+                16,
+                vec![48, 496, 112, 432, 176, 368, 240, 304],
+            ),
+        ] {
+            let batch = packed_batch(rows, &lengths);
+            group.throughput(Throughput::Elements(rows as u64));
+            group.bench_with_input(BenchmarkId::new(name, label), &batch, |b, batch| {
+                b.iter(|| model.forward(batch).expect("forward"))
+            });
+        }
     }
     group.finish();
 }

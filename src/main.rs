@@ -4,6 +4,11 @@ use clap::Parser;
 use rerank_server::config::{Cli, Config};
 use rerank_server::server;
 
+/// Every batch allocates activations of megabytes; mimalloc reuses their pages instead of returning them to
+/// the kernel and faulting them back in zeroed (the system allocator's behaviour for such sizes).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()

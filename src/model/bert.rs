@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use super::encoder::{self, Encoder};
 use super::hf_config::ModelConfig;
-use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear};
+use super::ops::{self, EmbeddingTables, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
 use super::{CrossEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "BertForSequenceClassification";
@@ -27,6 +27,7 @@ impl Bert {
         vb: VarBuilder,
         config: &ModelConfig,
         activation: FeedForwardActivation,
+        precision: GemmPrecision,
     ) -> Result<Self> {
         let body = encoder::base_weights(&vb, "bert");
         let h = config.hidden_size;
@@ -47,7 +48,7 @@ impl Bert {
         Ok(Self {
             tables,
             embedding_norm,
-            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
+            encoder: Encoder::load(&body.pp("encoder"), config, activation, precision)?,
             pooler,
             classifier: Linear::load(
                 &vb.pp("classifier").set_dtype(DType::F32),

@@ -5,7 +5,8 @@ use candle_nn::VarBuilder;
 
 use super::hf_config::ModelConfig;
 use super::ops::{
-    self, EmbeddingTables, FeedForwardActivation, Hidden, LayerNorm, Linear, Sequences,
+    self, EmbeddingTables, FeedForwardActivation, GemmPrecision, Hidden, LayerNorm, Linear,
+    Sequences,
 };
 
 /// The weights of the base model: under `prefix` (as *ForSequenceClassification checkpoints save them, e.g.
@@ -70,6 +71,7 @@ impl Encoder {
         vb: &VarBuilder,
         config: &ModelConfig,
         activation: FeedForwardActivation,
+        precision: GemmPrecision,
     ) -> Result<Self> {
         let hidden = config.hidden_size;
         if config.num_attention_heads == 0 || !hidden.is_multiple_of(config.num_attention_heads) {
@@ -83,7 +85,7 @@ impl Encoder {
             activation,
         };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(&vb.pp(format!("layer.{i}")), config))
+            .map(|i| EncoderLayer::load(&vb.pp(format!("layer.{i}")), config, precision))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers, dims })
     }
@@ -104,27 +106,30 @@ impl Encoder {
 }
 
 impl EncoderLayer {
-    fn load(vb: &VarBuilder, config: &ModelConfig) -> Result<Self> {
+    fn load(vb: &VarBuilder, config: &ModelConfig, precision: GemmPrecision) -> Result<Self> {
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
         let attention = vb.pp("attention");
         let projections = ["query", "key", "value"]
             .map(|name| Linear::load(&attention.pp("self").pp(name), h, h))
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
+        let ffn = config.intermediate_size;
         Ok(Self {
-            qkv: Linear::concat(&projections)?,
-            attention_output: Linear::load(&attention.pp("output.dense"), h, h)?,
+            qkv: Linear::concat(&projections)?.with_precision(precision)?,
+            attention_output: Linear::load(&attention.pp("output.dense"), h, h)?
+                .with_precision(precision)?,
             attention_norm: LayerNorm::load(&attention.pp("output.LayerNorm"), h, eps)?,
-            intermediate: Linear::load(&vb.pp("intermediate.dense"), h, config.intermediate_size)?,
-            output: Linear::load(&vb.pp("output.dense"), config.intermediate_size, h)?,
+            intermediate: Linear::load(&vb.pp("intermediate.dense"), h, ffn)?
+                .with_precision(precision)?,
+            output: Linear::load(&vb.pp("output.dense"), ffn, h)?.with_precision(precision)?,
             output_norm: LayerNorm::load(&vb.pp("output.LayerNorm"), h, eps)?,
         })
     }
 
     /// Full layer: [tokens, hidden] -> [tokens, hidden].
     fn forward(&self, hidden: &Hidden, sequences: &Sequences, dims: &Dims) -> Result<Hidden> {
-        let qkv = self.qkv.matmul(&hidden.input)?;
-        let context = ops::self_attention(&qkv, self.qkv.bias(), sequences, dims.heads, false)?;
+        let context =
+            ops::projected_self_attention(&self.qkv, &hidden.input, sequences, dims.heads, false)?;
         let attended = self.attention_epilogue(&context, &hidden.residual)?;
         self.feed_forward(&attended, dims)
     }
@@ -137,35 +142,24 @@ impl EncoderLayer {
         sequences: &Sequences,
         dims: &Dims,
     ) -> Result<Hidden> {
-        let qkv = self.qkv.matmul(&hidden.input)?;
-        let context = ops::self_attention(&qkv, self.qkv.bias(), sequences, dims.heads, true)?;
+        let context =
+            ops::projected_self_attention(&self.qkv, &hidden.input, sequences, dims.heads, true)?;
         let residual = hidden.first_tokens(sequences)?.residual;
         let attended = self.attention_epilogue(&context, &residual)?;
         self.feed_forward(&attended, dims)
     }
 
     fn attention_epilogue(&self, context: &Tensor, residual: &Tensor) -> Result<Hidden> {
-        let projected = self.attention_output.matmul(context)?;
-        ops::add_bias_layer_norm(
-            &projected,
-            self.attention_output.bias(),
+        ops::linear_residual_norm(
+            &self.attention_output,
+            context,
             residual,
             &self.attention_norm,
         )
     }
 
     fn feed_forward(&self, x: &Hidden, dims: &Dims) -> Result<Hidden> {
-        let inner = ops::bias_activation(
-            &self.intermediate.matmul(&x.input)?,
-            self.intermediate.bias(),
-            dims.activation,
-        )?;
-        let projected = self.output.matmul(&inner)?;
-        ops::add_bias_layer_norm(
-            &projected,
-            self.output.bias(),
-            &x.residual,
-            &self.output_norm,
-        )
+        let inner = ops::linear_activation(&self.intermediate, &x.input, dims.activation)?;
+        ops::linear_residual_norm(&self.output, &inner, &x.residual, &self.output_norm)
     }
 }

@@ -163,15 +163,18 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
     })?;
     let architecture = config.architecture().unwrap_or_default().to_string();
     let weights = weight_files(dir)?;
+    let (weights_dtype, precision, dtype) = cpu_precision(device, dtype);
     // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, dtype, device)? };
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
     let (model, max_positions): (Box<dyn CrossEncoder>, usize) = match architecture.as_str() {
         bert::ARCHITECTURE => (
-            Box::new(bert::Bert::load(vb, &config, activation)?),
+            Box::new(bert::Bert::load(vb, &config, activation, precision)?),
             config.max_position_embeddings,
         ),
         name if xlm_roberta::ARCHITECTURES.contains(&name) => (
-            Box::new(xlm_roberta::XlmRoberta::load(vb, &config, activation)?),
+            Box::new(xlm_roberta::XlmRoberta::load(
+                vb, &config, activation, precision,
+            )?),
             xlm_roberta::max_positions(&config),
         ),
         other => {
@@ -192,6 +195,25 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
         pad_token_id: config.pad_token_id.unwrap_or(0),
         attention_span: 2 * config.hidden_size + config.intermediate_size,
     })
+}
+
+/// What a dtype means on this device: (dtype the weights load in, GEMM precision, dtype reported). On a CPU,
+/// bf16 runs the encoder GEMMs on AMX tiles (bf16 products, fp32 sums) over fp32 weights and activations;
+/// without AMX, bf16 would only be slower than fp32 (each op widens it), so the model runs in fp32.
+fn cpu_precision(device: &Device, dtype: DType) -> (DType, ops::GemmPrecision, DType) {
+    if !device.is_cpu() || dtype != DType::BF16 {
+        return (dtype, ops::GemmPrecision::Weights, dtype);
+    }
+    if ops::cpu_has_bf16_tiles() {
+        tracing::info!("bf16 on this CPU: encoder GEMMs on AMX tiles (bf16 products, fp32 sums), other ops in fp32");
+        (DType::F32, ops::GemmPrecision::Bf16Tiles, DType::BF16)
+    } else {
+        tracing::warn!(
+            "bf16 was asked for, but this CPU has no AMX-BF16 (or the kernel withholds it): computing in fp32, \
+             which is faster here than bf16 widened op by op"
+        );
+        (DType::F32, ops::GemmPrecision::Weights, DType::F32)
+    }
 }
 
 #[derive(Deserialize)]

@@ -13,18 +13,49 @@ use candle_nn::VarBuilder;
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
+    /// The weight as bf16 AMX tile panels, when the CPU runs this layer's GEMM in bf16 (`GemmPrecision`).
+    bf16_tiles: Option<std::sync::Arc<cpu::amx::PackedWeight>>,
+}
+
+/// How the CPU computes the GEMMs of the encoder layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// In the weights' dtype (fp32 on the CPU unless configured otherwise).
+    Weights,
+    /// bf16 products with fp32 sums on AMX tiles; everything else stays fp32.
+    Bf16Tiles,
+}
+
+/// Whether this CPU can run GEMMs in bf16 on AMX tiles.
+pub fn cpu_has_bf16_tiles() -> bool {
+    cpu::amx::available()
 }
 
 impl Linear {
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: vb.get(out_dim, "bias")?,
-        })
+        Ok(Self::from_parts(
+            vb.get((out_dim, in_dim), "weight")?,
+            vb.get(out_dim, "bias")?,
+        ))
     }
 
     pub fn from_parts(weight: Tensor, bias: Tensor) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            bf16_tiles: None,
+        }
+    }
+
+    /// The layer with its GEMM in `precision`: for `Bf16Tiles`, an f32 CPU weight is packed into AMX tile
+    /// panels (left as it is where the CPU lacks AMX).
+    pub fn with_precision(mut self, precision: GemmPrecision) -> Result<Self> {
+        if precision == GemmPrecision::Bf16Tiles && cpu::amx::available() {
+            let (n, k) = self.weight.dims2()?;
+            let values: Vec<f32> = self.weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            self.bf16_tiles = cpu::amx::PackedWeight::pack(&values, n, k).map(std::sync::Arc::new);
+        }
+        Ok(self)
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -35,10 +66,10 @@ impl Linear {
     pub fn concat(parts: &[Linear]) -> Result<Self> {
         let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
         let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
-        Ok(Self {
-            weight: Tensor::cat(&weights, 0)?,
-            bias: Tensor::cat(&biases, 0)?,
-        })
+        Ok(Self::from_parts(
+            Tensor::cat(&weights, 0)?,
+            Tensor::cat(&biases, 0)?,
+        ))
     }
 
     pub fn bias(&self) -> &Tensor {
@@ -439,6 +470,48 @@ fn padded_self_attention(
         .reshape((batch * q_rows, hidden))
 }
 
+/// act(x·Wᵀ + b): a feed-forward block's first projection. x: [rows, in] in the model dtype.
+pub fn linear_activation(
+    layer: &Linear,
+    x: &Tensor,
+    activation: FeedForwardActivation,
+) -> Result<Tensor> {
+    if let Some(result) = cpu::linear_activation(layer, x, activation) {
+        return result;
+    }
+    bias_activation(&layer.matmul(x)?, layer.bias(), activation)
+}
+
+/// LayerNorm(x·Wᵀ + b + residual): a sublayer's output projection in post-LN encoders, with the fp32 residual.
+pub fn linear_residual_norm(
+    layer: &Linear,
+    x: &Tensor,
+    residual: &Tensor,
+    norm: &LayerNorm,
+) -> Result<Hidden> {
+    if let Some(result) = cpu::linear_residual_norm(layer, x, residual, norm) {
+        return Hidden::from_residual(result?, x.dtype());
+    }
+    add_bias_layer_norm(&layer.matmul(x)?, layer.bias(), residual, norm)
+}
+
+/// Multi-head self-attention of packed sequences from the hidden state through the fused QKV layer (see
+/// `self_attention`). x: [tokens, hidden].
+pub fn projected_self_attention(
+    qkv: &Linear,
+    x: &Tensor,
+    sequences: &Sequences,
+    heads: usize,
+    first_only: bool,
+) -> Result<Tensor> {
+    if let Some(context) =
+        cpu::projected_self_attention(qkv, x, &sequences.cu_seqlens, heads, first_only)
+    {
+        return context;
+    }
+    self_attention(&qkv.matmul(x)?, qkv.bias(), sequences, heads, first_only)
+}
+
 /// tanh(x·Wᵀ + b): the pooler and RoBERTa head's dense layer.
 pub fn dense_tanh(layer: &Linear, x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -650,6 +723,47 @@ mod tests {
     }
 
     #[test]
+    fn fused_linear_ops_equal_their_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let layer = Linear::from_parts(
+            Tensor::randn(0f32, 0.3, (24, 16), &dev)?,
+            Tensor::randn(0f32, 0.5, 24, &dev)?,
+        );
+        let x = Tensor::randn(0f32, 1.0, (9, 16), &dev)?;
+        let composed = layer.forward(&x)?;
+        for activation in [FeedForwardActivation::GeluErf, FeedForwardActivation::Relu] {
+            let fused = linear_activation(&layer, &x, activation)?;
+            let reference = match activation {
+                FeedForwardActivation::Relu => composed.relu()?,
+                _ => composed.gelu_erf()?,
+            };
+            assert!(max_abs_diff(&fused, &reference) < 1e-5, "{activation:?}");
+        }
+        let residual = Tensor::randn(0f32, 1.0, (9, 24), &dev)?;
+        let norm = LayerNorm::new(
+            Tensor::randn(1f32, 0.1, 24, &dev)?,
+            Tensor::randn(0f32, 0.1, 24, &dev)?,
+            1e-12,
+        );
+        let fused = linear_residual_norm(&layer, &x, &residual, &norm)?.residual;
+        let reference = norm.forward(&composed.add(&residual)?)?;
+        assert!(max_abs_diff(&fused, &reference) < 1e-5);
+
+        let qkv = Linear::from_parts(
+            Tensor::randn(0f32, 0.3, (3 * 16, 16), &dev)?,
+            Tensor::randn(0f32, 0.5, 3 * 16, &dev)?,
+        );
+        let x = Tensor::randn(0f32, 1.0, (11, 16), &dev)?;
+        let sequences = Sequences::new(&[0, 4, 11], &dev)?;
+        for first_only in [false, true] {
+            let fused = projected_self_attention(&qkv, &x, &sequences, 4, first_only)?;
+            let composed = self_attention(&qkv.matmul(&x)?, qkv.bias(), &sequences, 4, first_only)?;
+            assert!(max_abs_diff(&fused, &composed) < 1e-5);
+        }
+        Ok(())
+    }
+
+    #[test]
     fn half_precision_inputs_keep_an_fp32_residual_stream() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (3, 8), &dev)?.to_dtype(DType::F16)?;
@@ -676,10 +790,10 @@ mod tests {
     fn concatenated_linear_equals_its_parts() -> Result<()> {
         let dev = Device::Cpu;
         let part = |seed: f32| -> Result<Linear> {
-            Ok(Linear {
-                weight: (Tensor::randn(0f32, 1.0, (4, 6), &dev)? + seed as f64)?,
-                bias: Tensor::randn(0f32, 1.0, 4, &dev)?,
-            })
+            Ok(Linear::from_parts(
+                (Tensor::randn(0f32, 1.0, (4, 6), &dev)? + seed as f64)?,
+                Tensor::randn(0f32, 1.0, 4, &dev)?,
+            ))
         };
         let (a, b) = (part(0.0)?, part(1.0)?);
         let x = Tensor::randn(0f32, 1.0, (5, 6), &dev)?;

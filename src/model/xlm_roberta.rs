@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::encoder::{self, Encoder};
 use super::hf_config::ModelConfig;
-use super::ops::{self, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear};
+use super::ops::{self, EmbeddingTables, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
 use super::{CrossEncoder, PackedBatch};
 
 pub const ARCHITECTURES: &[&str] = &[
@@ -41,6 +41,7 @@ impl XlmRoberta {
         vb: VarBuilder,
         config: &ModelConfig,
         activation: FeedForwardActivation,
+        precision: GemmPrecision,
     ) -> Result<Self> {
         let body = encoder::base_weights(&vb, "roberta");
         let h = config.hidden_size;
@@ -50,7 +51,7 @@ impl XlmRoberta {
         Ok(Self {
             tables,
             embedding_norm,
-            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
+            encoder: Encoder::load(&body.pp("encoder"), config, activation, precision)?,
             head_dense: Linear::load(&head.pp("dense"), h, h)?,
             head_out: Linear::load(&head.pp("out_proj"), h, config.num_labels())?,
             padding_idx: padding_idx(config),

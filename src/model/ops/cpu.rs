@@ -2,13 +2,14 @@
 //! packed attention (`attention`), parallel over rows on the engine's thread pool. Each returns None when its
 //! inputs are not contiguous-able f32 CPU tensors, and the caller falls back to composed candle operations.
 
+pub mod amx;
 mod attention;
 pub mod vector;
 
 use candle_core::{CpuStorage, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
-use super::{FeedForwardActivation, LayerNorm};
+use super::{FeedForwardActivation, LayerNorm, Linear};
 
 /// About this many values per parallel task of a row kernel: enough to amortise scheduling, small enough to
 /// spread a few hundred rows over every core.
@@ -49,6 +50,169 @@ fn rows_per_task(width: usize) -> usize {
     (VALUES_PER_TASK / width.max(1)).max(1)
 }
 
+/// x·Wᵀ for x [rows, k] and W [n, k] (row-major, as checkpoints store it), into a fresh [rows, n] buffer that
+/// is not zeroed first: the GEMM writes every element without reading it.
+fn matmul(x: &[f32], rows: usize, weight: &[f32], n: usize) -> Option<Vec<f32>> {
+    let k = weight.len().checked_div(n)?;
+    if x.len() != rows * k || weight.len() != n * k {
+        return None;
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+    // SAFETY: dst is rows × n row-major inside `out`'s capacity, lhs is rows × k row-major in `x`, rhs = Wᵀ is
+    // read from W [n, k] with row stride 1 and column stride k; all sizes were checked above. With read_dst
+    // false the GEMM writes every dst element (alpha is ignored), so after it the first rows × n are initialised.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            weight.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+        out.set_len(rows * n);
+    }
+    Some(out)
+}
+
+/// A linear layer's GEMM on an f32 CPU input: (output buffer, rows, bias). Layers packed for AMX run there
+/// in bf16 with fp32 sums; the others through the f32 GEMM.
+fn linear_gemm<'a>(layer: &'a Linear, x: &Tensor) -> Option<(Vec<f32>, usize, F32View<'a>)> {
+    if !is_cpu_f32(&[x, &layer.weight, &layer.bias]) {
+        return None;
+    }
+    let x = x.contiguous().ok()?;
+    let (rows, _) = x.dims2().ok()?;
+    let (n, _) = layer.weight.dims2().ok()?;
+    let (xs, b) = (F32View::of(&x)?, F32View::of(&layer.bias)?);
+    if b.data().len() != n {
+        return None;
+    }
+    if let Some(packed) = &layer.bf16_tiles {
+        if let Some(out) = amx::matmul(xs.data(), rows, packed) {
+            return Some((out, rows, b));
+        }
+    }
+    let w = F32View::of(&layer.weight)?;
+    Some((matmul(xs.data(), rows, w.data(), n)?, rows, b))
+}
+
+/// act(x·Wᵀ + b), the epilogue applied in place on the GEMM's output.
+pub fn linear_activation(
+    layer: &Linear,
+    x: &Tensor,
+    activation: FeedForwardActivation,
+) -> Option<Result<Tensor>> {
+    let (mut out, rows, bias) = linear_gemm(layer, x)?;
+    let bias = bias.data();
+    out.par_chunks_mut(rows_per_task(bias.len()) * bias.len())
+        .for_each(|o| vector::bias_activation(o, bias, activation));
+    Some(Tensor::from_vec(out, (rows, bias.len()), x.device()))
+}
+
+/// LayerNorm(x·Wᵀ + b + residual), in place on the GEMM's output. residual: [rows, n] f32.
+pub fn linear_residual_norm(
+    layer: &Linear,
+    x: &Tensor,
+    residual: &Tensor,
+    norm: &LayerNorm,
+) -> Option<Result<Tensor>> {
+    if !is_cpu_f32(&[residual, &norm.weight, &norm.bias]) {
+        return None;
+    }
+    let residual = residual.contiguous().ok()?;
+    let views = [&residual, &norm.weight, &norm.bias].map(F32View::of);
+    let [Some(r), Some(g), Some(s)] = &views else {
+        return None;
+    };
+    let (mut out, rows, bias) = linear_gemm(layer, x)?;
+    let (bias, r) = (bias.data(), r.data());
+    let params = vector::NormParams {
+        gain: g.data(),
+        shift: s.data(),
+        eps: norm.eps,
+    };
+    let n = bias.len();
+    if r.len() != out.len() || params.gain.len() != n || params.shift.len() != n {
+        return None;
+    }
+    let chunk = rows_per_task(n) * n;
+    out.par_chunks_mut(chunk)
+        .zip(r.par_chunks(chunk))
+        .for_each(|(o, r)| vector::add_bias_layer_norm(o, bias, r, params));
+    Some(Tensor::from_vec(out, (rows, n), x.device()))
+}
+
+/// Self-attention of packed sequences straight from the hidden state: the fused QKV GEMM, its bias in place,
+/// then attention per (sequence, head). x: [tokens, hidden]. Returns [tokens, hidden], or [sequences, hidden]
+/// with `first_only`.
+pub fn projected_self_attention(
+    qkv: &Linear,
+    x: &Tensor,
+    cu_seqlens: &[usize],
+    heads: usize,
+    first_only: bool,
+) -> Option<Result<Tensor>> {
+    let (mut projected, tokens, bias) = linear_gemm(qkv, x)?;
+    let bias = bias.data();
+    let width = bias.len();
+    if !width.is_multiple_of(3) || cu_seqlens.last() != Some(&tokens) {
+        return None;
+    }
+    projected
+        .par_chunks_mut(rows_per_task(width) * width)
+        .for_each(|o| vector::add_bias(o, bias));
+    Some(attend(
+        &projected,
+        tokens,
+        width / 3,
+        cu_seqlens,
+        heads,
+        first_only,
+        x.device(),
+    ))
+}
+
+/// Runs the packed attention over a biased [tokens, 3·hidden] projection.
+fn attend(
+    projected: &[f32],
+    tokens: usize,
+    hidden: usize,
+    cu_seqlens: &[usize],
+    heads: usize,
+    first_only: bool,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let rows = if first_only {
+        cu_seqlens.len().saturating_sub(1)
+    } else {
+        tokens
+    };
+    // Zeroed: a sequence of no tokens (never sent, but possible in the type) leaves its rows unwritten.
+    let mut out = vec![0f32; rows * hidden];
+    let shape = attention::AttentionShape {
+        cu_seqlens,
+        hidden,
+        heads,
+        first_only,
+    };
+    attention::attention(projected, shape, &mut out)?;
+    Tensor::from_vec(out, (rows, hidden), device)
+}
+
 pub fn bias_activation(
     x: &Tensor,
     bias: &Tensor,
@@ -63,11 +227,9 @@ pub fn bias_activation(
     if b.is_empty() || !xs.len().is_multiple_of(b.len()) {
         return None;
     }
-    let chunk = rows_per_task(b.len()) * b.len();
-    let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(chunk)
-        .zip(xs.par_chunks(chunk))
-        .for_each(|(o, rows)| vector::bias_activation(rows, b, activation, o));
+    let mut out = xs.to_vec();
+    out.par_chunks_mut(rows_per_task(b.len()) * b.len())
+        .for_each(|o| vector::bias_activation(o, b, activation));
     Some(Tensor::from_vec(out, x.shape(), x.device()))
 }
 
@@ -97,10 +259,10 @@ pub fn add_bias_layer_norm(
         return None;
     }
     let chunk = rows_per_task(n) * n;
-    let mut out = vec![0f32; xs.len()];
+    let mut out = xs.to_vec();
     out.par_chunks_mut(chunk)
-        .zip(xs.par_chunks(chunk).zip(rs.par_chunks(chunk)))
-        .for_each(|(o, (x, r))| vector::add_bias_layer_norm(x, b, r, params, o));
+        .zip(rs.par_chunks(chunk))
+        .for_each(|(o, r)| vector::add_bias_layer_norm(o, b, r, params));
     Some(Tensor::from_vec(out, x.shape(), x.device()))
 }
 
@@ -123,27 +285,18 @@ pub fn self_attention(
     if width == 0 || !width.is_multiple_of(3) || !values.len().is_multiple_of(width) {
         return None;
     }
-    let chunk = rows_per_task(width) * width;
-    let mut biased = vec![0f32; values.len()];
+    let mut biased = values.to_vec();
     biased
-        .par_chunks_mut(chunk)
-        .zip(values.par_chunks(chunk))
-        .for_each(|(o, rows)| vector::add_bias(rows, b, o));
-    let hidden = width / 3;
-    let rows = if first_only {
-        cu_seqlens.len().saturating_sub(1)
-    } else {
-        values.len() / width
-    };
-    let mut out = vec![0f32; rows * hidden];
-    let shape = attention::AttentionShape {
+        .par_chunks_mut(rows_per_task(width) * width)
+        .for_each(|o| vector::add_bias(o, b));
+    let tokens = values.len() / width;
+    Some(attend(
+        &biased,
+        tokens,
+        width / 3,
         cu_seqlens,
-        hidden,
         heads,
         first_only,
-    };
-    Some(
-        attention::attention(&biased, shape, &mut out)
-            .and_then(|()| Tensor::from_vec(out, (rows, hidden), qkv.device())),
-    )
+        qkv.device(),
+    ))
 }

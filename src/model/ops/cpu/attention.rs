@@ -98,10 +98,13 @@ fn one_head(rows: &[f32], len: usize, head: usize, shape: AttentionShape<'_>, ds
         rows[2 * hidden + column..].as_ptr(),
     );
     let scale = 1.0 / (head_dim as f32).sqrt();
-    SCORES.with_borrow_mut(|scores| {
-        scores.clear();
-        scores.resize(q_rows * len + q_rows, 0.0);
-        let (scores, sums) = scores.split_at_mut(q_rows * len);
+    SCORES.with_borrow_mut(|buffer| {
+        // Grown, never cleared: the GEMM overwrites the scores without reading them.
+        let needed = q_rows * len + q_rows;
+        if buffer.len() < needed {
+            buffer.resize(needed, 0.0);
+        }
+        let (scores, sums) = buffer[..needed].split_at_mut(q_rows * len);
         // SAFETY: every pointer and stride addresses elements inside `rows` (len rows of 3·hidden, the head's
         // head_dim columns of Q, K or V) or inside `scores` ([q_rows, len] row-major).
         unsafe {
@@ -201,7 +204,7 @@ mod tests {
     #[test]
     fn packed_attention_matches_the_definition() {
         let (hidden, heads) = (24, 3);
-        let cu = [0usize, 5, 6, 19, 40];
+        let cu = [0usize, 5, 6, 19, 40, 40 + 300];
         let tokens = cu[cu.len() - 1];
         let qkv: Vec<f32> = (0..tokens * 3 * hidden)
             .map(|i| (((i * 2654435761) % 1000) as f32 / 250.0) - 2.0)

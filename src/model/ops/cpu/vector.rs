@@ -87,19 +87,18 @@ macro_rules! multiversion {
 }
 
 multiversion! {
-    /// out[i] = act(x[i] + bias[i % n]) over rows of n = bias.len().
-    pub fn bias_activation(x: &[f32], bias: &[f32], activation: FeedForwardActivation, out: &mut [f32])
+    /// x[i] = act(x[i] + bias[i % n]) over rows of n = bias.len().
+    pub fn bias_activation(x: &mut [f32], bias: &[f32], activation: FeedForwardActivation)
         => bias_activation_body
 }
 
 multiversion! {
-    /// out = LayerNorm(x + bias + residual) per row of n = bias.len(), with gain and shift.
+    /// x = LayerNorm(x + bias + residual) per row of n = bias.len(), with gain and shift.
     pub fn add_bias_layer_norm(
-        x: &[f32],
+        x: &mut [f32],
         bias: &[f32],
         residual: &[f32],
-        norm: NormParams<'_>,
-        out: &mut [f32]
+        norm: NormParams<'_>
     ) => add_bias_layer_norm_body
 }
 
@@ -109,8 +108,13 @@ multiversion! {
 }
 
 multiversion! {
-    /// out[i] = x[i] + bias[i % n] over rows of n = bias.len().
-    pub fn add_bias(x: &[f32], bias: &[f32], out: &mut [f32]) => add_bias_body
+    /// x[i] += bias[i % n] over rows of n = bias.len().
+    pub fn add_bias(x: &mut [f32], bias: &[f32]) => add_bias_body
+}
+
+multiversion! {
+    /// out[i] = x[i] rounded to bf16 (nearest even).
+    pub fn to_bf16(x: &[f32], out: &mut [u16]) => to_bf16_body
 }
 
 multiversion! {
@@ -127,28 +131,23 @@ pub struct NormParams<'a> {
 }
 
 #[inline(always)]
-fn bias_activation_body(
-    x: &[f32],
-    bias: &[f32],
-    activation: FeedForwardActivation,
-    out: &mut [f32],
-) {
+fn bias_activation_body(x: &mut [f32], bias: &[f32], activation: FeedForwardActivation) {
     let n = bias.len();
-    for (row_out, row) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+    for row in x.chunks_exact_mut(n) {
         match activation {
             FeedForwardActivation::GeluErf => {
-                for ((o, &v), &b) in row_out.iter_mut().zip(row).zip(bias) {
-                    *o = gelu_erf(v + b);
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    *v = gelu_erf(*v + b);
                 }
             }
             FeedForwardActivation::GeluTanh => {
-                for ((o, &v), &b) in row_out.iter_mut().zip(row).zip(bias) {
-                    *o = gelu_tanh(v + b);
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    *v = gelu_tanh(*v + b);
                 }
             }
             FeedForwardActivation::Relu => {
-                for ((o, &v), &b) in row_out.iter_mut().zip(row).zip(bias) {
-                    *o = (v + b).max(0.0);
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    *v = (*v + b).max(0.0);
                 }
             }
         }
@@ -156,21 +155,11 @@ fn bias_activation_body(
 }
 
 #[inline(always)]
-fn add_bias_layer_norm_body(
-    x: &[f32],
-    bias: &[f32],
-    residual: &[f32],
-    norm: NormParams<'_>,
-    out: &mut [f32],
-) {
+fn add_bias_layer_norm_body(x: &mut [f32], bias: &[f32], residual: &[f32], norm: NormParams<'_>) {
     let n = bias.len();
-    for ((o, x), r) in out
-        .chunks_exact_mut(n)
-        .zip(x.chunks_exact(n))
-        .zip(residual.chunks_exact(n))
-    {
-        for (((o, &x), &r), &b) in o.iter_mut().zip(x).zip(r).zip(bias) {
-            *o = x + b + r;
+    for (o, r) in x.chunks_exact_mut(n).zip(residual.chunks_exact(n)) {
+        for ((o, &r), &b) in o.iter_mut().zip(r).zip(bias) {
+            *o += b + r;
         }
         let mean = lane_sum(o, |v| v) / n as f32;
         let var = lane_sum(o, |v| (v - mean) * (v - mean)) / n as f32;
@@ -193,12 +182,33 @@ fn softmax_numerators_body(scores: &mut [f32], len: usize, sums: &mut [f32]) {
 }
 
 #[inline(always)]
-fn add_bias_body(x: &[f32], bias: &[f32], out: &mut [f32]) {
+fn add_bias_body(x: &mut [f32], bias: &[f32]) {
     let n = bias.len();
-    for (row_out, row) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-        for ((o, &v), &b) in row_out.iter_mut().zip(row).zip(bias) {
-            *o = v + b;
+    for row in x.chunks_exact_mut(n) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v += b;
         }
+    }
+}
+
+#[inline(always)]
+fn to_bf16_body(x: &[f32], out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = bf16_bits(v);
+    }
+}
+
+/// f32 → bf16 bits, rounding to nearest even as torch does; NaN stays a (quiet) NaN. Branch-free, so loops
+/// over it vectorise.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let is_nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    if is_nan {
+        0x7fc0
+    } else {
+        rounded
     }
 }
 
@@ -280,13 +290,18 @@ pub fn erf(x: f32) -> f32 {
 }
 
 /// e^x by range reduction to r = x - n·ln2 (|r| ≤ ln2/2) and a degree-6 polynomial (Cephes' expf
-/// coefficients), then 2^n through the exponent bits; relative error about 2e-7. Inputs below -87 give 0.
+/// coefficients), then 2^n through the exponent bits; relative error about 2e-7. Inputs below -87 give ~0.
+/// n is rounded by adding 1.5·2^23, which leaves it as an integer in the low mantissa bits: integer and float
+/// both come out of one addition without a float-to-int conversion, which would not vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUNDER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
+    let n_bits = shifted.to_bits().wrapping_sub(ROUNDER.to_bits());
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -295,8 +310,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
-    y * f32::from_bits(bits)
+    y * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
@@ -351,15 +365,14 @@ mod tests {
             .map(|i| ((i * 7919) % 113) as f32 / 10.0 - 5.0)
             .collect();
         let bias: Vec<f32> = (0..n).map(|i| i as f32 / 50.0 - 0.3).collect();
-        let mut dispatched = vec![0f32; x.len()];
-        let mut plain = vec![0f32; x.len()];
         for activation in [
             FeedForwardActivation::GeluErf,
             FeedForwardActivation::GeluTanh,
             FeedForwardActivation::Relu,
         ] {
-            bias_activation(&x, &bias, activation, &mut dispatched);
-            bias_activation_body(&x, &bias, activation, &mut plain);
+            let (mut dispatched, mut plain) = (x.clone(), x.clone());
+            bias_activation(&mut dispatched, &bias, activation);
+            bias_activation_body(&mut plain, &bias, activation);
             for (a, b) in dispatched.iter().zip(&plain) {
                 assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{activation:?}");
             }
@@ -371,8 +384,9 @@ mod tests {
             shift: &shift,
             eps: 1e-12,
         };
-        add_bias_layer_norm(&x, &bias, &x, norm, &mut dispatched);
-        add_bias_layer_norm_body(&x, &bias, &x, norm, &mut plain);
+        let (mut dispatched, mut plain) = (x.clone(), x.clone());
+        add_bias_layer_norm(&mut dispatched, &bias, &x, norm);
+        add_bias_layer_norm_body(&mut plain, &bias, &x, norm);
         for (a, b) in dispatched.iter().zip(&plain) {
             assert!((a - b).abs() < 1e-5);
         }
