@@ -109,15 +109,22 @@ impl PackedWeight {
 /// (packed rows, padded row count).
 fn pack_rows(x: &[f32], rows: usize, k: usize, k_padded: usize) -> (Vec<u16>, usize) {
     let rows_padded = rows.div_ceil(2 * TILE) * 2 * TILE;
-    let mut packed = vec![0u16; rows_padded * k_padded];
-    packed
-        .par_chunks_mut(k_padded * 64)
+    // Every value is written below (rows, their k padding, the padding rows): no zeroing pass first.
+    let mut packed: Vec<u16> = Vec::with_capacity(rows_padded * k_padded);
+    let spare = &mut packed.spare_capacity_mut()[..rows_padded * k_padded];
+    let (real, padding) = spare.split_at_mut(rows * k_padded);
+    real.par_chunks_mut(k_padded * 64)
         .zip(x.par_chunks(k * 64))
         .for_each(|(out, rows)| {
             for (out, row) in out.chunks_exact_mut(k_padded).zip(rows.chunks_exact(k)) {
-                vector::to_bf16(row, &mut out[..k]);
+                let (values, tail) = out.split_at_mut(k);
+                vector::to_bf16(row, values);
+                tail.fill(std::mem::MaybeUninit::new(0));
             }
         });
+    padding.fill(std::mem::MaybeUninit::new(0));
+    // SAFETY: the loops above initialised all rows_padded × k_padded values.
+    unsafe { packed.set_len(rows_padded * k_padded) };
     (packed, rows_padded)
 }
 

@@ -113,8 +113,8 @@ multiversion! {
 }
 
 multiversion! {
-    /// out[i] = x[i] rounded to bf16 (nearest even).
-    pub fn to_bf16(x: &[f32], out: &mut [u16]) => to_bf16_body
+    /// out[i] = x[i] rounded to bf16 (nearest even); `out` may be uninitialised.
+    pub fn to_bf16(x: &[f32], out: &mut [std::mem::MaybeUninit<u16>]) => to_bf16_body
 }
 
 multiversion! {
@@ -174,10 +174,21 @@ fn add_bias_layer_norm_body(x: &mut [f32], bias: &[f32], residual: &[f32], norm:
 fn softmax_numerators_body(scores: &mut [f32], len: usize, sums: &mut [f32]) {
     for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()) {
         let max = lane_max(row);
-        for s in row.iter_mut() {
-            *s = exp(*s - max);
+        // Exponentiate and sum in one pass over the row.
+        let mut acc = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (a, s) in acc.iter_mut().zip(chunk.iter_mut()) {
+                *s = exp(*s - max);
+                *a += *s;
+            }
         }
-        *sum = lane_sum(row, |v| v);
+        let mut total = 0f32;
+        for s in chunks.into_remainder() {
+            *s = exp(*s - max);
+            total += *s;
+        }
+        *sum = acc.iter().sum::<f32>() + total;
     }
 }
 
@@ -192,9 +203,9 @@ fn add_bias_body(x: &mut [f32], bias: &[f32]) {
 }
 
 #[inline(always)]
-fn to_bf16_body(x: &[f32], out: &mut [u16]) {
+fn to_bf16_body(x: &[f32], out: &mut [std::mem::MaybeUninit<u16>]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = bf16_bits(v);
+        o.write(bf16_bits(v));
     }
 }
 
