@@ -16,4 +16,5 @@ fi
 command -v nvcc >/dev/null || { echo "nvcc not found: install the CUDA toolkit or set CUDA_TOOLCHAIN" >&2; exit 1; }
 echo "building for compute capability $CUDA_COMPUTE_CAP with $(nvcc --version | grep release)"
 cargo build --release --features cuda --bins
-ls -la target/release/rerank-server target/release/gpu-check target/release/loadgen
+out=${CARGO_TARGET_DIR:-target}/release
+ls -la "$out/rerank-server" "$out/gpu-check" "$out/loadgen"

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use rerank_server::model::ops::{
     self, EmbeddingTables, FeedForwardActivation, LayerNorm, Sequences,
