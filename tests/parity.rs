@@ -10,6 +10,16 @@ use rerank_server::tokenization::{PairTokenizer, Truncation};
 
 const TOLERANCE: f32 = 1e-4;
 
+/// A case's reference token ids as one packed batch.
+fn packed(case: &common::Case) -> PackedBatch {
+    PackedBatch::from_sequences(
+        case.input_ids
+            .iter()
+            .zip(&case.token_type_ids)
+            .map(|(i, t)| (&i[..], &t[..])),
+    )
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -68,12 +78,7 @@ fn model_logits_match_the_reference_per_label() {
         .expect("model loads");
         let mut worst = 0.0f32;
         for case in &expected.cases {
-            let sequences = case
-                .input_ids
-                .iter()
-                .zip(&case.token_type_ids)
-                .map(|(i, t)| (&i[..], &t[..]));
-            let batch = PackedBatch::from_sequences(sequences);
+            let batch = packed(case);
             let logits = model.logits(&batch).expect("forward");
             for (row, want) in logits.iter().zip(&case.logits) {
                 assert_eq!(row.len(), expected.num_labels);
@@ -118,14 +123,8 @@ fn bf16_gemms_stay_within_bf16_precision_and_keep_the_order() {
         assert_eq!(model.dtype, candle_core::DType::BF16);
         let mut worst = 0.0f32;
         for case in &expected.cases {
-            let sequences = case
-                .input_ids
-                .iter()
-                .zip(&case.token_type_ids)
-                .map(|(i, t)| (&i[..], &t[..]));
-            let logits = model
-                .logits(&PackedBatch::from_sequences(sequences))
-                .expect("forward");
+            let batch = packed(case);
+            let logits = model.logits(&batch).expect("forward");
             for (row, want) in logits.iter().zip(&case.logits) {
                 worst = worst.max(max_abs_diff(row, want));
             }
@@ -224,12 +223,7 @@ fn half_precision_model_stays_close_to_the_reference() {
         .expect("model loads in f16");
         let mut worst = 0.0f32;
         for case in &expected.cases {
-            let sequences = case
-                .input_ids
-                .iter()
-                .zip(&case.token_type_ids)
-                .map(|(i, t)| (&i[..], &t[..]));
-            let batch = PackedBatch::from_sequences(sequences);
+            let batch = packed(case);
             for (row, want) in model
                 .logits(&batch)
                 .expect("forward")

@@ -1,6 +1,7 @@
-//! The CPU's f32 kernels behind the ops layer: tensor glue around the vectorised row kernels (`vector`) and the
-//! packed attention (`attention`), parallel over rows on the engine's thread pool. Each returns None when its
-//! inputs are not contiguous-able f32 CPU tensors, and the caller falls back to composed candle operations.
+//! The CPU's f32 kernels behind the ops layer: linear layers as one GEMM with their epilogue applied in place
+//! (f32 through the `gemm` library, or bf16 on AMX tiles, `amx`), the vectorised row kernels (`vector`) and the
+//! packed attention (`attention`), all parallel on the engine's thread pool. Each returns None when its inputs
+//! are not f32 CPU tensors, and the caller falls back to composed candle operations.
 
 pub mod amx;
 mod attention;
@@ -10,6 +11,22 @@ use candle_core::{CpuStorage, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 use super::{FeedForwardActivation, LayerNorm, Linear};
+
+/// An output buffer that parallel tasks share, each writing only its own disjoint block of it (the users say
+/// which blocks).
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every user gives each task a block of the buffer no other task writes, and nothing reads the buffer
+// until all tasks have finished.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Through a method, so closures capture the whole (Sync) wrapper rather than its raw pointer field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 
 /// About this many values per parallel task of a row kernel: enough to amortise scheduling, small enough to
 /// spread a few hundred rows over every core.

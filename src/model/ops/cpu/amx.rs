@@ -10,6 +10,9 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::vector::{self, bf16_bits as to_bf16};
+use super::SharedOut;
+
 /// Rows and columns of one accumulator tile, k values of one step.
 const TILE: usize = 16;
 const K_STEP: usize = 32;
@@ -54,8 +57,6 @@ fn detect() -> bool {
 fn detect() -> bool {
     false
 }
-
-use super::vector::{self, bf16_bits as to_bf16};
 
 /// A weight matrix W [n, k] in bf16 B-tile panels: for each 16-column block and each 32-value step of k
 /// (padded with zeros to a multiple of 32), one tile of 16 k-pairs × 16 columns × 2; n padded to a multiple of
@@ -144,19 +145,6 @@ impl TileConfig {
     }
 }
 
-/// The output buffer the tasks share; each writes only its own 32 × 32 blocks.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint blocks of the output (see `matmul`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 /// x·Wᵀ for x [rows, k] f32 → [rows, n] f32, the products in bf16 and the sums in fp32. None when AMX is not
 /// usable or the shapes disagree.
 pub fn matmul(x: &[f32], rows: usize, weight: &PackedWeight) -> Option<Vec<f32>> {
@@ -168,6 +156,7 @@ pub fn matmul(x: &[f32], rows: usize, weight: &PackedWeight) -> Option<Vec<f32>>
     let (a, rows_padded) = pack_rows(x, rows, k, k_padded);
     let n_padded = weight.n_padded;
     let mut out: Vec<f32> = Vec::with_capacity(rows_padded * n_padded);
+    // Each task writes only its own 32 × 32 blocks of the output.
     let shared = SharedOut(out.as_mut_ptr());
     let (row_blocks, col_blocks) = (rows_padded / (2 * TILE), n_padded / (2 * TILE));
     // A task: up to COLUMN_GROUP column blocks (whose weight panels then stay in L2) against a run of 32-row

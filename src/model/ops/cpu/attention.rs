@@ -6,7 +6,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::vector;
+use super::{vector, SharedOut};
 
 /// Where the fused projection's rows and the output live, and the shapes that index them.
 #[derive(Clone, Copy)]
@@ -17,20 +17,6 @@ pub struct AttentionShape<'a> {
     pub heads: usize,
     /// Only each sequence's first query row (the [CLS]/`<s>` token), as the last layer needs.
     pub first_only: bool,
-}
-
-/// A destination the parallel tasks share; each task writes only its own (sequence, head) block.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint blocks (distinct rows or distinct head columns), see `attention`.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Through a method, so closures capture the whole (Sync) wrapper rather than its raw pointer field.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 thread_local! {
@@ -67,6 +53,7 @@ pub fn attention(
             out.len()
         );
     }
+    // Each task writes only its own (sequence, head) block: distinct rows or distinct head columns.
     let shared = SharedOut(out.as_mut_ptr());
     (0..sequences * heads).into_par_iter().for_each(|task| {
         let (seq, head) = (task / heads, task % heads);
