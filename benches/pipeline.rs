@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rerank_server::batch::{Pair, RequestHandle};
 use rerank_server::model::bert::Bert;
 use rerank_server::model::hf_config::ModelConfig;
 use rerank_server::model::ops::{FeedForwardActivation, GemmPrecision};
 use rerank_server::model::{CrossEncoder, PackedBatch};
-use rerank_server::scheduler::request::{Pair, RequestHandle};
 use rerank_server::scheduler::{BatchPolicy, BatchQueue, BatchShape};
 use rerank_server::tokenization::{PairTokenizer, PairTokens, Truncation};
 
@@ -67,6 +67,7 @@ fn tokenization(c: &mut Criterion) {
                     Arc::clone(&docs),
                     0,
                     Truncation::LongestFirst,
+                    None,
                 ))
                 .expect("encode")
         })

@@ -51,10 +51,10 @@ class Server:
     def __init__(self, address: str):
         channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-        method = pool.FindServiceByName("rerank.v1.Reranker").methods_by_name["Rerank"]
+        method = pool.FindServiceByName("rerank.v1.RerankerService").methods_by_name["Rerank"]
         self.request_type = GetMessageClass(method.input_type)
         response_type = GetMessageClass(method.output_type)
-        self.rerank = channel.unary_unary("/rerank.v1.Reranker/Rerank",
+        self.rerank = channel.unary_unary("/rerank.v1.RerankerService/Rerank",
                                           request_serializer=self.request_type.SerializeToString,
                                           response_deserializer=response_type.FromString)
 

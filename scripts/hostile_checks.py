@@ -97,7 +97,7 @@ class Api:
     def __init__(self, channel, types=None):
         if types is None:
             pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-            service = pool.FindServiceByName("rerank.v1.Reranker")
+            service = pool.FindServiceByName("rerank.v1.RerankerService")
             types = {}
             for name in ("Rerank", "RerankStream", "Info"):
                 method = service.methods_by_name[name]
@@ -112,23 +112,23 @@ class Api:
         self.InfoRequest, info_response = types["Info"]
         self.RerankStart, self.DocumentChunk = types["RerankStart"], types["DocumentChunk"]
         self.rerank = channel.unary_unary(
-            "/rerank.v1.Reranker/Rerank",
+            "/rerank.v1.RerankerService/Rerank",
             request_serializer=self.RerankRequest.SerializeToString,
             response_deserializer=rerank_response.FromString,
         )
         # Takes an already serialized RerankRequest (bytes): one serialization for many identical calls.
         self.rerank_raw = channel.unary_unary(
-            "/rerank.v1.Reranker/Rerank",
+            "/rerank.v1.RerankerService/Rerank",
             request_serializer=None,
             response_deserializer=rerank_response.FromString,
         )
         self.rerank_stream = channel.stream_stream(
-            "/rerank.v1.Reranker/RerankStream",
+            "/rerank.v1.RerankerService/RerankStream",
             request_serializer=self.StreamRequest.SerializeToString,
             response_deserializer=stream_response.FromString,
         )
         self.info = channel.unary_unary(
-            "/rerank.v1.Reranker/Info",
+            "/rerank.v1.RerankerService/Info",
             request_serializer=self.InfoRequest.SerializeToString,
             response_deserializer=info_response.FromString,
         )

@@ -16,10 +16,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 def main(address: str):
     channel = grpc.insecure_channel(address)
     pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-    method = pool.FindServiceByName("rerank.v1.Reranker").methods_by_name["Rerank"]
+    method = pool.FindServiceByName("rerank.v1.RerankerService").methods_by_name["Rerank"]
     request_type, response_type = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
     rerank = channel.unary_unary(
-        "/rerank.v1.Reranker/Rerank",
+        "/rerank.v1.RerankerService/Rerank",
         request_serializer=request_type.SerializeToString,
         response_deserializer=response_type.FromString,
     )

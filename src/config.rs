@@ -47,8 +47,12 @@ pub struct Config {
     pub max_document_bytes: usize,
     /// Bytes of the query.
     pub max_query_bytes: usize,
-    /// Bytes of one gRPC message.
+    /// Bytes of one gRPC message or HTTP request body.
     pub max_message_bytes: usize,
+    /// Long documents scored in windows (chunk-max): tokens neighbouring windows share.
+    pub chunk_overlap_tokens: usize,
+    /// Windows of one document scored at most (a call may ask for fewer).
+    pub max_chunks_per_doc: usize,
     /// Pairs admitted and not yet scored, across all requests; past it new work is RESOURCE_EXHAUSTED.
     pub max_pending_pairs: usize,
     /// Tokens of those pairs; past it new work is RESOURCE_EXHAUSTED.
@@ -116,6 +120,8 @@ impl Default for Config {
             max_document_bytes: 64 * 1024,
             max_query_bytes: 16 * 1024,
             max_message_bytes: 32 * 1024 * 1024,
+            chunk_overlap_tokens: 80,
+            max_chunks_per_doc: 64,
             max_pending_pairs: 200_000,
             max_pending_tokens: 20_000_000,
             max_stream_pending_pairs: 2048,
@@ -266,6 +272,7 @@ impl Config {
             ("max_document_bytes", self.max_document_bytes),
             ("max_query_bytes", self.max_query_bytes),
             ("max_message_bytes", self.max_message_bytes),
+            ("max_chunks_per_doc", self.max_chunks_per_doc),
             ("max_pending_pairs", self.max_pending_pairs),
             ("max_pending_tokens", self.max_pending_tokens),
             ("max_stream_pending_pairs", self.max_stream_pending_pairs),

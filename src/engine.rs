@@ -1,7 +1,6 @@
 //! The engine: one dedicated thread that owns the model and its device and runs batches to logits.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -9,10 +8,10 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
+use crate::batch::{Batch, BatchOutcome, RequestHandle, ScoredPairs};
 use crate::error::{RerankError, StartupError};
+use crate::metrics::Metrics;
 use crate::model::{LoadedModel, PackedBatch};
-use crate::scheduler::request::{BatchOutcome, RequestHandle, ScoredPairs};
-use crate::scheduler::{Batch, SchedulerStats};
 use crate::throughput::Throughput;
 
 /// Batches the scheduler may have ready while the engine computes one.
@@ -156,7 +155,7 @@ pub fn run_batch(model: &LoadedModel, inputs: &PackedBatch) -> Result<Vec<Vec<f3
 
 /// What the engine thread reports to and reads from the rest of the server.
 pub struct EngineContext {
-    pub stats: Arc<SchedulerStats>,
+    pub metrics: Arc<Metrics>,
     pub throughput: Arc<Throughput>,
     /// Only batches of at least a quarter of what fits this time update the speed estimate: small batches
     /// are dominated by fixed costs and would make a loaded engine look slower than it is.
@@ -198,12 +197,11 @@ pub fn spawn(
             while let Some(batch) = batches.blocking_recv() {
                 let started = Instant::now();
                 let (real, cost) = (batch.inputs.real_tokens(), batch.cost);
-                let outcome = context.pool.install(|| process(&model, batch));
+                let span = tracing::debug_span!("batch", id = batch.id, pairs = batch.pairs.len(), tokens = real);
+                let outcome = span.in_scope(|| context.pool.install(|| process(&model, batch)));
                 let elapsed = started.elapsed();
-                context
-                    .stats
-                    .engine_busy_micros
-                    .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+                context.metrics.engine_busy.inc_by(elapsed.as_secs_f64());
+                context.metrics.inference_duration.observe(elapsed.as_secs_f64());
                 if batches.is_empty() {
                     context.throughput.set_idle();
                 }
@@ -214,6 +212,7 @@ pub fn spawn(
                         let full = context.throughput.cost_in(context.target_batch_time);
                         if cost * 4 >= full {
                             context.throughput.record(real, cost, elapsed);
+                            context.metrics.engine_tokens_per_second.set(context.throughput.tokens_per_second());
                         }
                     }
                     BatchRun::Failed(reason) => {
@@ -339,6 +338,7 @@ fn group_by_request(
                 let empty = ScoredPairs {
                     pairs: Vec::new(),
                     tokens: 0,
+                    batch: batch.id,
                     started,
                     inference,
                     queued: std::time::Duration::ZERO,
@@ -360,9 +360,9 @@ fn group_by_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::Pair;
     use crate::model::scoring::{Activation, Scoring};
     use crate::model::CrossEncoder;
-    use crate::scheduler::request::Pair;
     use crate::tokenization::PairTokens;
 
     const POISON: u32 = 666;
@@ -415,6 +415,7 @@ mod tests {
         );
         let (cost, device_tokens) = (inputs.real_tokens(), inputs.real_tokens());
         let batch = Batch {
+            id: 1,
             pairs,
             inputs,
             cost,

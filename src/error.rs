@@ -24,24 +24,79 @@ pub enum StartupError {
     Load(String),
 }
 
-/// Why one rerank request failed. Each variant maps to exactly one gRPC status code.
+/// Why one rerank call failed. Each variant maps to exactly one gRPC status code and one HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RerankError {
-    /// The request itself is malformed or over a limit (INVALID_ARGUMENT).
+    /// The request itself is malformed (INVALID_ARGUMENT; HTTP 400).
     #[error("{0}")]
     InvalidArgument(String),
-    /// The server is not ready or is shutting down (UNAVAILABLE).
+    /// The request is over a configured size limit (INVALID_ARGUMENT; HTTP 413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// Missing or wrong API key (UNAUTHENTICATED; HTTP 401).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The server is not ready or is shutting down (UNAVAILABLE; HTTP 503).
     #[error("{0}")]
     Unavailable(String),
-    /// A fault inside the server, e.g. a failed batch (INTERNAL).
+    /// A fault inside the server, e.g. a failed batch (INTERNAL; HTTP 500).
     #[error("{0}")]
     Internal(String),
-    /// The server is at its admission limits (RESOURCE_EXHAUSTED); retry later.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// The call's deadline passed before its scores were ready (DEADLINE_EXCEEDED).
+    /// The server is at one of its admission limits (RESOURCE_EXHAUSTED; HTTP 429); retry later.
+    #[error("{message}")]
+    ResourceExhausted { reason: Refusal, message: String },
+    /// The call's deadline passed before its scores were ready (DEADLINE_EXCEEDED; HTTP 504).
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A stream's client neither read nor sent for stream_idle_timeout (ABORTED).
+    #[error("{0}")]
+    Aborted(String),
+    /// The client went away (CANCELLED).
+    #[error("{0}")]
+    Cancelled(String),
+}
+
+/// Which admission limit refused work: the `reason` label of `rerank_admission_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// max_concurrent_calls.
+    Calls,
+    /// max_pending_pairs.
+    Pairs,
+    /// max_pending_tokens.
+    Tokens,
+    /// max_inflight_bytes.
+    Bytes,
+    /// The expected wait passes max_queue_time.
+    QueueTime,
+    /// The work cannot finish before the call's deadline.
+    Deadline,
+    /// The work would make admitted calls miss their deadlines.
+    OthersDeadlines,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Self::Calls,
+        Self::Pairs,
+        Self::Tokens,
+        Self::Bytes,
+        Self::QueueTime,
+        Self::Deadline,
+        Self::OthersDeadlines,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Calls => "calls",
+            Self::Pairs => "pairs",
+            Self::Tokens => "tokens",
+            Self::Bytes => "bytes",
+            Self::QueueTime => "queue_time",
+            Self::Deadline => "deadline",
+            Self::OthersDeadlines => "others_deadlines",
+        }
+    }
 }
 
 impl RerankError {
@@ -49,7 +104,33 @@ impl RerankError {
         Self::InvalidArgument(message.into())
     }
 
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::TooLarge(message.into())
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::Internal(message.into())
+    }
+
+    pub fn refused(reason: Refusal, message: impl Into<String>) -> Self {
+        Self::ResourceExhausted {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The `outcome` label of `rerank_requests_total` for a call that failed with this error.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) => "invalid_argument",
+            Self::TooLarge(_) => "too_large",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+            Self::ResourceExhausted { .. } => "resource_exhausted",
+            Self::DeadlineExceeded(_) => "deadline_exceeded",
+            Self::Aborted(_) => "aborted",
+            Self::Cancelled(_) => "cancelled",
+        }
     }
 }

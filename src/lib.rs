@@ -1,13 +1,16 @@
-//! rerank-server: a gRPC inference server for cross-encoder rerankers.
+//! rerank-server: a gRPC and HTTP inference server for cross-encoder rerankers.
 //!
-//! The path of a request: `transport` (gRPC) → `tokenization` → `scheduler` (length-bucketed batches) →
-//! `engine` (the device worker) → `model` (one file per architecture) → back through `rerank` (ranking).
+//! The path of a request: `transport` (gRPC, HTTP) → `rerank` (the session) → `tokenization` → `scheduler`
+//! (length-bucketed batches, handed over as `batch`es) → `engine` (the device worker) → `model` (one file
+//! per architecture) → back through `rerank` (ranking).
 
-pub mod admission;
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod rerank;
 pub mod scheduler;

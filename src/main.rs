@@ -39,7 +39,7 @@ async fn run(cli: Cli) -> Result<(), rerank_server::error::StartupError> {
         ready = running.ready() => ready?,
         _ = shutdown_signal() => return running.shutdown().await,
     }
-    tracing::info!(addr = %running.local_addr, "serving rerank.v1.Reranker");
+    tracing::info!(addr = %running.local_addr, "serving rerank.v1.RerankerService");
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight calls");
     running.shutdown().await

@@ -297,12 +297,12 @@ async fn bad_unary_input_is_invalid_argument_naming_the_limit() {
     .await;
     let long = "word ".repeat(70);
     let over = RerankRequest {
-        truncation: Truncation::None as i32,
+        truncation: Truncation::Reject as i32,
         ..request("query", &["short", &long])
     };
     expect_invalid(c.rerank(over).await, "max_length").await;
     let fits = RerankRequest {
-        truncation: Truncation::None as i32,
+        truncation: Truncation::Reject as i32,
         ..request("query", &["short"])
     };
     assert!(c.rerank(fits).await.is_ok(), "NONE accepts pairs that fit");
@@ -416,7 +416,7 @@ async fn info_health_and_reflection() {
         .await
         .expect("connect");
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "rerank.v1.Reranker"] {
+    for service in ["", "rerank.v1.RerankerService"] {
         let status = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -450,7 +450,7 @@ async fn info_health_and_reflection() {
         panic!("expected a service list")
     };
     let names: Vec<String> = services.service.into_iter().map(|s| s.name).collect();
-    for wanted in ["rerank.v1.Reranker", "grpc.health.v1.Health"] {
+    for wanted in ["rerank.v1.RerankerService", "grpc.health.v1.Health"] {
         assert!(
             names.iter().any(|n| n == wanted),
             "{wanted} missing from {names:?}"
@@ -485,7 +485,7 @@ async fn health_is_not_serving_while_the_model_loads_and_rpcs_are_unavailable() 
         .expect("health")
         .into_inner();
     assert_eq!(status.status, ServingStatus::NotServing as i32);
-    let mut c = rerank_server::proto::reranker_client::RerankerClient::new(channel);
+    let mut c = rerank_server::proto::reranker_service_client::RerankerServiceClient::new(channel);
     let status = c
         .rerank(request("q", &["a"]))
         .await

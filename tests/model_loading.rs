@@ -38,7 +38,7 @@ async fn scores(dir: &Path, raw: bool) -> Vec<f32> {
         ..Default::default()
     };
     let mut results = reranker
-        .rerank(&case.query, case.documents.clone(), options)
+        .rerank("test", &case.query, case.documents.clone(), options)
         .await
         .expect("rerank")
         .results;

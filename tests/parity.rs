@@ -169,7 +169,7 @@ async fn scores_through_the_rerank_path_match_the_reference() {
                     ..Default::default()
                 };
                 let outcome = reranker
-                    .rerank(&case.query, case.documents.clone(), options)
+                    .rerank("test", &case.query, case.documents.clone(), options)
                     .await
                     .expect("rerank");
                 assert_eq!(outcome.results.len(), case.documents.len());

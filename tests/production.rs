@@ -88,7 +88,9 @@ async fn health_becomes(
 /// The server's stats once `reached` holds. A guard fails the test instead of hanging it when the state is
 /// never reached (the behaviour under test is broken); it is not a timing window.
 async fn stats_when(
-    client: &mut rerank_server::proto::reranker_client::RerankerClient<tonic::transport::Channel>,
+    client: &mut rerank_server::proto::reranker_service_client::RerankerServiceClient<
+        tonic::transport::Channel,
+    >,
     reached: impl Fn(&rerank_server::proto::SchedulerStats) -> bool,
 ) -> rerank_server::proto::SchedulerStats {
     let poll = async {
@@ -480,7 +482,8 @@ async fn a_stream_whose_client_stops_reading_is_ended_and_releases_its_work() {
         .connect()
         .await
         .expect("connect");
-    let mut stalled = rerank_server::proto::reranker_client::RerankerClient::new(channel);
+    let mut stalled =
+        rerank_server::proto::reranker_service_client::RerankerServiceClient::new(channel);
     let messages: Vec<_> = std::iter::once(start_message("harbour"))
         .chain((0..60).map(|chunk| chunk_message(chunk, 1000)))
         .collect();
@@ -577,7 +580,8 @@ async fn the_listener_speaks_tls_when_a_certificate_is_configured() {
     .connect()
     .await
     .expect("TLS connect");
-    let mut secure = rerank_server::proto::reranker_client::RerankerClient::new(channel);
+    let mut secure =
+        rerank_server::proto::reranker_service_client::RerankerServiceClient::new(channel);
     assert_eq!(
         secure
             .rerank(request(3))
@@ -595,7 +599,8 @@ async fn the_listener_speaks_tls_when_a_certificate_is_configured() {
             .connect()
             .await;
     if let Ok(channel) = plaintext {
-        let mut insecure = rerank_server::proto::reranker_client::RerankerClient::new(channel);
+        let mut insecure =
+            rerank_server::proto::reranker_service_client::RerankerServiceClient::new(channel);
         assert!(
             insecure.rerank(request(3)).await.is_err(),
             "plaintext is refused"

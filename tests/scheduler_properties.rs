@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use rerank_server::scheduler::request::{Pair, RequestHandle};
+use rerank_server::batch::{Pair, RequestHandle};
 use rerank_server::scheduler::{BatchPolicy, BatchQueue, BatchShape};
 use rerank_server::tokenization::PairTokens;
 

@@ -153,6 +153,7 @@ async fn a_call_that_stops_waiting_stops_its_tokenization() {
             Arc::clone(&many),
             0,
             Truncation::LongestFirst,
+            None,
         );
         let mut job = Box::pin(job);
         assert!(
@@ -164,7 +165,7 @@ async fn a_call_that_stops_waiting_stops_its_tokenization() {
     // A small job after them is answered, and the abandoned jobs encoded almost nothing.
     let few: Arc<[String]> = vec!["one small document".to_string(); 2].into();
     let pairs = tokenizer
-        .encode_documents(query, few, 0, Truncation::LongestFirst)
+        .encode_documents(query, few, 0, Truncation::LongestFirst, None)
         .await
         .expect("small job");
     assert_eq!(pairs.len(), 2);

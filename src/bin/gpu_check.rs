@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use rerank_server::model::ops::{
     self, EmbeddingTables, FeedForwardActivation, LayerNorm, Sequences,
 };
-use rerank_server::proto::reranker_client::RerankerClient;
+use rerank_server::proto::reranker_service_client::RerankerServiceClient;
 use rerank_server::proto::RerankRequest;
 use serde::Deserialize;
 
@@ -341,7 +341,7 @@ struct Case {
 
 async fn parity(addr: &str, path: &std::path::Path, tolerance: f32, relative: bool) -> Check {
     let expected: Expected = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-    let mut client = RerankerClient::connect(addr.to_string())
+    let mut client = RerankerServiceClient::connect(addr.to_string())
         .await?
         .max_decoding_message_size(64 << 20);
     let (mut worst, mut same_order, mut spread) = (0f32, 0usize, 0f32);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rerank_server::proto::reranker_client::RerankerClient;
+use rerank_server::proto::reranker_service_client::RerankerServiceClient;
 use rerank_server::proto::{InfoRequest, RerankRequest, SchedulerStats};
 use tonic::transport::Channel;
 
@@ -190,7 +190,7 @@ fn record(
 
 /// Open loop: a request starts every 1/rate seconds until `until`, each on its own task.
 async fn run_open_loop(
-    client: RerankerClient<Channel>,
+    client: RerankerServiceClient<Channel>,
     args: Args,
     rate: f64,
     until: Instant,
@@ -229,7 +229,7 @@ async fn run_open_loop(
 
 /// One large RerankStream: time to the first scores, to the final ranking, and pairs/s.
 async fn run_stream(
-    mut client: RerankerClient<Channel>,
+    mut client: RerankerServiceClient<Channel>,
     args: &Args,
     documents: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -300,7 +300,7 @@ async fn run_stream(
 }
 
 async fn run_client(
-    mut client: RerankerClient<Channel>,
+    mut client: RerankerServiceClient<Channel>,
     args: Args,
     seed: u64,
     until: Instant,
@@ -326,7 +326,7 @@ async fn run_client(
 }
 
 /// The server's scheduler counters (None if Info is not answered).
-async fn server_stats(client: &RerankerClient<Channel>) -> Option<SchedulerStats> {
+async fn server_stats(client: &RerankerServiceClient<Channel>) -> Option<SchedulerStats> {
     let mut client = client.clone();
     let info = client.info(InfoRequest {}).await.ok()?.into_inner();
     info.stats
@@ -372,7 +372,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = WORD_POOL.set(words);
     }
     let channel = Channel::from_shared(args.addr.clone())?.connect().await?;
-    let client = RerankerClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let client = RerankerServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     if let Some(documents) = args.stream_documents {
         return run_stream(client, &args, documents).await;
     }

@@ -1,90 +1,29 @@
 //! The scheduler task: takes pairs from every request into one queue and feeds cut batches to the engine.
 
 mod queue;
-pub mod request;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::mpsc;
 
-pub use queue::{bucket_bounds, Batch, BatchPolicy, BatchQueue, BatchShape};
-use request::{BatchOutcome, Pair, RequestHandle, RequestId};
+pub use queue::{bucket_bounds, BatchPolicy, BatchQueue, BatchShape};
 
+use crate::batch::{engine_gone, Batch, BatchOutcome, Pair, RequestHandle, RequestId};
 use crate::error::RerankError;
+use crate::metrics::Metrics;
 use crate::throughput::Throughput;
 
-/// Counters since start, shared with `Info`.
-#[derive(Debug, Default)]
-pub struct SchedulerStats {
-    pub batches: AtomicU64,
-    pub pairs: AtomicU64,
-    pub padded_tokens: AtomicU64,
-    pub real_tokens: AtomicU64,
-    pub cancelled_pairs: AtomicU64,
-    pub queued_pairs: AtomicU64,
-    /// Time the engine spent running batches (upload, forward, download), in microseconds.
-    pub engine_busy_micros: AtomicU64,
-    /// Work refused by admission (RESOURCE_EXHAUSTED), and streams ended because their client stalled.
-    pub refused: AtomicU64,
-    pub stalled_streams: AtomicU64,
-}
-
-/// A point-in-time copy of the counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct StatsSnapshot {
-    pub batches: u64,
-    pub pairs: u64,
-    pub padded_tokens: u64,
-    pub real_tokens: u64,
-    pub cancelled_pairs: u64,
-    pub queued_pairs: u64,
-    pub engine_busy_seconds: f64,
-    pub refused: u64,
-    pub stalled_streams: u64,
-    /// Filled in by the Reranker, which owns the tokenizer.
-    pub tokenizer_busy_seconds: f64,
-}
-
-impl StatsSnapshot {
-    /// Padded tokens per real token (1.0 = no padding waste).
-    pub fn padding_ratio(&self) -> f64 {
-        if self.real_tokens == 0 {
-            1.0
-        } else {
-            self.padded_tokens as f64 / self.real_tokens as f64
-        }
-    }
-}
-
-impl SchedulerStats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
-            batches: get(&self.batches),
-            pairs: get(&self.pairs),
-            padded_tokens: get(&self.padded_tokens),
-            real_tokens: get(&self.real_tokens),
-            cancelled_pairs: get(&self.cancelled_pairs),
-            queued_pairs: get(&self.queued_pairs),
-            engine_busy_seconds: get(&self.engine_busy_micros) as f64 / 1e6,
-            refused: get(&self.refused),
-            stalled_streams: get(&self.stalled_streams),
-            tokenizer_busy_seconds: 0.0,
-        }
-    }
-
-    fn record_batch(&self, batch: &Batch) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.pairs
-            .fetch_add(batch.pairs.len() as u64, Ordering::Relaxed);
-        self.padded_tokens
-            .fetch_add(batch.device_tokens as u64, Ordering::Relaxed);
-        self.real_tokens
-            .fetch_add(batch.inputs.real_tokens() as u64, Ordering::Relaxed);
-    }
+fn record_batch(metrics: &Metrics, batch: &Batch) {
+    let real = batch.inputs.real_tokens();
+    metrics.batch_pairs.observe(batch.pairs.len() as f64);
+    metrics.batch_tokens.observe(batch.device_tokens as f64);
+    metrics
+        .batch_padding_ratio
+        .observe(batch.device_tokens as f64 / real.max(1) as f64);
+    metrics.device_tokens.inc_by(batch.device_tokens as u64);
+    metrics.real_tokens.inc_by(real as u64);
 }
 
 enum Command {
@@ -96,7 +35,6 @@ enum Command {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     commands: mpsc::UnboundedSender<Command>,
-    stats: Arc<SchedulerStats>,
     next_id: Arc<AtomicU64>,
     engine_stopped: tokio::sync::watch::Receiver<bool>,
 }
@@ -127,15 +65,6 @@ impl SchedulerHandle {
         let _ = self.commands.send(Command::Cancel(request.id));
     }
 
-    pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
-    }
-
-    /// The counters themselves, for the engine to record its busy time.
-    pub fn shared_stats(&self) -> Arc<SchedulerStats> {
-        Arc::clone(&self.stats)
-    }
-
     /// Resolves once the engine has stopped taking batches (the server can then no longer score).
     pub async fn engine_stopped(&self) {
         let mut stopped = self.engine_stopped.clone();
@@ -162,9 +91,9 @@ pub fn spawn(
     max_length: usize,
     shape: BatchShape,
     engine: mpsc::Sender<Batch>,
+    metrics: Arc<Metrics>,
 ) -> SchedulerHandle {
     let (commands, receiver) = mpsc::unbounded_channel();
-    let stats = Arc::new(SchedulerStats::default());
     let queue = BatchQueue::new(policy, max_length, shape);
     let (stopped_sender, engine_stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(run(
@@ -172,12 +101,11 @@ pub fn spawn(
         pacing,
         receiver,
         engine,
-        Arc::clone(&stats),
+        metrics,
         stopped_sender,
     ));
     SchedulerHandle {
         commands,
-        stats,
         next_id: Arc::new(AtomicU64::new(1)),
         engine_stopped,
     }
@@ -188,7 +116,7 @@ async fn run(
     pacing: Pacing,
     mut commands: mpsc::UnboundedReceiver<Command>,
     engine: mpsc::Sender<Batch>,
-    stats: Arc<SchedulerStats>,
+    stats: Arc<Metrics>,
     engine_stopped: tokio::sync::watch::Sender<bool>,
 ) {
     let throughput = Arc::clone(&pacing.throughput);
@@ -196,9 +124,8 @@ async fn run(
         while let Ok(command) = commands.try_recv() {
             apply(&mut queue, command, &stats);
         }
-        stats
-            .queued_pairs
-            .store(queue.len() as u64, Ordering::Relaxed);
+        stats.queue_pairs.set(queue.len() as i64);
+        stats.queue_tokens.set(queue.queued_tokens() as i64);
         queue.set_token_budget(throughput.cost_in(pacing.target_batch_time));
         if queue.has_ready(Instant::now()) {
             let engine_can_take = async {
@@ -213,9 +140,9 @@ async fn run(
                     let Ok(permit) = permit else { break };
                     // Cut only now that the engine can take it, so the batch includes the latest arrivals.
                     let batch = queue.cut(Instant::now());
-                    stats.cancelled_pairs.fetch_add(queue.take_dropped() as u64, Ordering::Relaxed);
+                    stats.cancelled_pairs.inc_by(queue.take_dropped() as u64);
                     if let Some(batch) = batch {
-                        stats.record_batch(&batch);
+                        record_batch(&stats, &batch);
                         log_batch(&batch);
                         throughput.set_busy();
                         permit.send(batch);
@@ -249,15 +176,13 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-fn apply(queue: &mut BatchQueue, command: Command, stats: &SchedulerStats) {
+fn apply(queue: &mut BatchQueue, command: Command, stats: &Metrics) {
     match command {
         Command::Submit(pairs) => pairs.into_iter().for_each(|pair| queue.push(pair)),
         Command::Cancel(request) => {
             // The queue counts what it drops (here and when it meets flagged pairs while cutting) in one place.
             queue.cancel(request);
-            stats
-                .cancelled_pairs
-                .fetch_add(queue.take_dropped() as u64, Ordering::Relaxed);
+            stats.cancelled_pairs.inc_by(queue.take_dropped() as u64);
         }
     }
 }
@@ -265,6 +190,7 @@ fn apply(queue: &mut BatchQueue, command: Command, stats: &SchedulerStats) {
 fn log_batch(batch: &Batch) {
     let (padded, real) = (batch.device_tokens, batch.inputs.real_tokens());
     tracing::debug!(
+        batch = batch.id,
         pairs = batch.pairs.len(),
         max_len = batch.inputs.max_len,
         cost = batch.cost,
@@ -275,16 +201,11 @@ fn log_batch(batch: &Batch) {
     );
 }
 
-/// What a call gets once the engine has stopped: UNAVAILABLE, so clients retry at another replica.
-pub fn engine_gone() -> RerankError {
-    RerankError::Unavailable("the inference engine has stopped; retry at another replica".into())
-}
-
 /// The engine is gone: every queued and future pair fails instead of waiting forever.
 async fn fail_everything(
     mut queue: BatchQueue,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    stats: &SchedulerStats,
+    stats: &Metrics,
 ) {
     tracing::error!("the engine stopped; failing all pending requests");
     let error = || BatchOutcome::Failed(engine_gone());
@@ -296,7 +217,8 @@ async fn fail_everything(
             .iter()
             .for_each(|pair| pair.request.deliver(error()));
     }
-    stats.queued_pairs.store(0, Ordering::Relaxed);
+    stats.queue_pairs.set(0);
+    stats.queue_tokens.set(0);
     while let Some(command) = commands.recv().await {
         if let Command::Submit(pairs) = command {
             pairs.iter().for_each(|pair| pair.request.deliver(error()));
@@ -359,9 +281,10 @@ mod tests {
             }
         }
         for (request, rows) in by_request {
-            let scored = request::ScoredPairs {
+            let scored = crate::batch::ScoredPairs {
                 pairs: rows,
                 tokens: 0,
+                batch: 0,
                 started: Instant::now(),
                 inference: Duration::ZERO,
                 queued: Duration::ZERO,
@@ -373,7 +296,15 @@ mod tests {
     #[tokio::test]
     async fn every_pair_of_concurrent_requests_is_answered_exactly_once() {
         let (engine, mut inbox) = mpsc::channel(1);
-        let scheduler = spawn(policy(), pacing(), 128, BatchShape::Padded, engine);
+        let metrics = Arc::new(Metrics::new());
+        let scheduler = spawn(
+            policy(),
+            pacing(),
+            128,
+            BatchShape::Padded,
+            engine,
+            Arc::clone(&metrics),
+        );
         tokio::spawn(async move {
             while let Some(batch) = inbox.recv().await {
                 echo(batch);
@@ -406,15 +337,25 @@ mod tests {
                 "nothing beyond the request's pairs"
             );
         }
-        let stats = scheduler.stats();
-        assert_eq!(stats.pairs, 291);
-        assert!(stats.padded_tokens >= stats.real_tokens && stats.batches >= 291 / 8);
+        assert_eq!(metrics.batch_pairs.get_sample_sum() as u64, 291);
+        assert!(
+            metrics.device_tokens.get() >= metrics.real_tokens.get()
+                && metrics.batch_pairs.get_sample_count() >= 291 / 8
+        );
     }
 
     #[tokio::test]
     async fn cancelling_drops_pairs_that_have_not_reached_the_engine() {
         let (engine, mut inbox) = mpsc::channel(1);
-        let scheduler = spawn(policy(), pacing(), 128, BatchShape::Padded, engine);
+        let metrics = Arc::new(Metrics::new());
+        let scheduler = spawn(
+            policy(),
+            pacing(),
+            128,
+            BatchShape::Padded,
+            engine,
+            Arc::clone(&metrics),
+        );
         let (request, _receiver) = scheduler.new_request();
         scheduler.submit(pairs(&request, 80, 20)).expect("submit");
         // The engine takes one batch; at most one more waits in its inbox, the rest in the queue.
@@ -440,15 +381,21 @@ mod tests {
             reached_engine <= 16,
             "{reached_engine} pairs reached the engine after cancel"
         );
-        let stats = scheduler.stats();
-        assert_eq!(stats.cancelled_pairs as usize + reached_engine, 80);
+        assert_eq!(metrics.cancelled_pairs.get() as usize + reached_engine, 80);
     }
 
     #[tokio::test]
     async fn a_stopped_engine_fails_requests_instead_of_hanging() {
         let (engine, inbox) = mpsc::channel(1);
         drop(inbox);
-        let scheduler = spawn(policy(), pacing(), 128, BatchShape::Padded, engine);
+        let scheduler = spawn(
+            policy(),
+            pacing(),
+            128,
+            BatchShape::Padded,
+            engine,
+            Arc::new(Metrics::new()),
+        );
         let (request, mut receiver) = scheduler.new_request();
         scheduler.submit(pairs(&request, 3, 10)).expect("submit");
         let outcome = tokio::time::timeout(Duration::from_secs(5), receiver.recv())

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::request::{Pair, RequestId};
+use crate::batch::{Batch, Pair, RequestId};
 use crate::model::PackedBatch;
 
 /// Limits that decide when a batch is cut.
@@ -54,17 +54,6 @@ impl BatchShape {
     }
 }
 
-/// A cut batch: its pairs (in row order), their packed model input and what computing it costs.
-#[derive(Debug)]
-pub struct Batch {
-    pub pairs: Vec<Pair>,
-    pub inputs: PackedBatch,
-    /// In the budget's units (see `BatchShape`): what the engine's speed is measured in.
-    pub cost: usize,
-    /// Tokens the device computes, padding included.
-    pub device_tokens: usize,
-}
-
 /// Pairs of one request inside one bucket, oldest first.
 #[derive(Debug)]
 struct Lane {
@@ -113,6 +102,8 @@ impl Bucket {
 #[derive(Debug)]
 struct RequestEntry {
     queued: usize,
+    /// Real tokens of those pairs.
+    tokens: usize,
     per_bucket: Vec<usize>,
 }
 
@@ -130,6 +121,9 @@ pub struct BatchQueue {
     /// Requests with queued pairs; the front one anchors the next batch, then goes to the back.
     turns: VecDeque<RequestId>,
     queued: usize,
+    queued_tokens: usize,
+    /// Batches cut since start: the last batch's id.
+    batches_cut: u64,
     /// Pairs of cancelled requests dropped instead of computed, not yet collected by `take_dropped`.
     dropped: usize,
 }
@@ -237,6 +231,8 @@ impl BatchQueue {
             requests: HashMap::new(),
             turns: VecDeque::new(),
             queued: 0,
+            queued_tokens: 0,
+            batches_cut: 0,
             dropped: 0,
         }
     }
@@ -254,6 +250,11 @@ impl BatchQueue {
     /// Pairs waiting.
     pub fn len(&self) -> usize {
         self.queued
+    }
+
+    /// Real tokens of the pairs waiting.
+    pub fn queued_tokens(&self) -> usize {
+        self.queued_tokens
     }
 
     pub fn is_empty(&self) -> bool {
@@ -280,12 +281,15 @@ impl BatchQueue {
             .entry(request)
             .or_insert_with(|| RequestEntry {
                 queued: 0,
+                tokens: 0,
                 per_bucket: vec![0; bucket_count],
             });
         if entry.queued == 0 {
             self.turns.push_back(request);
         }
         entry.queued += 1;
+        entry.tokens += pair.len();
+        self.queued_tokens += pair.len();
         entry.per_bucket[bucket_index] += 1;
         let bucket = &mut self.buckets[bucket_index];
         match bucket.lane_position(request) {
@@ -312,6 +316,7 @@ impl BatchQueue {
         }
         self.turns.retain(|&r| r != request);
         self.queued -= entry.queued;
+        self.queued_tokens -= entry.tokens;
         self.dropped += entry.queued;
         entry.queued
     }
@@ -366,7 +371,9 @@ impl BatchQueue {
                         .iter()
                         .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
                 );
+                self.batches_cut += 1;
                 return Some(Batch {
+                    id: self.batches_cut,
                     cost: self.shape.batch_cost(&inputs),
                     device_tokens: self.shape.device_tokens(&inputs),
                     pairs,
@@ -409,7 +416,7 @@ impl BatchQueue {
         if let Some(position) = anchor.and_then(|r| bucket.lane_position(r)) {
             bucket.lanes.rotate_left(position);
         }
-        let mut taken: Vec<RequestId> = Vec::new();
+        let mut taken: Vec<(RequestId, usize)> = Vec::new();
         let mut dropped = 0;
         while let Some(mut lane) = bucket.lanes.pop_front() {
             let Some(pair) = lane.pairs.front() else {
@@ -417,7 +424,7 @@ impl BatchQueue {
             };
             if pair.request.is_cancelled() {
                 dropped += lane.pairs.len();
-                taken.extend(std::iter::repeat_n(lane.request, lane.pairs.len()));
+                taken.extend(lane.pairs.iter().map(|p| (lane.request, p.len())));
                 bucket.count -= lane.pairs.len();
                 continue;
             }
@@ -426,7 +433,7 @@ impl BatchQueue {
                 break;
             }
             if let Some(pair) = lane.pairs.pop_front() {
-                taken.push(lane.request);
+                taken.push((lane.request, pair.len()));
                 fill.push(pair);
                 bucket.count -= 1;
             }
@@ -435,15 +442,17 @@ impl BatchQueue {
             }
         }
         self.dropped += dropped;
-        for request in taken {
-            self.forget_one(request, bucket_index);
+        for (request, len) in taken {
+            self.forget_one(request, bucket_index, len);
         }
     }
 
-    fn forget_one(&mut self, request: RequestId, bucket_index: usize) {
+    fn forget_one(&mut self, request: RequestId, bucket_index: usize, len: usize) {
         self.queued -= 1;
+        self.queued_tokens -= len;
         if let Some(entry) = self.requests.get_mut(&request) {
             entry.queued -= 1;
+            entry.tokens -= len;
             entry.per_bucket[bucket_index] -= 1;
             if entry.queued == 0 {
                 self.requests.remove(&request);
@@ -456,7 +465,7 @@ impl BatchQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::request::RequestHandle;
+    use crate::batch::RequestHandle;
     use crate::tokenization::PairTokens;
     use std::collections::HashSet;
     use std::sync::Arc;

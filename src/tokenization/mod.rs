@@ -10,6 +10,7 @@ use tokenizers::utils::truncation::TruncationDirection;
 use tokenizers::{Encoding, PostProcessor, Tokenizer};
 
 use crate::error::{RerankError, StartupError};
+use crate::metrics::Metrics;
 
 mod ascii_wordpiece;
 use ascii_wordpiece::AsciiWordPiece;
@@ -22,6 +23,9 @@ pub enum Truncation {
     LongestFirst,
     /// Refuse the request.
     Reject,
+    /// Split an over-long document into overlapping windows that each fit with the query (at most
+    /// `max_chunks`, the first ones); the document's score is its best window's.
+    ChunkMax { max_chunks: usize },
 }
 
 /// A query tokenized without special tokens, shared by all of its pairs. Only the part that can ever reach a
@@ -66,6 +70,10 @@ fn longest_first_lengths(first: usize, second: usize, max: usize) -> (usize, usi
         (short, long)
     }
 }
+
+/// Tokens neighbouring windows of a chunked document share, unless configured: about what rerankers that
+/// window long documents use.
+pub const DEFAULT_CHUNK_OVERLAP: usize = 80;
 
 /// Fewest tokens an ASCII word can become: one per 10 bytes (prose has 4 to 6), at least one if it holds a
 /// letter or digit, and one for a word over 100 bytes (WordPiece maps such a word to a single [UNK]).
@@ -113,8 +121,10 @@ pub struct PairTokenizer {
     pool: rayon::ThreadPool,
     /// The fast path for ASCII documents of BERT-style tokenizers, when this tokenizer is one.
     ascii_wordpiece: Option<AsciiWordPiece>,
-    /// Worker time spent encoding documents, in microseconds (for the utilisation in Info).
-    busy_micros: std::sync::atomic::AtomicU64,
+    /// Tokens neighbouring windows of a chunked document share.
+    chunk_overlap: usize,
+    /// Where worker time spent encoding documents is counted.
+    metrics: Arc<Metrics>,
     /// Documents encoded since start.
     documents_encoded: std::sync::atomic::AtomicU64,
 }
@@ -162,14 +172,22 @@ impl PairTokenizer {
             added_pair_tokens,
             pool,
             ascii_wordpiece,
-            busy_micros: std::sync::atomic::AtomicU64::new(0),
+            chunk_overlap: DEFAULT_CHUNK_OVERLAP,
+            metrics: Arc::new(Metrics::new()),
             documents_encoded: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// Seconds the workers have spent encoding documents since start.
-    pub fn busy_seconds(&self) -> f64 {
-        self.busy_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+    /// Counts worker time into the server's metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Tokens neighbouring windows of a chunked document share.
+    pub fn with_chunk_overlap(mut self, tokens: usize) -> Self {
+        self.chunk_overlap = tokens;
+        self
     }
 
     /// Documents encoded since start (not counting those a cancelled call never had encoded).
@@ -230,24 +248,26 @@ impl PairTokenizer {
         truncation: Truncation,
         index: usize,
     ) -> Result<PairTokens, RerankError> {
-        // The second sequence of a pair has type id 1 before the template runs, as tokenizers encodes pairs.
-        let doc = match self.fast_document(document) {
-            Some(doc) => doc,
-            None => {
-                let mut doc =
-                    guarded(|| self.tokenizer.encode_fast(document, false)).map_err(|e| {
-                        RerankError::invalid(format!(
-                            "documents[{index}] could not be tokenized: {e}"
-                        ))
-                    })?;
-                doc.set_type_ids(vec![1; doc.len()]);
-                doc
-            }
-        };
+        self.encode_pair_within(query, document, truncation, None, index)
+    }
+
+    /// `encode_pair`, with the document first cut to its first `max_document_tokens` tokens if given.
+    fn encode_pair_within(
+        &self,
+        query: &QueryTokens,
+        document: &str,
+        truncation: Truncation,
+        max_document_tokens: Option<usize>,
+        index: usize,
+    ) -> Result<PairTokens, RerankError> {
+        let mut doc = self.encode_document(document, index)?;
+        if let Some(limit) = max_document_tokens.filter(|&limit| limit < doc.len()) {
+            doc = keep_first(doc, limit);
+        }
         let total = query.len() + doc.len() + self.added_pair_tokens;
         if total > self.max_length && truncation == Truncation::Reject {
             return Err(RerankError::invalid(format!(
-                "documents[{index}]: the pair is {total} tokens, over max_length {} (truncation is NONE)",
+                "documents[{index}]: the pair is {total} tokens, over max_length {} (truncation is REJECT)",
                 self.max_length
             )));
         }
@@ -257,14 +277,70 @@ impl PairTokenizer {
             keep_first(query.encoding.clone(), query_len),
             keep_first(doc, doc_len),
         );
+        self.template(first, second, index)
+    }
+
+    /// A document's tokens without special tokens. The second sequence of a pair has type id 1 before the
+    /// template runs, as tokenizers encodes pairs.
+    fn encode_document(&self, document: &str, index: usize) -> Result<Encoding, RerankError> {
+        if let Some(doc) = self.fast_document(document) {
+            return Ok(doc);
+        }
+        let mut doc = guarded(|| self.tokenizer.encode_fast(document, false)).map_err(|e| {
+            RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
+        })?;
+        doc.set_type_ids(vec![1; doc.len()]);
+        Ok(doc)
+    }
+
+    /// The pair template (special tokens, type ids) around a query part and a document part.
+    fn template(
+        &self,
+        query: Encoding,
+        document: Encoding,
+        index: usize,
+    ) -> Result<PairTokens, RerankError> {
         let pair =
-            guarded(|| self.tokenizer.post_process(first, Some(second), true)).map_err(|e| {
+            guarded(|| self.tokenizer.post_process(query, Some(document), true)).map_err(|e| {
                 RerankError::internal(format!("documents[{index}]: pair template failed: {e}"))
             })?;
         Ok(PairTokens {
             input_ids: pair.get_ids().to_vec(),
             type_ids: pair.get_type_ids().to_vec(),
         })
+    }
+
+    /// The pairs of one document in windows: the whole pair when it fits (exactly as `encode_pair`), else the
+    /// query (at most half of a pair's text) with consecutive windows of the document that share
+    /// `chunk_overlap` tokens (at most half a window), the first `max_chunks` of them.
+    pub fn encode_windows(
+        &self,
+        query: &QueryTokens,
+        document: &str,
+        max_chunks: usize,
+        index: usize,
+    ) -> Result<Vec<PairTokens>, RerankError> {
+        let mut doc = self.encode_document(document, index)?;
+        if query.len() + doc.len() <= self.text_budget() {
+            let query_part = keep_first(query.encoding.clone(), query.len());
+            return Ok(vec![self.template(query_part, doc, index)?]);
+        }
+        let query_len = query.len().min(self.text_budget() / 2);
+        let window = self.text_budget() - query_len;
+        doc.truncate(
+            window,
+            self.chunk_overlap.min(window / 2),
+            TruncationDirection::Right,
+        );
+        let rest = doc.take_overflowing();
+        std::iter::once(doc)
+            .chain(rest)
+            .take(max_chunks.max(1))
+            .map(|part| {
+                let query_part = keep_first(query.encoding.clone(), query_len);
+                self.template(query_part, part, index)
+            })
+            .collect()
     }
 
     /// A document through the ASCII WordPiece fast path, where it applies.
@@ -282,8 +358,8 @@ impl PairTokenizer {
         self.fast_document(document).map(|e| e.get_ids().to_vec())
     }
 
-    /// Tokenizes documents in parallel on the worker pool, off the async runtime. Index i of the result is
-    /// `documents[i]`; `first_index` is the global index of `documents[0]`, for error messages. When the caller
+    /// Tokenizes documents in parallel on the worker pool, off the async runtime. Index i of the result holds
+    /// the pairs of `documents[i]` (one, or one per window with `Truncation::ChunkMax`); `first_index` is the global index of `documents[0]`, for error messages. When the caller
     /// stops waiting (the call was cancelled, passed its deadline or lost its client, so this future was
     /// dropped), the job stops at the next document, and a job still queued never starts.
     pub async fn encode_documents(
@@ -292,7 +368,8 @@ impl PairTokenizer {
         documents: Arc<[String]>,
         first_index: usize,
         truncation: Truncation,
-    ) -> Result<Vec<PairTokens>, RerankError> {
+        max_document_tokens: Option<usize>,
+    ) -> Result<Vec<Vec<PairTokens>>, RerankError> {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let this = Arc::clone(self);
         self.pool.spawn(move || {
@@ -308,14 +385,26 @@ impl PairTokenizer {
                                 ));
                             }
                             let started = std::time::Instant::now();
-                            let pair = this.encode_pair(&query, doc, truncation, first_index + i);
-                            this.busy_micros.fetch_add(
-                                started.elapsed().as_micros() as u64,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
+                            let pairs = match truncation {
+                                Truncation::ChunkMax { max_chunks } => {
+                                    this.encode_windows(&query, doc, max_chunks, first_index + i)
+                                }
+                                _ => this
+                                    .encode_pair_within(
+                                        &query,
+                                        doc,
+                                        truncation,
+                                        max_document_tokens,
+                                        first_index + i,
+                                    )
+                                    .map(|pair| vec![pair]),
+                            };
+                            this.metrics
+                                .tokenizer_busy
+                                .inc_by(started.elapsed().as_secs_f64());
                             this.documents_encoded
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            pair
+                            pairs
                         })
                         .collect::<Result<Vec<_>, _>>()
                 })

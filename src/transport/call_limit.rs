@@ -1,37 +1,29 @@
-//! The global limit on rerank calls in progress (Rerank and RerankStream, from arrival until the handler's
-//! work is done): past it a call is refused at once with RESOURCE_EXHAUSTED, before its request is read.
+//! The core's cap on rerank calls in progress applied to gRPC calls (Rerank and RerankStream, from arrival
+//! until the handler's work is done): past it a call is refused at once with RESOURCE_EXHAUSTED, before its
+//! request is read.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
 use tonic::Status;
 
-/// Wraps a gRPC service so that at most `max_calls` rerank calls are in progress at once. A call's slot
-/// travels in its request extensions; the handler keeps it for as long as it works on the call (a stream's
-/// task until the stream ends). Info calls are not counted.
+use crate::rerank::limits::CallSlots;
+
+/// Wraps a gRPC service so that its rerank calls take a slot of `CallSlots`. A call's slot travels in its
+/// request extensions; the handler keeps it for as long as it works on the call (a stream's task until the
+/// stream ends). Info calls are not counted.
 #[derive(Clone)]
 pub struct CallLimit<S> {
     inner: S,
-    permits: Arc<Semaphore>,
-    max_calls: usize,
+    slots: CallSlots,
 }
 
-/// A call's slot among max_concurrent_calls; the slot frees when the last clone is dropped.
-#[derive(Clone)]
-pub struct CallSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
-
 impl<S> CallLimit<S> {
-    pub fn new(inner: S, max_calls: usize) -> Self {
-        Self {
-            inner,
-            permits: Arc::new(Semaphore::new(max_calls)),
-            max_calls,
-        }
+    pub fn new(inner: S, slots: CallSlots) -> Self {
+        Self { inner, slots }
     }
 }
 
@@ -62,14 +54,14 @@ where
         if request.uri().path().ends_with("/Info") {
             return boxed(self.inner.call(request));
         }
-        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
-            let status = Status::resource_exhausted(format!(
-                "the server has {} calls in progress (max_concurrent_calls); retry later",
-                self.max_calls
-            ));
-            return Box::pin(async move { Ok(status.into_http()) });
+        let slot = match self.slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(refused) => {
+                let status = Status::from(refused);
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
         };
-        request.extensions_mut().insert(CallSlot(Arc::new(permit)));
+        request.extensions_mut().insert(slot);
         boxed(self.inner.call(request))
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use rerank_server::config::Config;
 use rerank_server::model::{CrossEncoder, PackedBatch};
-use rerank_server::proto::reranker_client::RerankerClient;
+use rerank_server::proto::reranker_service_client::RerankerServiceClient;
 use rerank_server::server::{self, RunningServer};
 use serde::Deserialize;
 use tonic::transport::Channel;
@@ -64,8 +64,8 @@ pub async fn start(config: Config) -> RunningServer {
     server
 }
 
-pub async fn client(server: &RunningServer) -> RerankerClient<Channel> {
-    RerankerClient::connect(format!("http://{}", server.local_addr))
+pub async fn client(server: &RunningServer) -> RerankerServiceClient<Channel> {
+    RerankerServiceClient::connect(format!("http://{}", server.local_addr))
         .await
         .expect("client connects")
         .max_decoding_message_size(64 * 1024 * 1024)
@@ -187,7 +187,9 @@ pub async fn start_wrapped(
 }
 
 /// The server's scheduler and admission counters.
-pub async fn stats(client: &mut RerankerClient<Channel>) -> rerank_server::proto::SchedulerStats {
+pub async fn stats(
+    client: &mut RerankerServiceClient<Channel>,
+) -> rerank_server::proto::SchedulerStats {
     client
         .info(rerank_server::proto::InfoRequest {})
         .await

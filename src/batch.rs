@@ -1,4 +1,5 @@
-//! What a request shares with the scheduler and the engine: its pairs, its cancellation flag and its result sink.
+//! The contract between the rerank core, the scheduler and the engine: pairs, batches and their outcomes.
+//! The scheduler and the engine each import this and nothing of the other.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::error::RerankError;
+use crate::model::PackedBatch;
 use crate::tokenization::PairTokens;
 
 pub type RequestId = u64;
@@ -25,6 +27,8 @@ pub struct ScoredPairs {
     pub pairs: Vec<(u32, Vec<f32>)>,
     /// Real tokens of these pairs.
     pub tokens: u64,
+    /// The batch they ran in (its `id`, as the engine's log names it).
+    pub batch: u64,
     /// When the batch started on the model, and how long it ran.
     pub started: Instant,
     pub inference: Duration,
@@ -85,4 +89,22 @@ impl Pair {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+}
+
+/// A cut batch: its pairs (in row order), their packed model input and what computing it costs.
+#[derive(Debug)]
+pub struct Batch {
+    /// Serial number since start, for logs and traces.
+    pub id: u64,
+    pub pairs: Vec<Pair>,
+    pub inputs: PackedBatch,
+    /// In the scheduler's budget units (see `scheduler::BatchShape`): what the engine's speed is measured in.
+    pub cost: usize,
+    /// Tokens the device computes, padding included.
+    pub device_tokens: usize,
+}
+
+/// What a call gets once the engine has stopped: UNAVAILABLE, so clients retry at another replica.
+pub fn engine_gone() -> RerankError {
+    RerankError::Unavailable("the inference engine has stopped; retry at another replica".into())
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::error::RerankError;
+use crate::error::{Refusal, RerankError};
 use crate::throughput::Throughput;
 
 /// Identifies one call (a unary request or a stream) in the admission books.
@@ -80,7 +80,7 @@ impl Admission {
     /// Admits `pairs` more pairs, or refuses at once when that would pass max_pending_pairs.
     pub fn admit_pairs(&self, pairs: usize) -> Result<(), RerankError> {
         add_within(&self.pairs, pairs, self.limits.max_pending_pairs).map_err(|pending| {
-            RerankError::ResourceExhausted(format!(
+            RerankError::refused(Refusal::Pairs, format!(
                 "the server is at capacity: {pending} pairs pending, {pairs} more would pass max_pending_pairs {}; \
                  retry later",
                 self.limits.max_pending_pairs
@@ -92,11 +92,14 @@ impl Admission {
     /// that would pass max_inflight_bytes.
     pub fn admit_bytes(&self, bytes: usize) -> Result<(), RerankError> {
         add_within(&self.bytes, bytes, self.limits.max_inflight_bytes).map_err(|held| {
-            RerankError::ResourceExhausted(format!(
+            RerankError::refused(
+                Refusal::Bytes,
+                format!(
                 "the server is at capacity: {held} bytes of requests held, {bytes} more would pass \
                  max_inflight_bytes {}; retry later",
                 self.limits.max_inflight_bytes
-            ))
+            ),
+            )
         })
     }
 
@@ -124,7 +127,7 @@ impl Admission {
         let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         let load = self.check_time(&calls, call, tokens, deadline, now)?;
         add_within(&self.tokens, tokens, self.limits.max_pending_tokens).map_err(|pending| {
-            RerankError::ResourceExhausted(format!(
+            RerankError::refused(Refusal::Tokens, format!(
                 "the server is at capacity: {pending} tokens pending, {tokens} more would pass max_pending_tokens \
                  {}; retry later",
                 self.limits.max_pending_tokens
@@ -203,7 +206,7 @@ impl Admission {
             })
             .count();
         if harmed > 0 {
-            return Err(RerankError::ResourceExhausted(format!(
+            return Err(RerankError::refused(Refusal::OthersDeadlines, format!(
                 "the server is at capacity: this work would make {harmed} admitted calls miss their deadlines \
                  (engine speed {:.0} tokens/s); retry later or at another replica",
                 self.throughput.tokens_per_second()
@@ -220,17 +223,23 @@ impl Admission {
         now: Instant,
     ) -> RerankError {
         let wait = finish.saturating_duration_since(now).saturating_sub(own);
-        let limit = match load.deadline {
-            Some(deadline) if deadline <= load.queue_due => format!(
-                "its deadline in {:.1}s",
-                deadline.saturating_duration_since(now).as_secs_f64()
+        let (reason, limit) = match load.deadline {
+            Some(deadline) if deadline <= load.queue_due => (
+                Refusal::Deadline,
+                format!(
+                    "its deadline in {:.1}s",
+                    deadline.saturating_duration_since(now).as_secs_f64()
+                ),
             ),
-            _ => format!(
-                "max_queue_time {:.1}s",
-                self.limits.max_queue_time.as_secs_f64()
+            _ => (
+                Refusal::QueueTime,
+                format!(
+                    "max_queue_time {:.1}s",
+                    self.limits.max_queue_time.as_secs_f64()
+                ),
             ),
         };
-        RerankError::ResourceExhausted(format!(
+        RerankError::refused(reason, format!(
             "the server is at capacity: expected wait {:.1}s and {:.1}s of computing (engine speed {:.0} \
              tokens/s) would pass {limit}; retry later or at another replica",
             wait.as_secs_f64(),
@@ -349,7 +358,7 @@ mod tests {
         admission.admit_pairs(6).expect("fits");
         let err = admission.admit_pairs(5).expect_err("over");
         assert!(
-            matches!(&err, RerankError::ResourceExhausted(m) if m.contains("max_pending_pairs")),
+            matches!(&err, RerankError::ResourceExhausted { message: m, .. } if m.contains("max_pending_pairs")),
             "{err}"
         );
         admission.admit_tokens(1, 90_000, None, now).expect("fits");
@@ -378,7 +387,7 @@ mod tests {
             .admit_tokens(1, 5000, Some(now + 4 * SECOND), now)
             .expect_err("cannot finish");
         assert!(
-            matches!(&err, RerankError::ResourceExhausted(m) if m.contains("deadline")),
+            matches!(&err, RerankError::ResourceExhausted { message: m, .. } if m.contains("deadline")),
             "{err}"
         );
         admission

@@ -1,0 +1,239 @@
+//! The one home of the server's counters: written by admission, tokenizer, scheduler and engine, read by
+//! `Info` and exported at `/metrics` in the Prometheus text format.
+
+use prometheus::{
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::error::{Refusal, RerankError};
+
+/// Latency buckets in seconds: 1 ms to 60 s.
+const SECONDS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// Every metric of one server. Names, units and labels follow Prometheus conventions (`rerank_` prefix,
+/// `_total` counters, `_seconds` durations); README lists them all.
+pub struct Metrics {
+    registry: Registry,
+    /// Calls by endpoint and outcome ("ok" or the error kind).
+    pub requests: IntCounterVec,
+    /// Wall time of whole calls by endpoint.
+    pub request_duration: HistogramVec,
+    /// Documents ranked and the pairs (windows) and real tokens scored for them.
+    pub documents: IntCounter,
+    pub pairs: IntCounter,
+    pub tokens: IntCounter,
+    /// Pairs and tokens waiting in the scheduler's queue (not yet in a batch).
+    pub queue_pairs: IntGauge,
+    pub queue_tokens: IntGauge,
+    /// Admitted and not yet scored (queued, batched or computing), and request text held.
+    pub pending_pairs: IntGauge,
+    pub pending_tokens: IntGauge,
+    pub held_bytes: IntGauge,
+    pub batch_pairs: Histogram,
+    pub batch_tokens: Histogram,
+    pub batch_padding_ratio: Histogram,
+    /// Tokens computed by the device (padding included) and real tokens, since start.
+    pub device_tokens: IntCounter,
+    pub real_tokens: IntCounter,
+    /// Per batch and request: the longest wait of its pairs in the queue.
+    pub queue_duration: Histogram,
+    /// Per push of documents: tokenization wall time.
+    pub tokenize_duration: Histogram,
+    /// Per batch: model time.
+    pub inference_duration: Histogram,
+    /// Busy time; its rate is the utilisation.
+    pub engine_busy: Counter,
+    pub tokenizer_busy: Counter,
+    pub engine_tokens_per_second: prometheus::Gauge,
+    pub refusals: IntCounterVec,
+    pub cancelled_pairs: IntCounter,
+    pub stalled_streams: IntCounter,
+    /// 1 while the server serves, else 0.
+    pub serving: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let seconds = |name: &str, help: &str| {
+            let histogram =
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()))
+                    .expect("a valid histogram definition");
+            registry
+                .register(Box::new(histogram.clone()))
+                .expect("unique metric name");
+            histogram
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("a valid histogram definition");
+            registry
+                .register(Box::new(histogram.clone()))
+                .expect("unique metric name");
+            histogram
+        };
+        let counter = |name: &str, help: &str| {
+            let counter = IntCounter::new(name, help).expect("a valid counter definition");
+            registry
+                .register(Box::new(counter.clone()))
+                .expect("unique metric name");
+            counter
+        };
+        let seconds_counter = |name: &str, help: &str| {
+            let counter = Counter::new(name, help).expect("a valid counter definition");
+            registry
+                .register(Box::new(counter.clone()))
+                .expect("unique metric name");
+            counter
+        };
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGauge::new(name, help).expect("a valid gauge definition");
+            registry
+                .register(Box::new(gauge.clone()))
+                .expect("unique metric name");
+            gauge
+        };
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "rerank_requests_total",
+                "Rerank calls by endpoint and outcome.",
+            ),
+            &["endpoint", "outcome"],
+        )
+        .expect("a valid counter definition");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("unique metric name");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "rerank_request_duration_seconds",
+                "Wall time of rerank calls, from arrival to the ranking.",
+            )
+            .buckets(SECONDS.to_vec()),
+            &["endpoint"],
+        )
+        .expect("a valid histogram definition");
+        registry
+            .register(Box::new(request_duration.clone()))
+            .expect("unique metric name");
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "rerank_admission_refusals_total",
+                "Work refused at once by admission (RESOURCE_EXHAUSTED / 429), by the limit that refused it.",
+            ),
+            &["reason"],
+        )
+        .expect("a valid counter definition");
+        registry
+            .register(Box::new(refusals.clone()))
+            .expect("unique metric name");
+        for reason in Refusal::ALL {
+            refusals.with_label_values(&[reason.label()]);
+        }
+        let tokens_per_second = prometheus::Gauge::new(
+            "rerank_engine_tokens_per_second",
+            "The engine's measured speed in real tokens per second (smoothed), which admission and batch sizes follow.",
+        )
+        .expect("a valid gauge definition");
+        registry
+            .register(Box::new(tokens_per_second.clone()))
+            .expect("unique metric name");
+        let powers = |from: f64, count: usize| {
+            prometheus::exponential_buckets(from, 2.0, count).unwrap_or_default()
+        };
+        Self {
+            requests,
+            request_duration,
+            documents: counter("rerank_documents_total", "Documents ranked."),
+            pairs: counter("rerank_pairs_total", "(query, document) pairs scored; a chunked document counts each window."),
+            tokens: counter("rerank_tokens_total", "Real tokens of the pairs scored, special tokens included."),
+            queue_pairs: gauge("rerank_queue_pairs", "Pairs waiting in the scheduler's queue for a batch."),
+            queue_tokens: gauge("rerank_queue_tokens", "Real tokens of the pairs waiting in the scheduler's queue."),
+            pending_pairs: gauge("rerank_pending_pairs", "Pairs admitted and not yet scored, across all calls."),
+            pending_tokens: gauge("rerank_pending_tokens", "Tokens of the pairs admitted and not yet scored."),
+            held_bytes: gauge("rerank_held_bytes", "Bytes of request text held (not yet tokenized, or kept to return)."),
+            batch_pairs: histogram("rerank_batch_pairs", "Pairs per batch.", powers(1.0, 11)),
+            batch_tokens: histogram("rerank_batch_tokens", "Tokens the device computes per batch, padding included.", powers(64.0, 12)),
+            batch_padding_ratio: histogram(
+                "rerank_batch_padding_ratio",
+                "Device tokens per real token of each batch (1 = no padding).",
+                vec![1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0],
+            ),
+            device_tokens: counter("rerank_device_tokens_total", "Tokens the device computed, padding included."),
+            real_tokens: counter("rerank_real_tokens_total", "Real tokens the device computed."),
+            queue_duration: seconds(
+                "rerank_queue_duration_seconds",
+                "Per batch and call: the longest wait of the call's pairs in the queue before the batch ran.",
+            ),
+            tokenize_duration: seconds("rerank_tokenize_duration_seconds", "Tokenization wall time per request or stream chunk."),
+            inference_duration: seconds("rerank_inference_duration_seconds", "Model time per batch."),
+            engine_busy: seconds_counter(
+                "rerank_engine_busy_seconds_total",
+                "Time the engine spent running batches; its rate is the engine's utilisation.",
+            ),
+            tokenizer_busy: seconds_counter(
+                "rerank_tokenizer_busy_seconds_total",
+                "Worker time spent tokenizing documents; its rate over tokenizer_workers is their utilisation.",
+            ),
+            engine_tokens_per_second: tokens_per_second,
+            refusals,
+            cancelled_pairs: counter("rerank_cancelled_pairs_total", "Pairs dropped before the model because their call ended."),
+            stalled_streams: counter(
+                "rerank_stalled_streams_total",
+                "Streams ended because the client neither read nor sent for stream_idle_timeout.",
+            ),
+            serving: gauge("rerank_serving", "1 while the server serves (model loaded, not draining), else 0."),
+            registry,
+        }
+    }
+
+    /// The outcome of one call on `endpoint` and how long it took.
+    pub fn record_call<T>(&self, endpoint: &str, result: &Result<T, RerankError>, seconds: f64) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(error) => error.outcome(),
+        };
+        self.requests.with_label_values(&[endpoint, outcome]).inc();
+        self.request_duration
+            .with_label_values(&[endpoint])
+            .observe(seconds);
+    }
+
+    pub fn record_refusal(&self, reason: Refusal) {
+        self.refusals.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// Refusals by admission, all reasons together.
+    pub fn refusals_total(&self) -> u64 {
+        Refusal::ALL
+            .iter()
+            .map(|reason| self.refusals.with_label_values(&[reason.label()]).get())
+            .sum()
+    }
+
+    /// Device tokens per real token since start (1.0 = no padding).
+    pub fn padding_ratio(&self) -> f64 {
+        match self.real_tokens.get() {
+            0 => 1.0,
+            real => self.device_tokens.get() as f64 / real as f64,
+        }
+    }
+
+    /// Every metric in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(error = %e, "could not encode the metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}

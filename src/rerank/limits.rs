@@ -1,0 +1,132 @@
+//! Per-request limits (what one call may send) and the global cap on calls in progress.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{Refusal, RerankError};
+use crate::metrics::Metrics;
+
+/// Per-request limits; violations are errors that name the limit (TooLarge for sizes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_documents: usize,
+    pub max_stream_documents: usize,
+    pub max_document_bytes: usize,
+    pub max_query_bytes: usize,
+    /// Pairs of one stream that may wait for scores before the server stops reading the stream.
+    pub max_stream_pending_pairs: usize,
+    /// A stream whose client neither reads nor sends for this long is ended.
+    pub stream_idle_timeout: Duration,
+    /// Windows of one document scored with `Truncation::ChunkMax` unless the call asks for fewer.
+    pub max_chunks_per_doc: usize,
+    /// Tokens neighbouring windows share (as the tokenizer was configured).
+    pub chunk_overlap_tokens: usize,
+    /// Calls in progress across all transports (enforced by `CallSlots`).
+    pub max_concurrent_calls: usize,
+}
+
+impl Limits {
+    /// The query must hold text and fit max_query_bytes.
+    pub fn check_query(&self, query: &str) -> Result<(), RerankError> {
+        if query.trim().is_empty() {
+            return Err(RerankError::invalid("query must not be empty"));
+        }
+        if query.len() > self.max_query_bytes {
+            return Err(RerankError::too_large(format!(
+                "query is {} bytes, over the limit of {} (max_query_bytes)",
+                query.len(),
+                self.max_query_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// A request or stream chunk of `documents`, after `already` documents of the same call.
+    pub fn check_documents(&self, already: usize, documents: &[String]) -> Result<(), RerankError> {
+        if documents.len() > self.max_documents {
+            return Err(RerankError::too_large(format!(
+                "{} documents, over the limit of {} per request or stream chunk (max_documents)",
+                documents.len(),
+                self.max_documents
+            )));
+        }
+        if already + documents.len() > self.max_stream_documents {
+            return Err(RerankError::too_large(format!(
+                "{} documents in this stream, over the limit of {} (max_stream_documents)",
+                already + documents.len(),
+                self.max_stream_documents
+            )));
+        }
+        if let Some((i, doc)) = documents
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.len() > self.max_document_bytes)
+        {
+            return Err(RerankError::too_large(format!(
+                "documents[{}] is {} bytes, over the limit of {} (max_document_bytes)",
+                already + i,
+                doc.len(),
+                self.max_document_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Windows per document for a call that asks for `requested` (0 = the server's limit); more than the
+    /// limit is refused.
+    pub fn chunks_per_doc(&self, requested: usize) -> Result<usize, RerankError> {
+        match requested {
+            0 => Ok(self.max_chunks_per_doc),
+            n if n <= self.max_chunks_per_doc => Ok(n),
+            n => Err(RerankError::too_large(format!(
+                "max_chunks_per_doc {n} is over the server's limit of {}",
+                self.max_chunks_per_doc
+            ))),
+        }
+    }
+}
+
+/// The global cap on rerank calls in progress (unary calls and streams, every transport): past it a call is
+/// refused at once, before its request is read.
+#[derive(Clone)]
+pub struct CallSlots {
+    permits: Arc<Semaphore>,
+    max_calls: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// A call's slot among max_concurrent_calls; it frees when the last clone is dropped.
+#[derive(Clone)]
+pub struct CallSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+impl CallSlots {
+    pub fn new(max_calls: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_calls)),
+            max_calls,
+            metrics,
+        }
+    }
+
+    pub fn try_acquire(&self) -> Result<CallSlot, RerankError> {
+        match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => Ok(CallSlot(Arc::new(permit))),
+            Err(_) => {
+                self.metrics.record_refusal(Refusal::Calls);
+                Err(RerankError::refused(
+                    Refusal::Calls,
+                    format!(
+                        "the server has {} calls in progress (max_concurrent_calls); retry later",
+                        self.max_calls
+                    ),
+                ))
+            }
+        }
+    }
+
+    pub fn max_calls(&self) -> usize {
+        self.max_calls
+    }
+}

@@ -1,0 +1,230 @@
+//! Model loading and warm-up: resolves the model, loads weights and tokenizer, runs the largest batch shape
+//! once, and starts the scheduler and engine that the `Reranker` then feeds.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::admission::{Admission, AdmissionLimits};
+use super::limits::Limits;
+use super::{ModelDescription, Reranker};
+use crate::config::Config;
+use crate::engine::{self, EngineContext};
+use crate::error::StartupError;
+use crate::hub;
+use crate::metrics::Metrics;
+use crate::model::{self, CrossEncoder, LoadedModel, PackedBatch};
+use crate::scheduler::{self, BatchPolicy, BatchShape, Pacing};
+use crate::throughput::Throughput;
+use crate::tokenization::PairTokenizer;
+
+/// Wraps the loaded model after its warm-up, before it serves: lets tests put a stub in front of a real model
+/// (one that blocks until released, or fails like a broken device).
+pub type ModelWrapper = Arc<dyn Fn(Box<dyn CrossEncoder>) -> Box<dyn CrossEncoder> + Send + Sync>;
+
+/// Loads model and tokenizer, warms the model up at the largest batch shape, and starts engine and scheduler.
+pub async fn build_reranker(config: &Config) -> Result<Reranker, StartupError> {
+    build_reranker_with(config, None, Arc::new(Metrics::new())).await
+}
+
+/// `build_reranker`, with the model wrapped by `wrapper` after its warm-up.
+pub async fn build_reranker_with(
+    config: &Config,
+    wrapper: Option<ModelWrapper>,
+    metrics: Arc<Metrics>,
+) -> Result<Reranker, StartupError> {
+    let started = Instant::now();
+    let dir = hub::resolve(&config.model_id, &config.revision).await?;
+    let target = engine::compute_target(&config.device, &config.dtype)?;
+    let device_name = target.name.clone();
+    let (model, tokenizer) = {
+        let config = config.clone();
+        let metrics = Arc::clone(&metrics);
+        tokio::task::spawn_blocking(move || {
+            load_model_and_tokenizer(&dir, &target.device, target.dtype, &config, metrics)
+        })
+        .await
+        .map_err(|e| StartupError::Config(format!("model loader failed: {e}")))??
+    };
+    let policy = BatchPolicy {
+        max_batch_tokens: config.max_batch_tokens,
+        max_batch_size: config.max_batch_size,
+        max_wait: config.max_wait,
+    };
+    let max_length = tokenizer.max_length();
+    // The CPU computes real tokens only; the CUDA attention kernels read padded batches.
+    let shape = if model_device_is_cpu(&device_name) {
+        BatchShape::Packed {
+            attention_span: model.attention_span,
+        }
+    } else {
+        BatchShape::Padded
+    };
+    let pool = engine::compute_pool(config.cpu_threads())?;
+    let warm_up_pool = Arc::clone(&pool);
+    let (mut model, throughput) = tokio::task::spawn_blocking(move || {
+        warm_up_pool
+            .install(|| warm_up(&model, &policy, shape, max_length))
+            .map(|throughput| (model, throughput))
+    })
+    .await
+    .map_err(|e| StartupError::Config(format!("warm-up failed: {e}")))??;
+    if let Some(wrap) = wrapper {
+        model.model = wrap(model.model);
+    }
+    let model = Arc::new(model);
+    let throughput = Arc::new(throughput);
+    let description = ModelDescription {
+        model_id: config.model_id.clone(),
+        architecture: model.architecture.clone(),
+        max_length,
+        device: device_name,
+        dtype: format!("{:?}", model.dtype).to_lowercase(),
+        scoring: model.scoring,
+        max_message_bytes: config.max_message_bytes,
+    };
+    let (batches, engine_inbox) = tokio::sync::mpsc::channel(engine::QUEUE_DEPTH);
+    let on_gpu = !model_device_is_cpu(&description.device);
+    let batch_time = target_batch_time(config.target_batch_time, on_gpu);
+    let pacing = Pacing {
+        throughput: Arc::clone(&throughput),
+        target_batch_time: batch_time,
+        cut_ahead: on_gpu,
+    };
+    let scheduler = scheduler::spawn(
+        policy,
+        pacing,
+        max_length,
+        shape,
+        batches,
+        Arc::clone(&metrics),
+    );
+    let context = EngineContext {
+        metrics: Arc::clone(&metrics),
+        throughput: Arc::clone(&throughput),
+        target_batch_time: batch_time,
+        max_consecutive_failures: config.max_consecutive_failures,
+        pool,
+    };
+    engine::spawn(model, engine_inbox, context)?;
+    let limits = Limits {
+        max_documents: config.max_documents,
+        max_stream_documents: config.max_stream_documents,
+        max_document_bytes: config.max_document_bytes,
+        max_query_bytes: config.max_query_bytes,
+        max_stream_pending_pairs: config.max_stream_pending_pairs,
+        stream_idle_timeout: config.stream_idle_timeout,
+        max_chunks_per_doc: config.max_chunks_per_doc,
+        chunk_overlap_tokens: config.chunk_overlap_tokens,
+        max_concurrent_calls: config.max_concurrent_calls,
+    };
+    tracing::info!(
+        architecture = %description.architecture,
+        max_length,
+        scoring = description.scoring.name(),
+        seconds = started.elapsed().as_secs_f32(),
+        "model ready"
+    );
+    let admission = Admission::new(
+        AdmissionLimits {
+            max_pending_pairs: config.max_pending_pairs,
+            max_pending_tokens: config.max_pending_tokens,
+            max_inflight_bytes: config.max_inflight_bytes,
+            max_queue_time: config.max_queue_time,
+            batches_in_flight: batch_time * if on_gpu { 2 } else { 1 },
+        },
+        throughput,
+    );
+    Ok(Reranker::new(
+        Arc::new(tokenizer),
+        scheduler,
+        admission,
+        limits,
+        policy,
+        description,
+        metrics,
+    ))
+}
+
+fn load_model_and_tokenizer(
+    dir: &Path,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<(LoadedModel, PairTokenizer), StartupError> {
+    let model = model::load(dir, device, dtype)?;
+    let tokenizer = PairTokenizer::load(
+        dir,
+        config.max_length,
+        model.max_positions,
+        config.tokenizer_threads(device.is_cpu()),
+    )?
+    .with_metrics(metrics)
+    .with_chunk_overlap(config.chunk_overlap_tokens);
+    if tokenizer.vocab_size() > model.vocab_size {
+        return Err(StartupError::InvalidFile {
+            path: dir.join("tokenizer.json"),
+            reason: format!(
+                "the tokenizer has {} tokens but the model's vocab_size is {}",
+                tokenizer.vocab_size(),
+                model.vocab_size
+            ),
+        });
+    }
+    Ok((model, tokenizer))
+}
+
+/// The batch time to aim for: the configured one, else 250 ms on a CPU (a small request waits about that
+/// long behind other work) and 50 ms on a GPU (long enough to keep it busy).
+fn target_batch_time(configured: Duration, on_gpu: bool) -> Duration {
+    match (configured.is_zero(), on_gpu) {
+        (false, _) => configured,
+        (true, false) => Duration::from_millis(250),
+        (true, true) => Duration::from_millis(50),
+    }
+}
+
+fn model_device_is_cpu(device: &str) -> bool {
+    device == "cpu"
+}
+
+/// Runs the largest batch the policy allows, so a shape that does not fit fails at start, not under load.
+/// Its time is the engine's first speed measurement.
+fn warm_up(
+    model: &LoadedModel,
+    policy: &BatchPolicy,
+    shape: BatchShape,
+    max_length: usize,
+) -> Result<Throughput, StartupError> {
+    let rows =
+        (policy.max_batch_tokens / shape.pair_cost(max_length)).clamp(1, policy.max_batch_size);
+    let ids = vec![model.pad_token_id; max_length];
+    let types = vec![0; max_length];
+    let batch = PackedBatch::from_sequences((0..rows).map(|_| (&ids[..], &types[..])));
+    let started = Instant::now();
+    engine::run_batch(model, &batch)
+        .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
+    let cold = started.elapsed();
+    // The first run pays one-time costs (allocations, kernel loading on a GPU): a second, smaller run of the
+    // same length gives the first speed estimate.
+    let timed_rows = (rows / 4).max(1);
+    let timed = PackedBatch::from_sequences((0..timed_rows).map(|_| (&ids[..], &types[..])));
+    let started = Instant::now();
+    engine::run_batch(model, &timed)
+        .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
+    let warm = started.elapsed();
+    tracing::info!(
+        rows,
+        max_length,
+        cold_ms = cold.as_millis() as u64,
+        timed_rows,
+        warm_ms = warm.as_millis() as u64,
+        "warm-up batches done"
+    );
+    Ok(Throughput::new(
+        timed_rows * max_length,
+        shape.batch_cost(&timed),
+        warm,
+    ))
+}

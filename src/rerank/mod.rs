@@ -1,0 +1,262 @@
+//! The rerank core every transport calls: `Reranker` opens sessions (unary calls and streams alike), applies
+//! the call's deadline, and records each call's outcome; sessions own admission, back-pressure and ranking.
+
+pub mod access;
+pub mod admission;
+mod documents;
+pub mod limits;
+pub mod loading;
+mod session;
+mod stream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::RerankError;
+use crate::metrics::Metrics;
+use crate::model::scoring::Scoring;
+use crate::scheduler::{BatchPolicy, SchedulerHandle};
+use crate::tokenization::{PairTokenizer, Truncation};
+use admission::Admission;
+use limits::Limits;
+
+pub use session::{RerankSession, ScoredChunk};
+pub use stream::{EventStream, StreamEvent, StreamRequest};
+
+/// Options of one rerank call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RerankOptions {
+    /// 0 = all documents.
+    pub top_n: usize,
+    pub return_documents: bool,
+    pub raw_scores: bool,
+    pub truncation: Truncation,
+    /// Documents are first cut to this many tokens (Cohere's max_tokens_per_doc); not with chunk-max.
+    pub max_document_tokens: Option<usize>,
+    /// The caller's deadline: past it the call fails with DeadlineExceeded and its pending pairs are dropped.
+    pub deadline: Option<Instant>,
+}
+
+/// A scored document, by its global index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankedDocument {
+    pub index: u32,
+    pub score: f32,
+    pub document: Option<String>,
+    /// With `Truncation::ChunkMax`: the window of the document whose score this is.
+    pub chunk: Option<u32>,
+}
+
+/// Where a request's time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Pairs scored: one per document, or one per window of a chunked document.
+    pub pairs: u32,
+    pub documents: u32,
+    pub tokens: u64,
+    /// Summed over the request's batches: how long its longest-waiting pair in each waited in the queue.
+    pub queue_ns: u64,
+    pub tokenize_ns: u64,
+    /// Model time of the batches the request's pairs ran in.
+    pub inference_ns: u64,
+    pub total_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerankOutcome {
+    pub results: Vec<RankedDocument>,
+    pub usage: Usage,
+}
+
+/// What the server reports about itself.
+#[derive(Debug, Clone)]
+pub struct ModelDescription {
+    pub model_id: String,
+    pub architecture: String,
+    pub max_length: usize,
+    pub device: String,
+    pub dtype: String,
+    pub scoring: Scoring,
+    pub max_message_bytes: usize,
+}
+
+impl ModelDescription {
+    /// Whether a client's `model` field names this model: empty, the configured id, or its last path part
+    /// (a local directory is often named after the hub id's model name).
+    pub fn answers_to(&self, name: &str) -> bool {
+        let name = name.trim();
+        let short = |id: &str| {
+            id.trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        };
+        name.is_empty() || name == self.model_id || short(name) == short(&self.model_id)
+    }
+}
+
+/// What admission holds across all calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub pairs: usize,
+    pub tokens: usize,
+    pub bytes: usize,
+}
+
+/// Cheap-to-clone entry point of the rerank path.
+#[derive(Clone)]
+pub struct Reranker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tokenizer: Arc<PairTokenizer>,
+    scheduler: SchedulerHandle,
+    admission: Admission,
+    limits: Limits,
+    policy: BatchPolicy,
+    description: ModelDescription,
+    metrics: Arc<Metrics>,
+}
+
+impl Reranker {
+    pub fn new(
+        tokenizer: Arc<PairTokenizer>,
+        scheduler: SchedulerHandle,
+        admission: Admission,
+        limits: Limits,
+        policy: BatchPolicy,
+        description: ModelDescription,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let inner = Inner {
+            tokenizer,
+            scheduler,
+            admission,
+            limits,
+            policy,
+            description,
+            metrics,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Work admitted and not yet scored, and request text held, across all calls.
+    pub fn pending(&self) -> Pending {
+        let (pairs, tokens) = self.inner.admission.pending();
+        Pending {
+            pairs,
+            tokens,
+            bytes: self.inner.admission.held_bytes(),
+        }
+    }
+
+    /// The engine's measured speed in real tokens per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.inner.admission.throughput().tokens_per_second()
+    }
+
+    pub fn description(&self) -> &ModelDescription {
+        &self.inner.description
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn admission_limits(&self) -> &admission::AdmissionLimits {
+        self.inner.admission.limits()
+    }
+
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.inner.policy
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Brings the gauges that mirror admission's books up to date (before they are read or exported).
+    pub fn refresh_gauges(&self) {
+        let pending = self.pending();
+        let metrics = &self.inner.metrics;
+        metrics.pending_pairs.set(clamp(pending.pairs));
+        metrics.pending_tokens.set(clamp(pending.tokens));
+        metrics.held_bytes.set(clamp(pending.bytes));
+        metrics
+            .engine_tokens_per_second
+            .set(self.tokens_per_second());
+    }
+
+    /// Resolves once the engine has stopped: every later request fails, so health must say so.
+    pub async fn engine_stopped(&self) {
+        self.inner.scheduler.engine_stopped().await
+    }
+
+    /// Scores all documents against the query and ranks them: one unary call on `endpoint`.
+    pub async fn rerank(
+        &self,
+        endpoint: &'static str,
+        query: &str,
+        documents: Vec<String>,
+        options: RerankOptions,
+    ) -> Result<RerankOutcome, RerankError> {
+        let started = Instant::now();
+        let call = async {
+            if documents.is_empty() {
+                return Err(RerankError::invalid("documents must not be empty"));
+            }
+            let mut session = self.start(query, options)?;
+            session.push(documents).await?;
+            session.finish().await
+        };
+        // Past the deadline the call future is dropped, and with it the session and its queued pairs.
+        let result = within_deadline(options.deadline, call).await;
+        self.record_call(endpoint, &result, started);
+        result
+    }
+
+    /// Opens a session: validates and tokenizes the query once. Documents follow with `push`.
+    pub fn start(&self, query: &str, options: RerankOptions) -> Result<RerankSession, RerankError> {
+        RerankSession::open(self.clone(), query, options)
+    }
+
+    fn record_call<T>(&self, endpoint: &str, result: &Result<T, RerankError>, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        self.inner.metrics.record_call(endpoint, result, seconds);
+        match result {
+            Ok(_) => tracing::info!(endpoint, seconds, "rerank done"),
+            Err(error) => {
+                tracing::info!(endpoint, seconds, outcome = error.outcome(), %error, "rerank failed")
+            }
+        }
+    }
+}
+
+/// Runs `call` to completion, or fails with DeadlineExceeded (dropping it) once `deadline` passes.
+pub async fn within_deadline<T>(
+    deadline: Option<Instant>,
+    call: impl std::future::Future<Output = Result<T, RerankError>>,
+) -> Result<T, RerankError> {
+    match deadline {
+        None => call.await,
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RerankError::DeadlineExceeded(
+                    "the call's deadline passed before its scores were ready".into(),
+                ))
+            }),
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn clamp(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,422 @@
+//! One rerank session (a unary call or a stream): validates and tokenizes pushed documents, holds their
+//! admission, queues their pairs, turns batch outcomes into document scores (best window of a chunked
+//! document) and ranks them.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::admission::Admission;
+use super::documents::Documents;
+use super::{nanos, RankedDocument, RerankOptions, RerankOutcome, Reranker, Usage};
+use crate::batch::{engine_gone, BatchOutcome, Pair, RequestHandle, ScoredPairs};
+use crate::error::RerankError;
+use crate::tokenization::{PairTokens, QueryTokens, Truncation};
+
+/// Scores of documents as they complete (global indices, no particular order).
+pub type ScoredChunk = Vec<RankedDocument>;
+
+/// Which document each pair belongs to, when documents are split into windows.
+#[derive(Default)]
+struct Windows {
+    /// By pair serial: (document index, window of the document).
+    pair: Vec<(u32, u32)>,
+    /// By document: windows not yet scored, and the best window so far.
+    left: Vec<u32>,
+    best_window: Vec<u32>,
+}
+
+/// One query and the documents pushed so far; scores arrive as batches finish. Dropping an unfinished
+/// session cancels its pairs that have not reached the model and returns everything it held to admission.
+pub struct RerankSession {
+    reranker: Reranker,
+    options: RerankOptions,
+    query: Arc<QueryTokens>,
+    request: Arc<RequestHandle>,
+    outcomes: mpsc::UnboundedReceiver<BatchOutcome>,
+    received_at: Instant,
+    /// Score (or raw score) by document index; NaN until computed.
+    scores: Vec<f32>,
+    /// With `Truncation::ChunkMax`: the pair → document mapping.
+    windows: Option<Windows>,
+    /// Scores received while `push` waited for room, not yet taken by `next_scores`.
+    ready: VecDeque<ScoredChunk>,
+    /// Texts kept for return_documents.
+    documents: Documents,
+    /// Documents pushed, and pairs pushed and scored (a chunked document has a pair per window).
+    pushed: usize,
+    pairs_pushed: usize,
+    pairs_scored: usize,
+    usage: Usage,
+    /// (pairs, tokens) this session holds in the global admission counts.
+    admitted: (usize, usize),
+    done: bool,
+}
+
+impl RerankSession {
+    pub(super) fn open(
+        reranker: Reranker,
+        query: &str,
+        options: RerankOptions,
+    ) -> Result<Self, RerankError> {
+        let received_at = Instant::now();
+        let inner = &reranker.inner;
+        inner.limits.check_query(query)?;
+        let query = Arc::new(inner.tokenizer.encode_query(query)?);
+        let (request, outcomes) = inner.scheduler.new_request();
+        let windows =
+            matches!(options.truncation, Truncation::ChunkMax { .. }).then(Windows::default);
+        Ok(Self {
+            reranker,
+            options,
+            query,
+            request,
+            outcomes,
+            received_at,
+            scores: Vec::new(),
+            windows,
+            ready: VecDeque::new(),
+            documents: Documents::default(),
+            pushed: 0,
+            pairs_pushed: 0,
+            pairs_scored: 0,
+            usage: Usage::default(),
+            admitted: (0, 0),
+            done: false,
+        })
+    }
+
+    /// Pairs pushed whose scores have not arrived yet (what a stream's window counts).
+    pub fn outstanding(&self) -> usize {
+        self.pairs_pushed - self.pairs_scored
+    }
+
+    /// Whether `next_scores` has more to give: scores outstanding or received and not yet taken.
+    pub fn awaits_scores(&self) -> bool {
+        self.outstanding() > 0 || !self.ready.is_empty()
+    }
+
+    pub fn pushed(&self) -> usize {
+        self.pushed
+    }
+
+    fn admission(&self) -> &Admission {
+        &self.reranker.inner.admission
+    }
+
+    /// Validates, tokenizes and queues documents; their global indices continue from earlier pushes. Work the
+    /// server has no room for is refused at once (RESOURCE_EXHAUSTED), except that a session whose own pairs
+    /// are still being scored waits for them to make room: a stream slows down instead of failing mid-way.
+    pub async fn push(&mut self, documents: Vec<String>) -> Result<(), RerankError> {
+        if documents.is_empty() {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.reranker.inner);
+        inner.limits.check_documents(self.pushed, &documents)?;
+        let first_index = self.pushed;
+        let count = documents.len();
+        let bytes: usize = documents.iter().map(String::len).sum();
+        let started = Instant::now();
+        let at_least = inner.tokenizer.least_tokens(&self.query, &documents);
+        let documents: Arc<[String]> = documents.into();
+        // Text and pairs are admitted before the tokenizer spends work on them, tokens once they are known.
+        // Work that could not be admitted even at a low estimate of its tokens is refused before tokenizing,
+        // so a flood of retries costs the engine little.
+        let (call, deadline) = (self.request.id, self.options.deadline);
+        self.admit_or_wait(|admission| {
+            admission.precheck(call, at_least, deadline, Instant::now())
+        })
+        .await?;
+        self.admit_or_wait(|admission| admission.admit_bytes(bytes))
+            .await?;
+        self.documents.held_bytes += bytes;
+        self.admit_or_wait(|admission| admission.admit_pairs(count))
+            .await?;
+        self.admitted.0 += count;
+        let tokenizing = tracing::debug_span!("tokenize", documents = count);
+        let per_document = tracing::Instrument::instrument(
+            inner.tokenizer.encode_documents(
+                Arc::clone(&self.query),
+                Arc::clone(&documents),
+                first_index,
+                self.options.truncation,
+                self.options.max_document_tokens,
+            ),
+            tokenizing,
+        )
+        .await?;
+        if self.options.return_documents {
+            self.documents.hold_chunk(first_index, documents);
+        } else {
+            self.release_bytes(bytes);
+        }
+        let pairs = self.map_windows(first_index, per_document);
+        // Windows beyond one per document are more pairs than admitted above.
+        let extra = pairs.len() - count;
+        if extra > 0 {
+            self.admit_or_wait(|admission| admission.admit_pairs(extra))
+                .await?;
+            self.admitted.0 += extra;
+        }
+        let token_count: usize = pairs.iter().map(PairTokens::len).sum();
+        self.admit_or_wait(|admission| {
+            admission.admit_tokens(call, token_count, deadline, Instant::now())
+        })
+        .await?;
+        self.admitted.1 += token_count;
+        let tokenize_time = started.elapsed();
+        self.usage.tokenize_ns += nanos(tokenize_time);
+        inner
+            .metrics
+            .tokenize_duration
+            .observe(tokenize_time.as_secs_f64());
+        let enqueued_at = Instant::now();
+        let first_pair = self.pairs_pushed;
+        let pairs: Vec<Pair> = pairs
+            .into_iter()
+            .enumerate()
+            .map(|(i, tokens)| Pair {
+                request: Arc::clone(&self.request),
+                index: (first_pair + i) as u32,
+                tokens,
+                enqueued_at,
+            })
+            .collect();
+        tracing::debug!(
+            documents = count,
+            pairs = pairs.len(),
+            tokens = token_count,
+            "queued"
+        );
+        self.pushed += count;
+        self.pairs_pushed += pairs.len();
+        self.scores.resize(self.pushed, f32::NAN);
+        inner.scheduler.submit(pairs)
+    }
+
+    /// Flattens the documents' pairs, recording which document and window each pair is when documents are
+    /// chunked.
+    fn map_windows(
+        &mut self,
+        first_index: usize,
+        per_document: Vec<Vec<PairTokens>>,
+    ) -> Vec<PairTokens> {
+        if let Some(windows) = &mut self.windows {
+            for (i, document) in per_document.iter().enumerate() {
+                let index = (first_index + i) as u32;
+                windows
+                    .pair
+                    .extend((0..document.len() as u32).map(|window| (index, window)));
+                windows.left.push(document.len() as u32);
+                windows.best_window.push(0);
+            }
+        }
+        per_document.into_iter().flatten().collect()
+    }
+
+    /// Runs an admission step; while it is refused for room and this session has pairs being scored, waits for
+    /// their scores (kept for `next_scores`) and tries again.
+    async fn admit_or_wait(
+        &mut self,
+        admit: impl Fn(&Admission) -> Result<(), RerankError>,
+    ) -> Result<(), RerankError> {
+        loop {
+            match admit(self.admission()) {
+                Err(RerankError::ResourceExhausted { .. }) if self.outstanding() > 0 => {
+                    let chunk = self.receive().await?;
+                    self.ready.push_back(chunk);
+                }
+                Err(refused @ RerankError::ResourceExhausted { reason, .. }) => {
+                    self.reranker.inner.metrics.record_refusal(reason);
+                    return Err(refused);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits for the next scores of this request's documents. Ok(None) when nothing is outstanding.
+    pub async fn next_scores(&mut self) -> Result<Option<ScoredChunk>, RerankError> {
+        if let Some(chunk) = self.ready.pop_front() {
+            return Ok(Some(chunk));
+        }
+        if self.outstanding() == 0 {
+            return Ok(None);
+        }
+        self.receive().await.map(Some)
+    }
+
+    /// Receives one batch outcome of this request and records its scores. A stopped engine ends the wait
+    /// with UNAVAILABLE, also for pairs that were inside the engine when it stopped.
+    async fn receive(&mut self) -> Result<ScoredChunk, RerankError> {
+        let scheduler = &self.reranker.inner.scheduler;
+        let outcome = tokio::select! {
+            biased;
+            outcome = self.outcomes.recv() => outcome,
+            _ = scheduler.engine_stopped() => None,
+        };
+        match outcome {
+            Some(BatchOutcome::Scored(scored)) => Ok(self.record(scored)),
+            Some(BatchOutcome::Failed(error)) => Err(error),
+            None if scheduler.has_engine_stopped() => Err(engine_gone()),
+            None => Err(RerankError::internal("the scheduler dropped this request")),
+        }
+    }
+
+    fn record(&mut self, scored: ScoredPairs) -> ScoredChunk {
+        let inner = Arc::clone(&self.reranker.inner);
+        let (scoring, raw) = (inner.description.scoring, self.options.raw_scores);
+        self.release(scored.pairs.len(), scored.tokens as usize);
+        self.usage.tokens += scored.tokens;
+        self.usage.inference_ns += nanos(scored.inference);
+        self.usage.queue_ns += nanos(scored.queued);
+        inner.metrics.pairs.inc_by(scored.pairs.len() as u64);
+        inner.metrics.tokens.inc_by(scored.tokens);
+        inner
+            .metrics
+            .queue_duration
+            .observe(scored.queued.as_secs_f64());
+        tracing::debug!(
+            batch = scored.batch,
+            pairs = scored.pairs.len(),
+            queue_ms = scored.queued.as_secs_f64() * 1e3,
+            inference_ms = scored.inference.as_secs_f64() * 1e3,
+            "scored in batch"
+        );
+        let mut chunk = Vec::with_capacity(scored.pairs.len());
+        for (pair, logits) in scored.pairs {
+            let score = if raw {
+                scoring.raw(&logits)
+            } else {
+                scoring.score(&logits)
+            };
+            self.pairs_scored += 1;
+            if let Some(document) = self.document_scored(pair, score) {
+                chunk.push(document);
+            }
+        }
+        inner.metrics.documents.inc_by(chunk.len() as u64);
+        if self.options.return_documents {
+            let held_before = self.documents.held_bytes;
+            let mut freed = 0;
+            for doc in &chunk {
+                freed += self
+                    .documents
+                    .scored(doc.index, doc.score, self.options.top_n);
+            }
+            let copied = self.documents.held_bytes - held_before;
+            inner.admission.hold_bytes(copied);
+            self.release_bytes(freed);
+        }
+        chunk
+    }
+
+    /// Records a pair's score; returns its document once every window of it is scored.
+    fn document_scored(&mut self, pair: u32, score: f32) -> Option<RankedDocument> {
+        let Some(windows) = &mut self.windows else {
+            let slot = self.scores.get_mut(pair as usize)?;
+            *slot = score;
+            return Some(RankedDocument {
+                index: pair,
+                score,
+                document: None,
+                chunk: None,
+            });
+        };
+        let &(index, window) = windows.pair.get(pair as usize)?;
+        let (slot, left) = (
+            self.scores.get_mut(index as usize)?,
+            windows.left.get_mut(index as usize)?,
+        );
+        // The first window wins ties, and any score beats NaN (not yet scored).
+        if slot.is_nan() || score > *slot {
+            *slot = score;
+            windows.best_window[index as usize] = window;
+        }
+        *left -= 1;
+        (*left == 0).then(|| RankedDocument {
+            index,
+            score: *slot,
+            document: None,
+            chunk: Some(windows.best_window[index as usize]),
+        })
+    }
+
+    /// Waits for every outstanding score and ranks all documents pushed.
+    pub async fn finish(mut self) -> Result<RerankOutcome, RerankError> {
+        if self.pushed == 0 {
+            return Err(RerankError::invalid(
+                "documents must not be empty: no documents were sent",
+            ));
+        }
+        while self.next_scores().await?.is_some() {}
+        self.done = true;
+        let results = self.rank();
+        let mut usage = self.usage;
+        usage.pairs = u32::try_from(self.pairs_pushed).unwrap_or(u32::MAX);
+        usage.documents = u32::try_from(self.pushed).unwrap_or(u32::MAX);
+        usage.total_ns = nanos(self.received_at.elapsed());
+        Ok(RerankOutcome { results, usage })
+    }
+
+    /// All scores sorted highest first (ties by index), cut to top_n, documents attached if asked.
+    fn rank(&self) -> Vec<RankedDocument> {
+        let mut order: Vec<u32> = (0..self.scores.len() as u32).collect();
+        let by_score = |a: &u32, b: &u32| {
+            self.scores[*b as usize]
+                .total_cmp(&self.scores[*a as usize])
+                .then(a.cmp(b))
+        };
+        let top_n = match self.options.top_n {
+            0 => order.len(),
+            n => n.min(order.len()),
+        };
+        if top_n < order.len() {
+            order.select_nth_unstable_by(top_n, by_score);
+            order.truncate(top_n);
+        }
+        order.sort_unstable_by(by_score);
+        order
+            .into_iter()
+            .map(|index| RankedDocument {
+                index,
+                score: self.scores[index as usize],
+                document: self.documents.kept.get(&index).cloned(),
+                chunk: self
+                    .windows
+                    .as_ref()
+                    .and_then(|w| w.best_window.get(index as usize).copied()),
+            })
+            .collect()
+    }
+
+    /// Returns admitted work to the global counts as it is scored (or dropped).
+    fn release(&mut self, pairs: usize, tokens: usize) {
+        let (pairs, tokens) = (pairs.min(self.admitted.0), tokens.min(self.admitted.1));
+        self.reranker
+            .inner
+            .admission
+            .release(self.request.id, pairs, tokens);
+        self.admitted = (self.admitted.0 - pairs, self.admitted.1 - tokens);
+    }
+
+    fn release_bytes(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.documents.held_bytes);
+        self.reranker.inner.admission.release_bytes(bytes);
+        self.documents.held_bytes -= bytes;
+    }
+}
+
+impl Drop for RerankSession {
+    fn drop(&mut self) {
+        if !self.done && self.outstanding() > 0 {
+            self.reranker.inner.scheduler.cancel(&self.request);
+        }
+        let (pairs, tokens) = self.admitted;
+        self.release(pairs, tokens);
+        self.release_bytes(self.documents.held_bytes);
+        self.reranker.inner.admission.end_call(self.request.id);
+    }
+}

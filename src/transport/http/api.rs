@@ -1,0 +1,283 @@
+//! The JSON shapes of the rerank APIs clients already use — Cohere v2, Cohere v1 / Jina, and TEI — decoded
+//! into one core call and encoded back.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{deadline, read_json, HttpError, HttpState};
+use crate::error::RerankError;
+use crate::rerank::limits::Limits;
+use crate::rerank::{RankedDocument, RerankOptions, RerankOutcome, Reranker};
+use crate::tokenization::Truncation;
+
+/// A document as Cohere v1 and Jina accept it: a string or an object with `text`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Document {
+    Text(String),
+    Object { text: String },
+}
+
+impl Document {
+    fn into_text(self) -> String {
+        match self {
+            Self::Text(text) | Self::Object { text } => text,
+        }
+    }
+}
+
+/// Fields every shape shares; absent and null mean the server's default. Unknown fields are ignored, as the
+/// hosted APIs grow fields clients then send.
+#[derive(Deserialize, Default)]
+struct Common {
+    model: Option<String>,
+    top_n: Option<usize>,
+    return_documents: Option<bool>,
+    /// "longest_first" (default), "reject" or "chunk_max".
+    truncation: Option<String>,
+    /// Cohere v1: windows per long document; setting it selects chunk_max.
+    max_chunks_per_doc: Option<usize>,
+    /// Cohere v2: documents are first cut to this many tokens.
+    max_tokens_per_doc: Option<usize>,
+    rank_fields: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct CohereRequest {
+    query: String,
+    documents: Vec<Document>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+pub(super) struct TeiRequest {
+    query: String,
+    texts: Vec<String>,
+    raw_scores: Option<bool>,
+    return_text: Option<bool>,
+    truncate: Option<bool>,
+    truncation_direction: Option<String>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Serialize)]
+struct CohereResult {
+    index: u32,
+    relevance_score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    document: Option<DocumentText>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct DocumentText {
+    text: String,
+}
+
+#[derive(Serialize)]
+struct TeiResult {
+    index: u32,
+    score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk: Option<u32>,
+}
+
+/// The options of one call from the shared fields; `truncate` is TEI's flag (false = reject over-long pairs).
+fn options(
+    reranker: &Reranker,
+    common: &Common,
+    truncate: Option<bool>,
+    headers: &HeaderMap,
+) -> Result<RerankOptions, HttpError> {
+    let description = reranker.description();
+    if let Some(model) = common
+        .model
+        .as_deref()
+        .filter(|m| !description.answers_to(m))
+    {
+        return Err(RerankError::invalid(format!(
+            "model {model:?} is not served here; this server serves {:?}",
+            description.model_id
+        ))
+        .into());
+    }
+    if let Some(fields) = &common.rank_fields {
+        if fields.iter().any(|field| field != "text") {
+            return Err(RerankError::invalid("rank_fields: only \"text\" is supported").into());
+        }
+    }
+    Ok(RerankOptions {
+        top_n: common.top_n.unwrap_or(0),
+        return_documents: common.return_documents.unwrap_or(false),
+        raw_scores: false,
+        truncation: truncation(reranker.limits(), common, truncate)?,
+        max_document_tokens: common.max_tokens_per_doc,
+        deadline: deadline(headers)?,
+    })
+}
+
+fn truncation(
+    limits: &Limits,
+    common: &Common,
+    truncate: Option<bool>,
+) -> Result<Truncation, HttpError> {
+    let chunked = |requested: usize| -> Result<Truncation, HttpError> {
+        Ok(Truncation::ChunkMax {
+            max_chunks: limits.chunks_per_doc(requested)?,
+        })
+    };
+    match (
+        common.truncation.as_deref(),
+        common.max_chunks_per_doc,
+        truncate,
+    ) {
+        (Some("chunk_max"), chunks, _) | (None, chunks @ Some(_), _) => {
+            chunked(chunks.unwrap_or(0))
+        }
+        (Some("longest_first"), _, _) | (None, None, None | Some(true)) => {
+            Ok(Truncation::LongestFirst)
+        }
+        (Some("reject"), _, _) | (None, None, Some(false)) => Ok(Truncation::Reject),
+        (Some(other), _, _) => Err(RerankError::invalid(format!(
+            "truncation {other:?}: expected \"longest_first\", \"reject\" or \"chunk_max\""
+        ))
+        .into()),
+    }
+}
+
+/// Cohere bills one search unit per query with up to 100 documents (each window of a long document counts).
+fn search_units(outcome: &RerankOutcome) -> u32 {
+    outcome.usage.pairs.div_ceil(100).max(1)
+}
+
+fn cohere_results(results: Vec<RankedDocument>) -> Vec<CohereResult> {
+    results
+        .into_iter()
+        .map(|doc| CohereResult {
+            index: doc.index,
+            relevance_score: doc.score,
+            document: doc.document.map(|text| DocumentText { text }),
+            chunk: doc.chunk,
+        })
+        .collect()
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_default()
+}
+
+/// `POST /v2/rerank`: Cohere v2.
+pub(super) async fn cohere_v2(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let reranker = state.reranker()?.clone();
+    let request: CohereRequest = read_json(&state, body).await?;
+    let options = options(&reranker, &request.common, None, &headers)?;
+    let documents = request
+        .documents
+        .into_iter()
+        .map(Document::into_text)
+        .collect();
+    let outcome = reranker
+        .rerank("http_v2", &request.query, documents, options)
+        .await?;
+    let units = search_units(&outcome);
+    let body = json!({
+        "id": request_id(&headers),
+        "results": cohere_results(outcome.results),
+        "meta": {
+            "api_version": { "version": "2" },
+            "billed_units": { "search_units": units },
+            "tokens": { "input_tokens": outcome.usage.tokens, "output_tokens": 0 },
+        },
+    });
+    Ok(Json(body).into_response())
+}
+
+/// `POST /v1/rerank`: Cohere v1 and Jina (documents as strings or `{text}` objects).
+pub(super) async fn cohere_v1(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let reranker = state.reranker()?.clone();
+    let request: CohereRequest = read_json(&state, body).await?;
+    let options = options(&reranker, &request.common, None, &headers)?;
+    let documents = request
+        .documents
+        .into_iter()
+        .map(Document::into_text)
+        .collect();
+    let outcome = reranker
+        .rerank("http_v1", &request.query, documents, options)
+        .await?;
+    let units = search_units(&outcome);
+    let body = json!({
+        "id": request_id(&headers),
+        "model": reranker.description().model_id,
+        "results": cohere_results(outcome.results),
+        "meta": {
+            "api_version": { "version": "1" },
+            "billed_units": { "search_units": units },
+        },
+        "usage": { "total_tokens": outcome.usage.tokens, "prompt_tokens": outcome.usage.tokens },
+    });
+    Ok(Json(body).into_response())
+}
+
+/// `POST /rerank`: text-embeddings-inference. A list of `{index, score, text?}`, highest first.
+pub(super) async fn tei(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let reranker = state.reranker()?.clone();
+    let request: TeiRequest = read_json(&state, body).await?;
+    if let Some(direction) = request.truncation_direction.as_deref() {
+        if !direction.eq_ignore_ascii_case("right") {
+            return Err(RerankError::invalid(format!(
+                "truncation_direction {direction:?}: only \"Right\" is supported (pairs keep their first tokens)"
+            ))
+            .into());
+        }
+    }
+    let mut options = options(&reranker, &request.common, request.truncate, &headers)?;
+    options.raw_scores = request.raw_scores.unwrap_or(false);
+    options.return_documents = request.return_text.unwrap_or(false);
+    let outcome = reranker
+        .rerank("http_tei", &request.query, request.texts, options)
+        .await?;
+    let results: Vec<TeiResult> = outcome
+        .results
+        .into_iter()
+        .map(|doc| TeiResult {
+            index: doc.index,
+            score: doc.score,
+            text: doc.document,
+            chunk: doc.chunk,
+        })
+        .collect();
+    Ok(Json(results).into_response())
+}
+
+/// `GET /info`: the gRPC Info response as JSON.
+pub(super) async fn info(State(state): State<HttpState>) -> Result<Response, HttpError> {
+    let reranker = state.reranker()?;
+    Ok(Json(crate::transport::grpc::info(reranker)).into_response())
+}

@@ -1,0 +1,176 @@
+//! The HTTP/JSON transport (axum, on the gRPC listener): the rerank APIs users' clients already speak
+//! (Cohere v1/v2, Jina, TEI), health, info and Prometheus metrics. Errors are `{"message": ...}` with the
+//! status each core error maps to here, in one place.
+
+mod api;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use crate::error::RerankError;
+use crate::lifecycle::{Lifecycle, State as Life};
+use crate::rerank::access::ApiKey;
+use crate::rerank::limits::CallSlots;
+use crate::rerank::Reranker;
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub lifecycle: Arc<Lifecycle>,
+    pub api_key: ApiKey,
+    pub slots: CallSlots,
+    /// Largest request body read (max_message_bytes).
+    pub max_body_bytes: usize,
+}
+
+impl HttpState {
+    fn reranker(&self) -> Result<&Reranker, HttpError> {
+        Ok(self.lifecycle.reranker()?)
+    }
+}
+
+/// The HTTP routes. Rerank calls and /info need the API key when one is set; health and metrics stay open
+/// for probes and scrapers.
+pub fn router(state: HttpState) -> Router {
+    let guarded = Router::new()
+        .route("/v2/rerank", post(api::cohere_v2))
+        .route("/v1/rerank", post(api::cohere_v1))
+        .route("/rerank", post(api::tei))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            take_call_slot,
+        ))
+        .route("/info", get(api::info))
+        .route_layer(middleware::from_fn_with_state(state.clone(), check_api_key));
+    Router::new()
+        .merge(guarded)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// A rerank error as an HTTP response.
+pub struct HttpError(pub RerankError);
+
+impl From<RerankError> for HttpError {
+    fn from(error: RerankError) -> Self {
+        Self(error)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            RerankError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            RerankError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RerankError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            RerankError::ResourceExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RerankError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RerankError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            RerankError::Internal(_) | RerankError::Aborted(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // The client is gone; nobody reads this (499 in nginx's terms).
+            RerankError::Cancelled(_) => StatusCode::BAD_REQUEST,
+        };
+        let body = Json(serde_json::json!({ "message": self.0.to_string() }));
+        let mut response = (status, body).into_response();
+        if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+async fn check_api_key(
+    State(state): State<HttpState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, HttpError> {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    state.api_key.check(given)?;
+    Ok(next.run(request).await)
+}
+
+/// Takes a slot among max_concurrent_calls before the body is read; it is held until the response is built.
+async fn take_call_slot(
+    State(state): State<HttpState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, HttpError> {
+    let _slot = state.slots.try_acquire()?;
+    Ok(next.run(request).await)
+}
+
+/// Reads and parses a JSON body within max_message_bytes: 413 past it, 400 for malformed JSON.
+async fn read_json<T: DeserializeOwned>(state: &HttpState, body: Body) -> Result<T, HttpError> {
+    let bytes = axum::body::to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|_| {
+            RerankError::too_large(format!(
+                "the request body is over the limit of {} bytes (max_message_bytes)",
+                state.max_body_bytes
+            ))
+        })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| HttpError(RerankError::invalid(format!("invalid JSON body: {e}"))))
+}
+
+/// The call's deadline from `x-request-timeout` ("2s", "500ms", or seconds as a number).
+fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, HttpError> {
+    let Some(value) = headers.get("x-request-timeout") else {
+        return Ok(None);
+    };
+    let invalid = || {
+        HttpError(RerankError::invalid(
+            "x-request-timeout is not a valid duration (e.g. \"2s\")",
+        ))
+    };
+    let text = value.to_str().map_err(|_| invalid())?.trim();
+    let timeout = match text.parse::<f64>() {
+        Ok(seconds) => Duration::try_from_secs_f64(seconds).map_err(|_| invalid())?,
+        Err(_) => humantime::parse_duration(text).map_err(|_| invalid())?,
+    };
+    Ok(Instant::now().checked_add(timeout))
+}
+
+/// 200 only while serving; 503 while loading, draining or failed.
+async fn health(State(state): State<HttpState>) -> Response {
+    let (status, text) = match state.lifecycle.state() {
+        Life::Serving => (StatusCode::OK, "serving".to_string()),
+        Life::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading".to_string()),
+        Life::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining".to_string()),
+        Life::Failed(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {reason}")),
+    };
+    (status, Json(serde_json::json!({ "status": text }))).into_response()
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    if let Ok(reranker) = state.lifecycle.reranker() {
+        reranker.refresh_gauges();
+    }
+    let text = state.lifecycle.metrics().render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
