@@ -12,7 +12,8 @@ every single character with and without the ## prefix, and the most common words
 BERT WordPiece tokenizer at a few thousand entries. The XLM-R tokenizer is a SentencePiece Unigram model trained
 here on a small multilingual corpus with NFKC normalisation and XLM-R's special ids (<s>=0, <pad>=1, </s>=2,
 <unk>=3), loaded into transformers' XLM-R tokenizer (`<s> A </s></s> B </s>` pair template). Expected token ids and scores come
-from sentence-transformers' CrossEncoder on the saved fixture (fp32, CPU).
+from sentence-transformers' CrossEncoder on the saved fixture (fp32, CPU); chunk-max scores of long documents
+(`*.chunk-max.json`) from transformers on the same fixtures (see `chunk_max_reference`).
 """
 import io
 import json
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from sentence_transformers import CrossEncoder
-from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, XLMRobertaConfig,
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast, XLMRobertaConfig,
                           XLMRobertaForSequenceClassification, XLMRobertaTokenizer)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -242,6 +243,75 @@ def reference_outputs(model_dir: pathlib.Path, num_labels: int, cases_in):
     return cases
 
 
+CHUNK_DOC = " ".join(
+    ("the harbour wall was rebuilt after the storm and the fishermen moved their boats " * 3
+     + "fresh fish is sold every morning at the harbour market near the old lighthouse "
+     + "the town hall holds the archive of ships that sailed from the port " * 4).split()
+)
+
+CHUNK_CASES = [
+    # (name, query, documents, chunk_overlap_tokens, max_chunks_per_doc)
+    ("overlap_16", "where is fresh fish sold?", [CHUNK_DOC, "fish market", "", CHUNK_DOC + " the end"], 16, 64),
+    ("default_overlap_clamped", "where is fresh fish sold?", [CHUNK_DOC, "fish market"], 80, 64),
+    ("at_most_two_windows", "where is fresh fish sold?", [CHUNK_DOC, "fish market"], 16, 2),
+    ("long_query", LONG_QUERY, [CHUNK_DOC, "the old market"], 16, 64),
+]
+
+
+def pair_template(tok, first, second):
+    """Input and type ids of a pair as each architecture's tokenizer frames it: BERT `[CLS] A [SEP] B [SEP]`
+    (type 1 for B and its [SEP]); XLM-R `<s> A </s></s> B </s>` (all type 0)."""
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    if "xlm" in type(tok).__name__.lower():
+        ids = [cls] + first + [sep, sep] + second + [sep]
+        return ids, [0] * len(ids)
+    return [cls] + first + [sep] + second + [sep], [0] * (len(first) + 2) + [1] * (len(second) + 1)
+
+
+def chunk_max_reference(model_dir: pathlib.Path, num_labels: int):
+    """Chunk-max scores computed independently with transformers: the document's tokens split into windows that
+    fit with the query (the query keeps at most half of a pair's text), neighbouring windows sharing the overlap
+    (at most half a window), each (query, window) pair scored by the model with the CrossEncoder activation, and
+    the document given its best window's score (the first best on ties)."""
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    budget = MAX_LENGTH - tok.num_special_tokens_to_add(pair=True)
+    cases = []
+    for name, query, documents, overlap, max_chunks in CHUNK_CASES:
+        q = tok(query, add_special_tokens=False)["input_ids"]
+        scores, best, windows_per_doc = [], [], []
+        for doc in documents:
+            d = tok(doc, add_special_tokens=False)["input_ids"]
+            if len(q) + len(d) <= budget:
+                kept, windows = q, [d]
+            else:
+                kept = q[:min(len(q), budget // 2)]
+                width = budget - len(kept)
+                step = width - min(overlap, width // 2)
+                windows, start = [], 0
+                while True:
+                    windows.append(d[start:start + width])
+                    if start + width >= len(d):
+                        break
+                    start += step
+                windows = windows[:max_chunks]
+            window_scores = []
+            for window in windows:
+                ids, types = pair_template(tok, kept, window)
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0]
+                score = torch.sigmoid(logits[0]) if num_labels == 1 else torch.softmax(logits, -1)[1]
+                window_scores.append(float(score))
+            top = max(window_scores)
+            scores.append(top)
+            best.append(window_scores.index(top))
+            windows_per_doc.append(len(windows))
+        cases.append({"name": name, "query": query, "documents": documents, "chunk_overlap_tokens": overlap,
+                      "max_chunks_per_doc": max_chunks, "scores": scores, "best_window": best,
+                      "windows": windows_per_doc})
+    return cases
+
+
 def main():
     bert_tokenizer = make_tokenizer()
     xlmr_tokenizer = make_xlmr_tokenizer()
@@ -258,6 +328,9 @@ def main():
                     "cases": reference_outputs(out, num_labels, cases)}
         path = FIXTURES / "expected" / f"{name}.json"
         path.write_text(json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        chunked = {"model": name, "max_length": MAX_LENGTH, "cases": chunk_max_reference(out, num_labels)}
+        (FIXTURES / "expected" / f"{name}.chunk-max.json").write_text(
+            json.dumps(chunked, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
         print(f"{name}: {sum(len(c['documents']) for c in expected['cases'])} pairs, "
               f"logits in [{min(spread):.2f}, {max(spread):.2f}]")

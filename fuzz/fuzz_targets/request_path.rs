@@ -1,5 +1,5 @@
 //! Fuzzes what a request meets before the model: protobuf decoding, option mapping, limit validation and pair
-//! tokenization (both truncation modes) with the fixture's real WordPiece tokenizer, and the ASCII fast path
+//! tokenization (every truncation mode, chunk windows included) with the fixture's real WordPiece tokenizer, and the ASCII fast path
 //! against the tokenizer itself. Any panic is a bug.
 #![no_main]
 
@@ -7,10 +7,11 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use rerank_server::proto::{rerank_stream_request, RerankRequest, RerankStreamRequest};
-use rerank_server::rerank::Limits;
+use rerank_server::proto::{RerankRequest, RerankStreamRequest};
+use rerank_server::rerank::limits::Limits;
+use rerank_server::rerank::{RerankOptions, StreamRequest};
 use rerank_server::tokenization::{PairTokenizer, Truncation};
-use rerank_server::transport::grpc::request_options;
+use rerank_server::transport::grpc::{decode_stream_message, unary_options};
 
 fn tokenizer() -> &'static PairTokenizer {
     static TOKENIZER: OnceLock<PairTokenizer> = OnceLock::new();
@@ -27,10 +28,12 @@ const LIMITS: Limits = Limits {
     max_query_bytes: 1024,
     max_stream_pending_pairs: 64,
     stream_idle_timeout: std::time::Duration::from_secs(60),
+    max_chunks_per_doc: 8,
+    chunk_overlap_tokens: 16,
+    max_concurrent_calls: 8,
 };
 
-fn exercise(query: &str, documents: &[String], top_n: u32, raw: bool, truncation: i32) {
-    let Ok(options) = request_options(top_n, false, raw, truncation) else { return };
+fn exercise(query: &str, documents: &[String], options: RerankOptions) {
     if LIMITS.check_query(query).is_err() || LIMITS.check_documents(0, documents).is_err() {
         return;
     }
@@ -47,23 +50,28 @@ fn exercise(query: &str, documents: &[String], top_n: u32, raw: bool, truncation
                 assert!(pair.input_ids.len() <= tokenizer.max_length(), "a pair passed max_length");
             }
         }
+        if let Ok(windows) = tokenizer.encode_windows(&encoded_query, document, LIMITS.max_chunks_per_doc, i) {
+            assert!(!windows.is_empty() && windows.len() <= LIMITS.max_chunks_per_doc);
+            assert!(windows.iter().all(|w| w.input_ids.len() <= tokenizer.max_length()), "a window passed max_length");
+        }
     }
 }
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(request) = RerankRequest::decode(data) {
-        exercise(&request.query, &request.documents, request.top_n, request.raw_scores, request.truncation);
+        if let Ok(options) = unary_options(&LIMITS, &request) {
+            exercise(&request.query, &request.documents, options);
+        }
     }
-    if let Ok(RerankStreamRequest { item: Some(item) }) = RerankStreamRequest::decode(data) {
-        match item {
-            rerank_stream_request::Item::Start(start) => {
-                exercise(&start.query, &[String::new()], start.top_n, start.raw_scores, start.truncation)
-            }
-            rerank_stream_request::Item::Documents(chunk) => exercise("query", &chunk.documents, 0, false, 0),
+    if let Ok(message) = RerankStreamRequest::decode(data) {
+        match decode_stream_message(&LIMITS, Ok(message)) {
+            Ok(StreamRequest::Start { query, options }) => exercise(&query, &[String::new()], options),
+            Ok(StreamRequest::Documents(documents)) => exercise("query", &documents, RerankOptions::default()),
+            Err(_) => {}
         }
     }
     // Raw text as a query and a document, so the tokenizer also sees inputs protobuf would not produce.
     if let Ok(text) = std::str::from_utf8(data) {
-        exercise(text, &[text.to_string()], 0, false, 0);
+        exercise(text, &[text.to_string()], RerankOptions::default());
     }
 });

@@ -162,8 +162,23 @@ fn response(outcome: RerankOutcome, model: &str) -> proto::RerankResponse {
     }
 }
 
+/// The options of a unary Rerank request.
+pub fn unary_options(
+    limits: &Limits,
+    request: &proto::RerankRequest,
+) -> Result<RerankOptions, RerankError> {
+    let requested = Requested {
+        top_n: request.top_n,
+        return_documents: request.return_documents,
+        raw_scores: request.raw_scores,
+        truncation: request.truncation,
+        max_chunks_per_doc: request.max_chunks_per_doc,
+    };
+    request_options(limits, requested)
+}
+
 /// One inbound stream message as the core reads it.
-fn decode_stream_message(
+pub fn decode_stream_message(
     limits: &Limits,
     message: Result<proto::RerankStreamRequest, Status>,
 ) -> Result<StreamRequest, RerankError> {
@@ -218,16 +233,9 @@ impl RerankerRpc for GrpcReranker {
         // The call's slot among max_concurrent_calls is held until its work is done, not its response sent.
         let _slot = request.extensions().get::<CallSlot>().cloned();
         let request = request.into_inner();
-        let requested = Requested {
-            top_n: request.top_n,
-            return_documents: request.return_documents,
-            raw_scores: request.raw_scores,
-            truncation: request.truncation,
-            max_chunks_per_doc: request.max_chunks_per_doc,
-        };
         let options = RerankOptions {
             deadline,
-            ..request_options(reranker.limits(), requested)?
+            ..unary_options(reranker.limits(), &request)?
         };
         let outcome = reranker
             .rerank("grpc", &request.query, request.documents, options)

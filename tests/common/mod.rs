@@ -71,6 +71,28 @@ pub async fn client(server: &RunningServer) -> RerankerServiceClient<Channel> {
         .max_decoding_message_size(64 * 1024 * 1024)
 }
 
+/// The server's HTTP base URL.
+pub fn http_url(server: &RunningServer, path: &str) -> String {
+    format!("http://{}{path}", server.local_addr)
+}
+
+/// POSTs JSON and returns (status, body as JSON).
+pub async fn post_json(
+    server: &RunningServer,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(http_url(server, path))
+        .json(body)
+        .send()
+        .await
+        .expect("HTTP request");
+    let status = response.status().as_u16();
+    let json = response.json().await.expect("a JSON body");
+    (status, json)
+}
+
 /// A stub in front of the real model: each batch waits at the gate until the test lets it through, so tests
 /// decide exactly when the engine finishes work instead of sleeping and hoping.
 pub struct Gate {
