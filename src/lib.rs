@@ -15,6 +15,7 @@ pub mod model;
 pub mod rerank;
 pub mod scheduler;
 pub mod server;
+pub mod telemetry;
 pub mod throughput;
 pub mod tokenization;
 pub mod transport;
