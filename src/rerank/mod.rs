@@ -227,10 +227,15 @@ impl Reranker {
     fn record_call<T>(&self, endpoint: &str, result: &Result<T, RerankError>, started: Instant) {
         let seconds = started.elapsed().as_secs_f64();
         self.inner.metrics.record_call(endpoint, result, seconds);
+        // Per-call lines are debug: at thousands of calls a second the metrics carry the counts. A fault
+        // inside the server is always worth a line.
         match result {
-            Ok(_) => tracing::info!(endpoint, seconds, "rerank done"),
+            Ok(_) => tracing::debug!(endpoint, seconds, "rerank done"),
+            Err(error @ RerankError::Internal(_)) => {
+                tracing::warn!(endpoint, seconds, %error, "rerank failed")
+            }
             Err(error) => {
-                tracing::info!(endpoint, seconds, outcome = error.outcome(), %error, "rerank failed")
+                tracing::debug!(endpoint, seconds, outcome = error.outcome(), %error, "rerank failed")
             }
         }
     }

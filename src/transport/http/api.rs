@@ -82,6 +82,18 @@ struct DocumentText {
     text: String,
 }
 
+/// Cohere's response (v2; v1 and Jina add `model` and `usage`). Typed, so scores keep their f32 digits.
+#[derive(Serialize)]
+struct CohereResponse {
+    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    results: Vec<CohereResult>,
+    meta: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<serde_json::Value>,
+}
+
 #[derive(Serialize)]
 struct TeiResult {
     index: u32,
@@ -197,16 +209,17 @@ pub(super) async fn cohere_v2(
     let outcome = reranker
         .rerank("http_v2", &request.query, documents, options)
         .await?;
-    let units = search_units(&outcome);
-    let body = json!({
-        "id": request_id(&headers),
-        "results": cohere_results(outcome.results),
-        "meta": {
+    let body = CohereResponse {
+        id: request_id(&headers),
+        model: None,
+        meta: json!({
             "api_version": { "version": "2" },
-            "billed_units": { "search_units": units },
+            "billed_units": { "search_units": search_units(&outcome) },
             "tokens": { "input_tokens": outcome.usage.tokens, "output_tokens": 0 },
-        },
-    });
+        }),
+        usage: None,
+        results: cohere_results(outcome.results),
+    };
     Ok(Json(body).into_response())
 }
 
@@ -227,17 +240,17 @@ pub(super) async fn cohere_v1(
     let outcome = reranker
         .rerank("http_v1", &request.query, documents, options)
         .await?;
-    let units = search_units(&outcome);
-    let body = json!({
-        "id": request_id(&headers),
-        "model": reranker.description().model_id,
-        "results": cohere_results(outcome.results),
-        "meta": {
+    let tokens = outcome.usage.tokens;
+    let body = CohereResponse {
+        id: request_id(&headers),
+        model: Some(reranker.description().model_id.clone()),
+        meta: json!({
             "api_version": { "version": "1" },
-            "billed_units": { "search_units": units },
-        },
-        "usage": { "total_tokens": outcome.usage.tokens, "prompt_tokens": outcome.usage.tokens },
-    });
+            "billed_units": { "search_units": search_units(&outcome) },
+        }),
+        usage: Some(json!({ "total_tokens": tokens, "prompt_tokens": tokens })),
+        results: cohere_results(outcome.results),
+    };
     Ok(Json(body).into_response())
 }
 
