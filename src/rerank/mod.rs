@@ -8,6 +8,7 @@ pub mod limits;
 pub mod loading;
 mod session;
 mod stream;
+mod windows;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use super::admission::Admission;
 use super::documents::Documents;
+use super::windows::Windows;
 use super::{nanos, RankedDocument, RerankOptions, RerankOutcome, Reranker, Usage};
 use crate::batch::{engine_gone, BatchOutcome, Pair, RequestHandle, ScoredPairs};
 use crate::error::RerankError;
@@ -17,16 +18,6 @@ use crate::tokenization::{PairTokens, QueryTokens, Truncation};
 
 /// Scores of documents as they complete (global indices, no particular order).
 pub type ScoredChunk = Vec<RankedDocument>;
-
-/// Which document each pair belongs to, when documents are split into windows.
-#[derive(Default)]
-struct Windows {
-    /// By pair serial: (document index, window of the document).
-    pair: Vec<(u32, u32)>,
-    /// By document: windows not yet scored, and the best window so far.
-    left: Vec<u32>,
-    best_window: Vec<u32>,
-}
 
 /// One query and the documents pushed so far; scores arrive as batches finish. Dropping an unfinished
 /// session cancels its pairs that have not reached the model and returns everything it held to admission.
@@ -204,14 +195,7 @@ impl RerankSession {
         per_document: Vec<Vec<PairTokens>>,
     ) -> Vec<PairTokens> {
         if let Some(windows) = &mut self.windows {
-            for (i, document) in per_document.iter().enumerate() {
-                let index = (first_index + i) as u32;
-                windows
-                    .pair
-                    .extend((0..document.len() as u32).map(|window| (index, window)));
-                windows.left.push(document.len() as u32);
-                windows.best_window.push(0);
-            }
+            windows.add(first_index, per_document.iter().map(Vec::len));
         }
         per_document.into_iter().flatten().collect()
     }
@@ -325,22 +309,12 @@ impl RerankSession {
                 chunk: None,
             });
         };
-        let &(index, window) = windows.pair.get(pair as usize)?;
-        let (slot, left) = (
-            self.scores.get_mut(index as usize)?,
-            windows.left.get_mut(index as usize)?,
-        );
-        // The first window wins ties, and any score beats NaN (not yet scored).
-        if slot.is_nan() || score > *slot {
-            *slot = score;
-            windows.best_window[index as usize] = window;
-        }
-        *left -= 1;
-        (*left == 0).then(|| RankedDocument {
+        let (index, score, window) = windows.scored(pair, score, &mut self.scores)?;
+        Some(RankedDocument {
             index,
-            score: *slot,
+            score,
             document: None,
-            chunk: Some(windows.best_window[index as usize]),
+            chunk: Some(window),
         })
     }
 
@@ -384,10 +358,7 @@ impl RerankSession {
                 index,
                 score: self.scores[index as usize],
                 document: self.documents.kept.get(&index).cloned(),
-                chunk: self
-                    .windows
-                    .as_ref()
-                    .and_then(|w| w.best_window.get(index as usize).copied()),
+                chunk: self.windows.as_ref().and_then(|w| w.best(index)),
             })
             .collect()
     }

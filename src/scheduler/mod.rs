@@ -1,5 +1,6 @@
 //! The scheduler task: takes pairs from every request into one queue and feeds cut batches to the engine.
 
+mod cost;
 mod queue;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-pub use queue::{bucket_bounds, BatchPolicy, BatchQueue, BatchShape};
+pub use cost::{BatchPolicy, BatchShape};
+pub use queue::{bucket_bounds, BatchQueue};
 
 use crate::batch::{engine_gone, Batch, BatchOutcome, Pair, RequestHandle, RequestId};
 use crate::error::RerankError;

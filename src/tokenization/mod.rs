@@ -13,7 +13,13 @@ use crate::error::{RerankError, StartupError};
 use crate::metrics::Metrics;
 
 mod ascii_wordpiece;
+mod lengths;
 use ascii_wordpiece::AsciiWordPiece;
+use lengths::{keep_first, least_word_tokens, longest_first_lengths, resolve_max_length};
+
+/// Tokens neighbouring windows of a chunked document share, unless configured: about what rerankers that
+/// window long documents use.
+pub const DEFAULT_CHUNK_OVERLAP: usize = 80;
 
 /// What to do with a pair longer than max_length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,53 +52,6 @@ impl QueryTokens {
     pub fn is_empty(&self) -> bool {
         self.full_len == 0
     }
-}
-
-/// Lengths (first, second) that tokenizers' `longest_first` truncation keeps of a pair of sequences of
-/// `first` and `second` tokens within `max` tokens (the same arithmetic as `truncate_encodings`).
-fn longest_first_lengths(first: usize, second: usize, max: usize) -> (usize, usize) {
-    if first + second <= max {
-        return (first, second);
-    }
-    let mut short = first.min(second);
-    let mut long = if short > max {
-        short
-    } else {
-        short.max(max - short)
-    };
-    if short + long > max {
-        short = max / 2;
-        long = short + max % 2;
-    }
-    if first > second {
-        (long, short)
-    } else {
-        (short, long)
-    }
-}
-
-/// Tokens neighbouring windows of a chunked document share, unless configured: about what rerankers that
-/// window long documents use.
-pub const DEFAULT_CHUNK_OVERLAP: usize = 80;
-
-/// Fewest tokens an ASCII word can become: one per 10 bytes (prose has 4 to 6), at least one if it holds a
-/// letter or digit, and one for a word over 100 bytes (WordPiece maps such a word to a single [UNK]).
-fn least_word_tokens(word: &str) -> usize {
-    if !word.bytes().any(|b| b.is_ascii_alphanumeric()) {
-        0
-    } else if word.len() > 100 {
-        1
-    } else {
-        (word.len() / 10).max(1)
-    }
-}
-
-/// Cuts an encoding to its first `len` tokens and drops the overflow pieces tokenizers keeps, so that the pair
-/// template never combines them (it would build one pair per combination of query and document pieces).
-fn keep_first(mut encoding: Encoding, len: usize) -> Encoding {
-    encoding.truncate(len, 0, TruncationDirection::Right);
-    drop(encoding.take_overflowing());
-    encoding
 }
 
 /// Model input of one (query, document) pair, special tokens included.
@@ -430,28 +389,4 @@ fn guarded<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T, String> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("tokenizer panicked".into()),
     }
-}
-
-fn resolve_max_length(
-    dir: &Path,
-    configured: Option<usize>,
-    max_positions: usize,
-    added_pair_tokens: usize,
-) -> Result<usize, StartupError> {
-    let max_length = match configured {
-        Some(n) if n > max_positions => {
-            return Err(StartupError::Config(format!(
-                "max_length {n} is over the model's {max_positions} position embeddings"
-            )))
-        }
-        Some(n) => n,
-        None => crate::model::hf_config::tokenizer_max_length(dir)?
-            .map_or(max_positions, |n| n.min(max_positions)),
-    };
-    if max_length <= added_pair_tokens {
-        return Err(StartupError::Config(format!(
-            "max_length {max_length} leaves no room for text after the {added_pair_tokens} special tokens of a pair"
-        )));
-    }
-    Ok(max_length)
 }
