@@ -13,6 +13,19 @@ const SECONDS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 ];
 
+/// Registers a metric built from a fixed definition. The definitions are constants of this file and their
+/// names unique, so a failure here is a bug in this file, caught by every test that starts a server.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("a valid metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("a unique metric name");
+    metric
+}
+
 /// Every metric of one server. Names, units and labels follow Prometheus conventions (`rerank_` prefix,
 /// `_total` counters, `_seconds` durations); README lists them all.
 pub struct Metrics {
@@ -65,88 +78,60 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let seconds = |name: &str, help: &str| {
-            let histogram =
-                Histogram::with_opts(HistogramOpts::new(name, help).buckets(SECONDS.to_vec()))
-                    .expect("a valid histogram definition");
-            registry
-                .register(Box::new(histogram.clone()))
-                .expect("unique metric name");
-            histogram
+            let opts = HistogramOpts::new(name, help).buckets(SECONDS.to_vec());
+            registered(&registry, Histogram::with_opts(opts))
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let histogram = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("a valid histogram definition");
-            registry
-                .register(Box::new(histogram.clone()))
-                .expect("unique metric name");
-            histogram
-        };
-        let counter = |name: &str, help: &str| {
-            let counter = IntCounter::new(name, help).expect("a valid counter definition");
-            registry
-                .register(Box::new(counter.clone()))
-                .expect("unique metric name");
-            counter
-        };
-        let seconds_counter = |name: &str, help: &str| {
-            let counter = Counter::new(name, help).expect("a valid counter definition");
-            registry
-                .register(Box::new(counter.clone()))
-                .expect("unique metric name");
-            counter
-        };
-        let gauge = |name: &str, help: &str| {
-            let gauge = IntGauge::new(name, help).expect("a valid gauge definition");
-            registry
-                .register(Box::new(gauge.clone()))
-                .expect("unique metric name");
-            gauge
-        };
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "rerank_requests_total",
-                "Rerank calls by endpoint and outcome.",
-            ),
-            &["endpoint", "outcome"],
-        )
-        .expect("a valid counter definition");
-        registry
-            .register(Box::new(requests.clone()))
-            .expect("unique metric name");
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "rerank_request_duration_seconds",
-                "Wall time of rerank calls, from arrival to the ranking.",
+            registered(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)),
             )
-            .buckets(SECONDS.to_vec()),
-            &["endpoint"],
-        )
-        .expect("a valid histogram definition");
-        registry
-            .register(Box::new(request_duration.clone()))
-            .expect("unique metric name");
-        let refusals = IntCounterVec::new(
-            Opts::new(
-                "rerank_admission_refusals_total",
-                "Work refused at once by admission (RESOURCE_EXHAUSTED / 429), by the limit that refused it.",
+        };
+        let counter = |name: &str, help: &str| registered(&registry, IntCounter::new(name, help));
+        let seconds_counter =
+            |name: &str, help: &str| registered(&registry, Counter::new(name, help));
+        let gauge = |name: &str, help: &str| registered(&registry, IntGauge::new(name, help));
+        let requests = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "rerank_requests_total",
+                    "Rerank calls by endpoint and outcome.",
+                ),
+                &["endpoint", "outcome"],
             ),
-            &["reason"],
-        )
-        .expect("a valid counter definition");
-        registry
-            .register(Box::new(refusals.clone()))
-            .expect("unique metric name");
+        );
+        let request_duration = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "rerank_request_duration_seconds",
+                    "Wall time of rerank calls, from arrival to the ranking.",
+                )
+                .buckets(SECONDS.to_vec()),
+                &["endpoint"],
+            ),
+        );
+        let refusals = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "rerank_admission_refusals_total",
+                    "Work refused at once by admission (RESOURCE_EXHAUSTED / 429), by the limit that refused it.",
+                ),
+                &["reason"],
+            ),
+        );
         for reason in Refusal::ALL {
             refusals.with_label_values(&[reason.label()]);
         }
-        let tokens_per_second = prometheus::Gauge::new(
-            "rerank_engine_tokens_per_second",
-            "The engine's measured speed in real tokens per second (smoothed), which admission and batch sizes follow.",
-        )
-        .expect("a valid gauge definition");
-        registry
-            .register(Box::new(tokens_per_second.clone()))
-            .expect("unique metric name");
+        let tokens_per_second = registered(
+            &registry,
+            prometheus::Gauge::new(
+                "rerank_engine_tokens_per_second",
+                "The engine's measured speed in real tokens per second (smoothed), which admission and batch sizes follow.",
+            ),
+        );
         let powers = |from: f64, count: usize| {
             prometheus::exponential_buckets(from, 2.0, count).unwrap_or_default()
         };

@@ -269,6 +269,21 @@ mod tests {
             .collect()
     }
 
+    /// A scheduler of padded batches up to 128 tokens, the inbox an engine would read, and its metrics.
+    fn scheduler_with_engine_inbox() -> (SchedulerHandle, mpsc::Receiver<Batch>, Arc<Metrics>) {
+        let (engine, inbox) = mpsc::channel(1);
+        let metrics = Arc::new(Metrics::new());
+        let scheduler = spawn(
+            policy(),
+            pacing(),
+            128,
+            BatchShape::Padded,
+            engine,
+            Arc::clone(&metrics),
+        );
+        (scheduler, inbox, metrics)
+    }
+
     /// Answers each batch row with its document index as the logit, like an engine would.
     fn echo(batch: Batch) {
         type Rows = Vec<(u32, Vec<f32>)>;
@@ -297,16 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_pair_of_concurrent_requests_is_answered_exactly_once() {
-        let (engine, mut inbox) = mpsc::channel(1);
-        let metrics = Arc::new(Metrics::new());
-        let scheduler = spawn(
-            policy(),
-            pacing(),
-            128,
-            BatchShape::Padded,
-            engine,
-            Arc::clone(&metrics),
-        );
+        let (scheduler, mut inbox, metrics) = scheduler_with_engine_inbox();
         tokio::spawn(async move {
             while let Some(batch) = inbox.recv().await {
                 echo(batch);
@@ -348,16 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn cancelling_drops_pairs_that_have_not_reached_the_engine() {
-        let (engine, mut inbox) = mpsc::channel(1);
-        let metrics = Arc::new(Metrics::new());
-        let scheduler = spawn(
-            policy(),
-            pacing(),
-            128,
-            BatchShape::Padded,
-            engine,
-            Arc::clone(&metrics),
-        );
+        let (scheduler, mut inbox, metrics) = scheduler_with_engine_inbox();
         let (request, _receiver) = scheduler.new_request();
         scheduler.submit(pairs(&request, 80, 20)).expect("submit");
         // The engine takes one batch; at most one more waits in its inbox, the rest in the queue.
@@ -388,16 +385,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_stopped_engine_fails_requests_instead_of_hanging() {
-        let (engine, inbox) = mpsc::channel(1);
+        let (scheduler, inbox, _) = scheduler_with_engine_inbox();
         drop(inbox);
-        let scheduler = spawn(
-            policy(),
-            pacing(),
-            128,
-            BatchShape::Padded,
-            engine,
-            Arc::new(Metrics::new()),
-        );
         let (request, mut receiver) = scheduler.new_request();
         scheduler.submit(pairs(&request, 3, 10)).expect("submit");
         let outcome = tokio::time::timeout(Duration::from_secs(5), receiver.recv())

@@ -192,23 +192,34 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
-/// `POST /v2/rerank`: Cohere v2.
-pub(super) async fn cohere_v2(
-    State(state): State<HttpState>,
-    headers: HeaderMap,
+/// Decodes a Cohere-shaped request and runs it: the part v1 and v2 share.
+async fn cohere_call(
+    state: &HttpState,
+    endpoint: &'static str,
+    headers: &HeaderMap,
     body: Body,
-) -> Result<Response, HttpError> {
+) -> Result<(Reranker, RerankOutcome), HttpError> {
     let reranker = state.reranker()?.clone();
-    let request: CohereRequest = read_json(&state, body).await?;
-    let options = options(&reranker, &request.common, None, &headers)?;
+    let request: CohereRequest = read_json(state, body).await?;
+    let options = options(&reranker, &request.common, None, headers)?;
     let documents = request
         .documents
         .into_iter()
         .map(Document::into_text)
         .collect();
     let outcome = reranker
-        .rerank("http_v2", &request.query, documents, options)
+        .rerank(endpoint, &request.query, documents, options)
         .await?;
+    Ok((reranker, outcome))
+}
+
+/// `POST /v2/rerank`: Cohere v2.
+pub(super) async fn cohere_v2(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let (_, outcome) = cohere_call(&state, "http_v2", &headers, body).await?;
     let body = CohereResponse {
         id: request_id(&headers),
         model: None,
@@ -229,17 +240,7 @@ pub(super) async fn cohere_v1(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, HttpError> {
-    let reranker = state.reranker()?.clone();
-    let request: CohereRequest = read_json(&state, body).await?;
-    let options = options(&reranker, &request.common, None, &headers)?;
-    let documents = request
-        .documents
-        .into_iter()
-        .map(Document::into_text)
-        .collect();
-    let outcome = reranker
-        .rerank("http_v1", &request.query, documents, options)
-        .await?;
+    let (reranker, outcome) = cohere_call(&state, "http_v1", &headers, body).await?;
     let tokens = outcome.usage.tokens;
     let body = CohereResponse {
         id: request_id(&headers),
