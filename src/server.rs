@@ -2,7 +2,6 @@
 //! router, the lifecycle that health and shutdown read, and the model loading in the background.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ pub use crate::rerank::loading::{build_reranker, ModelWrapper};
 use crate::transport::call_limit::CallLimit;
 use crate::transport::grpc::{ApiKeyCheck, GrpcReranker};
 use crate::transport::http::{self, HttpState};
+use crate::transport::tls;
 
 /// The gRPC service name health reports on, besides the overall "" entry.
 const SERVICE_NAME: &str = "rerank.v1.RerankerService";
@@ -170,18 +170,26 @@ pub async fn start_with(
         .max_concurrent_streams(Some(config.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout));
-    if let Some(tls) = tls_config(&config)? {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| StartupError::Config(format!("TLS configuration: {e}")))?;
-    }
-    let serve = tokio::spawn(
-        builder
-            .add_routes(tonic::service::Routes::from(router))
-            .serve_with_incoming_shutdown(accept_without_delay(listener), async {
-                let _ = shutdown_signal.await;
-            }),
-    );
+    let routes = tonic::service::Routes::from(router);
+    let stopped = async {
+        let _ = shutdown_signal.await;
+    };
+    let serve = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = tls::server_config(cert, key)?;
+            let incoming = tls::incoming(listener, tls);
+            tokio::spawn(
+                builder
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming, stopped),
+            )
+        }
+        _ => tokio::spawn(
+            builder
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(accept_without_delay(listener), stopped),
+        ),
+    };
     tracing::info!(%local_addr, "listening for gRPC and HTTP (not serving until the model is loaded)");
     load_in_background(config.clone(), wrapper, Arc::clone(&lifecycle));
     Ok(RunningServer {
@@ -239,34 +247,6 @@ async fn not_found(request: axum::extract::Request) -> Response {
         axum::Json(serde_json::json!({ "message": message })),
     )
         .into_response()
-}
-
-/// The listener's TLS identity from `tls_cert` and `tls_key`, when configured.
-fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, StartupError> {
-    let (Some(cert_path), Some(key_path)) = (&config.tls_cert, &config.tls_key) else {
-        return Ok(None);
-    };
-    let read = |path: &Path, expected: &str| {
-        std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StartupError::MissingFile {
-                path: path.to_path_buf(),
-                expected: expected.to_string(),
-            },
-            _ => StartupError::InvalidFile {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            },
-        })
-    };
-    let cert = read(
-        cert_path,
-        "the TLS certificate chain (PEM) named by tls_cert",
-    )?;
-    let key = read(key_path, "the TLS private key (PEM) named by tls_key")?;
-    let identity = tonic::transport::Identity::from_pem(cert, key);
-    Ok(Some(
-        tonic::transport::ServerTlsConfig::new().identity(identity),
-    ))
 }
 
 type Reflection<A, B> = (A, B);

@@ -429,3 +429,43 @@ async fn metrics_count_the_traffic_and_readme_lists_every_metric() {
         "README's metrics table lists exactly the exported metrics"
     );
 }
+
+#[tokio::test]
+async fn json_over_https_works_with_http1_and_http2_clients() {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).expect("write key");
+    let mut config = test_config(ONE_LABEL);
+    config.tls_cert = Some(cert_path);
+    config.tls_key = Some(key_path);
+    let server = start(config).await;
+    let url = format!("https://localhost:{}/rerank", server.local_addr.port());
+    let root = reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).expect("root");
+    for (http2, version) in [
+        (false, reqwest::Version::HTTP_11),
+        (true, reqwest::Version::HTTP_2),
+    ] {
+        let mut builder = reqwest::Client::builder()
+            .add_root_certificate(root.clone())
+            .tls_built_in_root_certs(false);
+        builder = if http2 { builder } else { builder.http1_only() };
+        let response = builder
+            .build()
+            .expect("client")
+            .post(&url)
+            .json(&json!({"query": "capital of france", "texts": ["paris", "berlin"]}))
+            .send()
+            .await
+            .expect("HTTPS request");
+        assert_eq!(
+            response.version(),
+            version,
+            "ALPN chose {:?}",
+            response.version()
+        );
+        assert_eq!(response.status(), 200);
+    }
+}

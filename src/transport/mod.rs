@@ -4,6 +4,7 @@
 pub mod call_limit;
 pub mod grpc;
 pub mod http;
+pub mod tls;
 
 use axum::extract::Request;
 use axum::http::HeaderValue;
