@@ -70,7 +70,7 @@ pub struct Config {
     /// 50ms on a GPU.
     #[serde(with = "humantime_serde")]
     pub target_batch_time: Duration,
-    /// Reranker calls (unary and streams) in progress across all connections; past it new calls are refused
+    /// Rerank calls (gRPC unary and streams, HTTP) in progress across all connections; past it new calls are refused
     /// at once with RESOURCE_EXHAUSTED.
     pub max_concurrent_calls: usize,
     /// Bytes of requests received but not yet tokenized, and of document texts held for return_documents,
@@ -89,7 +89,7 @@ pub struct Config {
     /// Consecutive batches that fail on the device, even pair by pair, before the engine is declared broken:
     /// it stops, health turns NOT_SERVING and calls get UNAVAILABLE (so clients go to another replica).
     pub max_consecutive_failures: usize,
-    /// When set, every Reranker call needs `authorization: Bearer <api_key>`; health stays open. Never
+    /// When set, every rerank call and Info needs `authorization: Bearer <api_key>`; health stays open. Never
     /// logged or reported.
     pub api_key: Option<Secret>,
     /// PEM certificate chain and private key: when both are set, the listener speaks TLS only.
