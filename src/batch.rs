@@ -40,6 +40,8 @@ pub struct ScoredPairs {
 #[derive(Debug)]
 pub struct RequestHandle {
     pub id: RequestId,
+    /// The call's span, so the engine's batch spans can link to the calls they serve.
+    pub span: tracing::Span,
     cancelled: AtomicBool,
     sink: mpsc::UnboundedSender<BatchOutcome>,
 }
@@ -50,6 +52,7 @@ impl RequestHandle {
         (
             Arc::new(Self {
                 id,
+                span: tracing::Span::current(),
                 cancelled: AtomicBool::new(false),
                 sink,
             }),
@@ -75,7 +78,8 @@ impl RequestHandle {
 #[derive(Debug)]
 pub struct Pair {
     pub request: Arc<RequestHandle>,
-    /// Global index of the document in its request.
+    /// The pair's serial number in its request: the document's global index, or with chunk-max windows the
+    /// serial of the window (the session maps it back to its document).
     pub index: u32,
     pub tokens: PairTokens,
     pub enqueued_at: Instant,

@@ -117,7 +117,7 @@ impl Default for Config {
             tokenizer_workers: 0,
             max_documents: 1_000,
             max_stream_documents: 1_000_000,
-            max_document_bytes: 64 * 1024,
+            max_document_bytes: 256 * 1024,
             max_query_bytes: 16 * 1024,
             max_message_bytes: 32 * 1024 * 1024,
             chunk_overlap_tokens: 80,

@@ -197,17 +197,17 @@ pub fn spawn(
             while let Some(batch) = batches.blocking_recv() {
                 let started = Instant::now();
                 let (real, cost) = (batch.inputs.real_tokens(), batch.cost);
-                let span = tracing::debug_span!("batch", id = batch.id, pairs = batch.pairs.len(), tokens = real);
+                let span = batch_span(&batch, real);
                 let outcome = span.in_scope(|| context.pool.install(|| process(&model, batch)));
                 let elapsed = started.elapsed();
                 context.metrics.engine_busy.inc_by(elapsed.as_secs_f64());
-                context.metrics.inference_duration.observe(elapsed.as_secs_f64());
                 if batches.is_empty() {
                     context.throughput.set_idle();
                 }
                 match outcome {
                     BatchRun::Skipped => {}
-                    BatchRun::Computed => {
+                    BatchRun::Computed(inference) => {
+                        context.metrics.inference_duration.observe(inference.as_secs_f64());
                         failures = 0;
                         let full = context.throughput.cost_in(context.target_batch_time);
                         if cost * 4 >= full {
@@ -242,6 +242,28 @@ pub fn spawn(
         .map_err(StartupError::Io)
 }
 
+/// The engine's span for one batch, linked to the span of every call whose pairs it holds (a trace of a
+/// call then shows the batches that served it).
+fn batch_span(batch: &Batch, real_tokens: usize) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "batch",
+        id = batch.id,
+        pairs = batch.pairs.len(),
+        tokens = real_tokens
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    let mut linked: Vec<u64> = Vec::new();
+    for pair in &batch.pairs {
+        if !linked.contains(&pair.request.id) {
+            linked.push(pair.request.id);
+            span.follows_from(&pair.request.span);
+        }
+    }
+    span
+}
+
 /// Whether the model still computes a small batch of padding.
 fn device_works(model: &LoadedModel) -> bool {
     let ids = [model.pad_token_id; 8];
@@ -255,8 +277,8 @@ fn device_works(model: &LoadedModel) -> bool {
 enum BatchRun {
     /// Every pair belonged to a cancelled call: nothing was computed.
     Skipped,
-    /// At least one pair was scored.
-    Computed,
+    /// At least one pair was scored; the model ran this long (retries in halves included).
+    Computed(std::time::Duration),
     /// Every pair failed, even alone: the device itself is failing.
     Failed(String),
 }
@@ -270,7 +292,7 @@ fn process(model: &LoadedModel, batch: Batch) -> BatchRun {
     let inference = started.elapsed();
     let run = match rows.iter().find_map(|row| row.as_ref().err()) {
         Some(reason) if rows.iter().all(Result::is_err) => BatchRun::Failed(reason.clone()),
-        _ => BatchRun::Computed,
+        _ => BatchRun::Computed(inference),
     };
     let failed: Vec<(u64, &String)> = batch
         .pairs
@@ -421,7 +443,7 @@ mod tests {
             cost,
             device_tokens,
         };
-        assert_eq!(process(&model, batch), BatchRun::Computed);
+        assert!(matches!(process(&model, batch), BatchRun::Computed(_)));
         match good_rx.try_recv() {
             Ok(BatchOutcome::Scored(scored)) => {
                 let logits: Vec<(u32, Vec<f32>)> = scored.pairs;

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::interceptor::InterceptedService;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -23,8 +22,8 @@ use crate::rerank::access::ApiKey;
 use crate::rerank::limits::CallSlots;
 use crate::rerank::loading::build_reranker_with;
 pub use crate::rerank::loading::{build_reranker, ModelWrapper};
-use crate::transport::call_limit::CallLimit;
-use crate::transport::grpc::{ApiKeyCheck, GrpcReranker};
+use crate::transport::grpc::GrpcReranker;
+use crate::transport::grpc_gate::GrpcGate;
 use crate::transport::http::{self, HttpState};
 use crate::transport::tls;
 
@@ -146,8 +145,12 @@ pub async fn start_with(
     let rerank_service = RerankerServiceServer::new(GrpcReranker::new(Arc::clone(&lifecycle)))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let rerank_service = InterceptedService::new(rerank_service, ApiKeyCheck(api_key.clone()));
-    let rerank_service = CallLimit::new(rerank_service, slots.clone());
+    let rerank_service = GrpcGate::new(
+        rerank_service,
+        api_key.clone(),
+        slots.clone(),
+        Arc::clone(&metrics),
+    );
     let reflection = reflection_services()?;
     let grpc = tonic::service::Routes::new(health_service)
         .add_service(reflection.0)

@@ -1,7 +1,7 @@
 //! Logging and tracing setup: formatted logs filtered by RUST_LOG, and with the `otlp` feature the spans also
-//! exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+//! exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT is set (filtered by OTEL_TRACES_FILTER).
 
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
@@ -24,16 +24,21 @@ impl Drop for Telemetry {
 
 /// Installs the global subscriber. Call once, inside the tokio runtime.
 pub fn init() -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer());
+    let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry =
+        tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_filter(logs));
     #[cfg(feature = "otlp")]
     {
         let provider = otlp_provider();
         let layer = provider.as_ref().map(|provider| {
             use opentelemetry::trace::TracerProvider as _;
-            tracing_opentelemetry::layer().with_tracer(provider.tracer("rerank-server"))
+            // Exported spans have their own filter: a trace wants the debug spans (tokenize, batch) that
+            // the log leaves out.
+            let traces = EnvFilter::try_from_env("OTEL_TRACES_FILTER")
+                .unwrap_or_else(|_| EnvFilter::new("info,rerank_server=debug"));
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("rerank-server"))
+                .with_filter(traces)
         });
         registry.with(layer).init();
         Telemetry { provider }

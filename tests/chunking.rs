@@ -201,7 +201,6 @@ async fn a_20000_token_document_is_scored_in_full() {
     config.max_length = Some(max_length);
     config.chunk_overlap_tokens = overlap;
     config.max_chunks_per_doc = 2000;
-    config.max_document_bytes = 1 << 20;
     let server = start(config).await;
     let response = client(&server)
         .await

@@ -200,6 +200,12 @@ async fn the_api_key_guards_rerank_and_info_but_not_health_or_metrics() {
     assert_eq!(get("/info").await.expect("sent").status(), 401);
     assert_eq!(get("/health").await.expect("sent").status(), 200);
     assert_eq!(get("/metrics").await.expect("sent").status(), 200);
+    let counted = scrape(&server).await;
+    assert_eq!(
+        counted.get(r#"rerank_requests_total{endpoint="http_tei",outcome="unauthenticated"}"#),
+        Some(&2.0),
+        "refused calls are counted"
+    );
 }
 
 #[tokio::test]
@@ -355,6 +361,20 @@ async fn metrics_count_the_traffic_and_readme_lists_every_metric() {
     }
     let (status, _) = post_json(&server, "/rerank", &json!({"query": "", "texts": docs})).await;
     assert_eq!(status, 400);
+    // Calls refused before they reach the core are counted too: a body that is not the API's JSON, and a
+    // gRPC request with an unknown option.
+    let (status, _) = post_json(&server, "/v2/rerank", &json!({"documents": docs})).await;
+    assert_eq!(status, 400);
+    let unknown_truncation = client(&server)
+        .await
+        .rerank(RerankRequest {
+            query: "capital".into(),
+            documents: vec!["paris".into()],
+            truncation: 99,
+            ..Default::default()
+        })
+        .await;
+    assert!(unknown_truncation.is_err());
     client(&server)
         .await
         .rerank(RerankRequest {
@@ -387,6 +407,14 @@ async fn metrics_count_the_traffic_and_readme_lists_every_metric() {
         get(r#"rerank_requests_total{endpoint="grpc",outcome="ok"}"#),
         1.0
     );
+    assert_eq!(
+        get(r#"rerank_requests_total{endpoint="http_v2",outcome="invalid_argument"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"rerank_requests_total{endpoint="grpc",outcome="invalid_argument"}"#),
+        1.0
+    );
     assert_eq!(get("rerank_documents_total"), 9.0);
     assert_eq!(get("rerank_pairs_total"), 9.0);
     assert_eq!(get("rerank_batch_pairs_sum"), 9.0);
@@ -394,7 +422,7 @@ async fn metrics_count_the_traffic_and_readme_lists_every_metric() {
     assert_eq!(get("rerank_real_tokens_total"), get("rerank_tokens_total"));
     assert_eq!(
         get(r#"rerank_request_duration_seconds_count{endpoint="grpc"}"#),
-        1.0
+        2.0
     );
     assert_eq!(get("rerank_tokenize_duration_seconds_count"), 3.0);
     assert!(get("rerank_engine_busy_seconds_total") > 0.0);

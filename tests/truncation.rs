@@ -106,7 +106,7 @@ proptest! {
                             .len()
                     })
                     .sum();
-                let estimate = tokenizer.least_tokens(&query_tokens, &documents);
+                let estimate = tokenizer.least_tokens(&query_tokens, &documents, None);
                 prop_assert!(estimate <= real, "{model} max_length {max_length}: {estimate} > {real}");
             }
         }

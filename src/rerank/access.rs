@@ -13,7 +13,7 @@ pub struct ApiKey {
 impl ApiKey {
     pub fn new(api_key: Option<&str>) -> Self {
         Self {
-            expected: api_key.map(|key| format!("Bearer {key}").into_bytes().into()),
+            expected: api_key.map(|key| key.as_bytes().into()),
         }
     }
 
@@ -22,13 +22,22 @@ impl ApiKey {
         let Some(expected) = &self.expected else {
             return Ok(());
         };
-        if constant_time_eq(authorization.unwrap_or_default(), expected) {
+        if constant_time_eq(&credentials(authorization.unwrap_or_default()), expected) {
             Ok(())
         } else {
             Err(RerankError::Unauthenticated(
                 "missing or wrong API key: send `authorization: Bearer <key>`".into(),
             ))
         }
+    }
+}
+
+/// The credentials of an `authorization` value with the `Bearer` scheme (its name is case-insensitive, as
+/// RFC 6750 has it); anything else gives no credentials.
+fn credentials(authorization: &[u8]) -> Vec<u8> {
+    match authorization.split_at_checked(7) {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case(b"bearer ") => token.to_vec(),
+        _ => Vec::new(),
     }
 }
 
@@ -53,7 +62,18 @@ mod tests {
     fn only_the_exact_bearer_value_passes() {
         let key = ApiKey::new(Some("s3cret"));
         assert!(key.check(Some(b"Bearer s3cret")).is_ok());
-        for wrong in [&b"Bearer s3cre"[..], b"Bearer s3cret!", b"s3cret", b""] {
+        assert!(
+            key.check(Some(b"bearer s3cret")).is_ok(),
+            "the scheme is case-insensitive"
+        );
+        for wrong in [
+            &b"Bearer s3cre"[..],
+            b"Bearer s3cret!",
+            b"s3cret",
+            b"",
+            b"Basic s3cret",
+            b"Bearer S3CRET",
+        ] {
             assert!(key.check(Some(wrong)).is_err(), "{wrong:?}");
         }
         assert!(key.check(None).is_err());

@@ -82,18 +82,14 @@ pub struct ModelDescription {
 }
 
 impl ModelDescription {
-    /// Whether a client's `model` field names this model: empty, the configured id, or its last path part
-    /// (a local directory is often named after the hub id's model name).
+    /// Whether a client's `model` field names this model: empty, the configured id, or (a bare name) the
+    /// id's last path part, as in `bge-reranker-base` for `BAAI/bge-reranker-base` or a local directory.
+    /// `other-org/bge-reranker-base` names another model.
     pub fn answers_to(&self, name: &str) -> bool {
         let name = name.trim();
-        let short = |id: &str| {
-            id.trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .to_string()
-        };
-        name.is_empty() || name == self.model_id || short(name) == short(&self.model_id)
+        let id = self.model_id.trim_end_matches('/');
+        let short = id.rsplit('/').next().unwrap_or(id);
+        name.is_empty() || name == id || (!name.contains('/') && name == short)
     }
 }
 

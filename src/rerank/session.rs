@@ -109,8 +109,10 @@ impl RerankSession {
         let first_index = self.pushed;
         let count = documents.len();
         let bytes: usize = documents.iter().map(String::len).sum();
-        let started = Instant::now();
-        let at_least = inner.tokenizer.least_tokens(&self.query, &documents);
+        let at_least =
+            inner
+                .tokenizer
+                .least_tokens(&self.query, &documents, self.options.max_document_tokens);
         let documents: Arc<[String]> = documents.into();
         // Text and pairs are admitted before the tokenizer spends work on them, tokens once they are known.
         // Work that could not be admitted even at a low estimate of its tokens is refused before tokenizing,
@@ -127,6 +129,8 @@ impl RerankSession {
             .await?;
         self.admitted.0 += count;
         let tokenizing = tracing::debug_span!("tokenize", documents = count);
+        // Tokenization time only: the admission steps around it may wait for this session's own batches.
+        let started = Instant::now();
         let per_document = tracing::Instrument::instrument(
             inner.tokenizer.encode_documents(
                 Arc::clone(&self.query),
@@ -138,6 +142,7 @@ impl RerankSession {
             tokenizing,
         )
         .await?;
+        let tokenize_time = started.elapsed();
         if self.options.return_documents {
             self.documents.hold_chunk(first_index, documents);
         } else {
@@ -157,7 +162,6 @@ impl RerankSession {
         })
         .await?;
         self.admitted.1 += token_count;
-        let tokenize_time = started.elapsed();
         self.usage.tokenize_ns += nanos(tokenize_time);
         inner
             .metrics

@@ -135,7 +135,7 @@ where
             scores = session.next_scores(), if session.awaits_scores() => {
                 send_scores(outbox, scores?, idle).await?;
             }
-            _ = outbox.closed() => return Ok(()),
+            _ = outbox.closed() => return Err(RerankError::Cancelled("the client went away".into())),
             _ = tokio::time::sleep(idle), if !session.awaits_scores() => return Err(idle_error(idle)),
         }
     }

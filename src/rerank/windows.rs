@@ -33,8 +33,9 @@ impl Windows {
         let &(index, window) = self.pair.get(pair as usize)?;
         let i = index as usize;
         let (slot, left) = (scores.get_mut(i)?, self.left.get_mut(i)?);
-        // The first window wins ties, and any score beats NaN (not yet scored).
-        if slot.is_nan() || score > *slot {
+        // Any score beats NaN (not yet scored); on a tie the earlier window wins, whatever order the
+        // batches finished in.
+        if slot.is_nan() || score > *slot || (score == *slot && window < self.best_window[i]) {
             *slot = score;
             self.best_window[i] = window;
         }
@@ -62,9 +63,9 @@ mod tests {
         assert_eq!(windows.scored(2, 0.7, &mut scores), None);
         assert_eq!(
             windows.scored(1, 0.7, &mut scores),
-            Some((0, 0.7, 2)),
-            "the first best window wins ties"
+            Some((0, 0.7, 1)),
+            "the earlier window wins ties"
         );
-        assert_eq!(windows.best(0), Some(2));
+        assert_eq!(windows.best(0), Some(1));
     }
 }

@@ -166,11 +166,16 @@ impl PairTokenizer {
     /// A low estimate of the tokens the pairs of `query` with `documents` hold, before tokenizing them. A pair
     /// keeps min(query + document tokens, max_length - special tokens) of its text; an ASCII document is
     /// counted word by word (`least_word_tokens`), any other at none.
-    pub fn least_tokens(&self, query: &QueryTokens, documents: &[String]) -> usize {
+    pub fn least_tokens(
+        &self,
+        query: &QueryTokens,
+        documents: &[String],
+        max_document_tokens: Option<usize>,
+    ) -> usize {
         documents
             .iter()
             .map(|document| {
-                let document_tokens = if document.is_ascii() {
+                let document_tokens: usize = if document.is_ascii() {
                     document
                         .split_ascii_whitespace()
                         .map(least_word_tokens)
@@ -178,6 +183,8 @@ impl PairTokenizer {
                 } else {
                     0
                 };
+                let document_tokens =
+                    document_tokens.min(max_document_tokens.unwrap_or(usize::MAX));
                 (query.len() + document_tokens).min(self.text_budget()) + self.added_pair_tokens
             })
             .sum()

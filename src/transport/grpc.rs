@@ -11,13 +11,13 @@ use crate::error::RerankError;
 use crate::lifecycle::Lifecycle;
 use crate::proto::reranker_service_server::RerankerService as RerankerRpc;
 use crate::proto::{self, rerank_stream_request, rerank_stream_response};
-use crate::rerank::access::ApiKey;
 use crate::rerank::limits::{CallSlot, Limits};
 use crate::rerank::{
     EventStream, RankedDocument, RerankOptions, RerankOutcome, Reranker, StreamEvent,
     StreamRequest, Usage,
 };
 use crate::tokenization::Truncation;
+use crate::transport::grpc_gate::record_early;
 
 /// The one place rerank errors become gRPC status codes.
 impl From<RerankError> for Status {
@@ -51,38 +51,29 @@ pub struct GrpcReranker {
     lifecycle: Arc<Lifecycle>,
 }
 
-/// Applies the core's API key check to RerankerService calls; health and reflection stay open.
-#[derive(Clone)]
-pub struct ApiKeyCheck(pub ApiKey);
-
-impl tonic::service::Interceptor for ApiKeyCheck {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let given = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes());
-        self.0.check(given)?;
-        Ok(request)
-    }
-}
-
 impl GrpcReranker {
     pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
         Self { lifecycle }
     }
 
-    fn reranker(&self) -> Result<&Reranker, Status> {
-        Ok(self.lifecycle.reranker()?)
+    /// A failure before the call reaches the core, counted for `endpoint` like the core counts its own.
+    fn early(&self, endpoint: &'static str) -> impl Fn(RerankError) -> Status + '_ {
+        move |error| {
+            record_early(self.lifecycle.metrics(), endpoint, &error);
+            Status::from(error)
+        }
     }
 }
 
 /// The call's deadline from its `grpc-timeout` header. The server answers a little before the transport's
 /// own timer fires, so the caller sees DEADLINE_EXCEEDED rather than a cancelled stream.
-pub fn parse_deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Instant>, Status> {
+pub fn parse_deadline(
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<Option<Instant>, RerankError> {
     let Some(value) = metadata.get("grpc-timeout") else {
         return Ok(None);
     };
-    let invalid = || Status::invalid_argument("grpc-timeout header is not a valid timeout");
+    let invalid = || RerankError::invalid("grpc-timeout header is not a valid timeout");
     let text = value.to_str().map_err(|_| invalid())?;
     let (digits, unit) = text.split_at(text.len().saturating_sub(1));
     let amount: u64 = digits.parse().map_err(|_| invalid())?;
@@ -228,14 +219,15 @@ impl RerankerRpc for GrpcReranker {
         &self,
         request: Request<proto::RerankRequest>,
     ) -> Result<Response<proto::RerankResponse>, Status> {
-        let reranker = self.reranker()?;
-        let deadline = parse_deadline(request.metadata())?;
+        let early = self.early("grpc");
+        let reranker = self.lifecycle.reranker().map_err(&early)?;
+        let deadline = parse_deadline(request.metadata()).map_err(&early)?;
         // The call's slot among max_concurrent_calls is held until its work is done, not its response sent.
         let _slot = request.extensions().get::<CallSlot>().cloned();
         let request = request.into_inner();
         let options = RerankOptions {
             deadline,
-            ..unary_options(reranker.limits(), &request)?
+            ..unary_options(reranker.limits(), &request).map_err(&early)?
         };
         let outcome = reranker
             .rerank("grpc", &request.query, request.documents, options)
@@ -252,8 +244,9 @@ impl RerankerRpc for GrpcReranker {
         &self,
         request: Request<Streaming<proto::RerankStreamRequest>>,
     ) -> Result<Response<Self::RerankStreamStream>, Status> {
-        let reranker = self.reranker()?.clone();
-        let deadline = parse_deadline(request.metadata())?;
+        let early = self.early("grpc_stream");
+        let reranker = self.lifecycle.reranker().map_err(&early)?.clone();
+        let deadline = parse_deadline(request.metadata()).map_err(&early)?;
         let slot = request.extensions().get::<CallSlot>().cloned();
         let limits = *reranker.limits();
         let inbound = request
@@ -273,7 +266,7 @@ impl RerankerRpc for GrpcReranker {
         &self,
         _: Request<proto::InfoRequest>,
     ) -> Result<Response<proto::InfoResponse>, Status> {
-        Ok(Response::new(info(self.reranker()?)))
+        Ok(Response::new(info(self.lifecycle.reranker()?)))
     }
 }
 

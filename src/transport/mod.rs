@@ -1,8 +1,8 @@
 //! Network transports over the one rerank core. Each stays thin: decode, call `Reranker`, encode. gRPC and
 //! HTTP share one listener and one router; every call gets a request id and a tracing span here.
 
-pub mod call_limit;
 pub mod grpc;
+pub mod grpc_gate;
 pub mod http;
 pub mod tls;
 

@@ -128,11 +128,18 @@ fn options(
             return Err(RerankError::invalid("rank_fields: only \"text\" is supported").into());
         }
     }
+    let truncation = truncation(reranker.limits(), common, truncate)?;
+    if matches!(truncation, Truncation::ChunkMax { .. }) && common.max_tokens_per_doc.is_some() {
+        return Err(RerankError::invalid(
+            "max_tokens_per_doc cuts documents, chunk_max scores them whole: choose one",
+        )
+        .into());
+    }
     Ok(RerankOptions {
         top_n: common.top_n.unwrap_or(0),
         return_documents: common.return_documents.unwrap_or(false),
         raw_scores: false,
-        truncation: truncation(reranker.limits(), common, truncate)?,
+        truncation,
         max_document_tokens: common.max_tokens_per_doc,
         deadline: deadline(headers)?,
     })
@@ -209,7 +216,8 @@ async fn cohere_call(
         .collect();
     let outcome = reranker
         .rerank(endpoint, &request.query, documents, options)
-        .await?;
+        .await
+        .map_err(HttpError::counted)?;
     Ok((reranker, outcome))
 }
 
@@ -276,7 +284,8 @@ pub(super) async fn tei(
     options.return_documents = request.return_text.unwrap_or(false);
     let outcome = reranker
         .rerank("http_tei", &request.query, request.texts, options)
-        .await?;
+        .await
+        .map_err(HttpError::counted)?;
     let results: Vec<TeiResult> = outcome
         .results
         .into_iter()

@@ -50,7 +50,11 @@ pub fn router(state: HttpState) -> Router {
             take_call_slot,
         ))
         .route("/info", get(api::info))
-        .route_layer(middleware::from_fn_with_state(state.clone(), check_api_key));
+        .route_layer(middleware::from_fn_with_state(state.clone(), check_api_key))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_early_failures,
+        ));
     Router::new()
         .merge(guarded)
         .route("/health", get(health))
@@ -59,17 +63,38 @@ pub fn router(state: HttpState) -> Router {
 }
 
 /// A rerank error as an HTTP response.
-pub struct HttpError(pub RerankError);
+pub struct HttpError {
+    error: RerankError,
+    /// Whether the core already counted the call (it does for every call it ran).
+    counted: bool,
+}
 
 impl From<RerankError> for HttpError {
     fn from(error: RerankError) -> Self {
-        Self(error)
+        Self {
+            error,
+            counted: false,
+        }
     }
 }
 
+impl HttpError {
+    /// An error of a call the core ran, and so counted.
+    pub fn counted(error: RerankError) -> Self {
+        Self {
+            error,
+            counted: true,
+        }
+    }
+}
+
+/// A failure before the core that `count_early_failures` still has to count.
+#[derive(Clone)]
+struct Uncounted(RerankError);
+
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status = match &self.0 {
+        let status = match &self.error {
             RerankError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             RerankError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RerankError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
@@ -80,8 +105,11 @@ impl IntoResponse for HttpError {
             // The client is gone; nobody reads this (499 in nginx's terms).
             RerankError::Cancelled(_) => StatusCode::BAD_REQUEST,
         };
-        let body = Json(serde_json::json!({ "message": self.0.to_string() }));
+        let body = Json(serde_json::json!({ "message": self.error.to_string() }));
         let mut response = (status, body).into_response();
+        if !self.counted {
+            response.extensions_mut().insert(Uncounted(self.error));
+        }
         if matches!(
             status,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
@@ -117,18 +145,57 @@ async fn take_call_slot(
     Ok(next.run(request).await)
 }
 
-/// Reads and parses a JSON body within max_message_bytes: 413 past it, 400 for malformed JSON.
+/// Reads and parses a JSON body within max_message_bytes: 413 past it, 400 for malformed JSON or a body
+/// that could not be read.
 async fn read_json<T: DeserializeOwned>(state: &HttpState, body: Body) -> Result<T, HttpError> {
-    let bytes = axum::body::to_bytes(body, state.max_body_bytes)
-        .await
-        .map_err(|_| {
-            RerankError::too_large(format!(
+    let limited = http_body_util::Limited::new(body, state.max_body_bytes);
+    let bytes = match http_body_util::BodyExt::collect(limited).await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(RerankError::too_large(format!(
                 "the request body is over the limit of {} bytes (max_message_bytes)",
                 state.max_body_bytes
             ))
-        })?;
+            .into())
+        }
+        Err(e) => {
+            return Err(
+                RerankError::invalid(format!("the request body could not be read: {e}")).into(),
+            )
+        }
+    };
     serde_json::from_slice(&bytes)
-        .map_err(|e| HttpError(RerankError::invalid(format!("invalid JSON body: {e}"))))
+        .map_err(|e| RerankError::invalid(format!("invalid JSON body: {e}")).into())
+}
+
+/// The `endpoint` label of a rerank route; None for /info.
+fn endpoint_of(path: &str) -> Option<&'static str> {
+    match path {
+        "/v2/rerank" => Some("http_v2"),
+        "/v1/rerank" => Some("http_v1"),
+        "/rerank" => Some("http_tei"),
+        _ => None,
+    }
+}
+
+/// Counts rerank calls refused before they reached the core (API key, call slots, not serving, malformed
+/// requests), so `rerank_requests_total` has every call once; the core counts the calls it runs.
+async fn count_early_failures(
+    State(state): State<HttpState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let endpoint = endpoint_of(request.uri().path());
+    let mut response = next.run(request).await;
+    if let (Some(endpoint), Some(Uncounted(error))) =
+        (endpoint, response.extensions_mut().remove::<Uncounted>())
+    {
+        state
+            .lifecycle
+            .metrics()
+            .record_call::<()>(endpoint, &Err(error), 0.0);
+    }
+    response
 }
 
 /// The call's deadline from `x-request-timeout` ("2s", "500ms", or seconds as a number).
@@ -136,10 +203,8 @@ fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, HttpError> {
     let Some(value) = headers.get("x-request-timeout") else {
         return Ok(None);
     };
-    let invalid = || {
-        HttpError(RerankError::invalid(
-            "x-request-timeout is not a valid duration (e.g. \"2s\")",
-        ))
+    let invalid = || -> HttpError {
+        RerankError::invalid("x-request-timeout is not a valid duration (e.g. \"2s\")").into()
     };
     let text = value.to_str().map_err(|_| invalid())?.trim();
     let timeout = match text.parse::<f64>() {
