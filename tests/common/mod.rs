@@ -98,6 +98,8 @@ pub async fn post_json(
 pub struct Gate {
     state: std::sync::Mutex<GateState>,
     changed: std::sync::Condvar,
+    /// A token id whose rows the gate counts in each batch (to tell which batch served which request).
+    marker: Option<u32>,
 }
 
 #[derive(Default)]
@@ -105,14 +107,27 @@ struct GateState {
     open: bool,
     permits: usize,
     entered: usize,
+    /// For each batch that reached the gate, in order: its rows holding the marker token.
+    marked_rows: Vec<usize>,
 }
 
 impl Gate {
     pub fn closed() -> std::sync::Arc<Self> {
+        Self::closed_marking(None)
+    }
+
+    /// A closed gate that counts, per batch, the rows holding `marker`.
+    pub fn closed_marking(marker: Option<u32>) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Self {
             state: Default::default(),
             changed: Default::default(),
+            marker,
         })
+    }
+
+    /// Rows holding the marker token in each batch that reached the gate, in order.
+    pub fn marked_rows(&self) -> Vec<usize> {
+        self.lock().marked_rows.clone()
     }
 
     /// Lets `batches` more batches through.
@@ -145,9 +160,10 @@ impl Gate {
         .expect("gate waiter");
     }
 
-    fn pass(&self) {
+    fn pass(&self, marked_rows: usize) {
         let mut state = self.lock();
         state.entered += 1;
+        state.marked_rows.push(marked_rows);
         self.changed.notify_all();
         while !state.open && state.permits == 0 {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
@@ -180,7 +196,13 @@ struct Gated {
 
 impl CrossEncoder for Gated {
     fn forward(&self, batch: &PackedBatch) -> candle_core::Result<candle_core::Tensor> {
-        self.gate.pass();
+        let marked = self.gate.marker.map_or(0, |marker| {
+            batch
+                .rows()
+                .filter(|(ids, _)| ids.contains(&marker))
+                .count()
+        });
+        self.gate.pass(marked);
         self.inner.forward(batch)
     }
 }
