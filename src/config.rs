@@ -30,7 +30,8 @@ pub struct Config {
     pub max_batch_tokens: usize,
     /// Pairs one batch may hold.
     pub max_batch_size: usize,
-    /// How long a pair may wait for its batch to fill before the batch is cut anyway.
+    /// While the engine is busy, how long a pair may wait for its batch to fill before the batch is cut anyway
+    /// (an idle engine takes pending pairs at once).
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
     /// CPU threads for the model on a CPU device (the engine's compute pool), and the budget the tokenizer

@@ -129,6 +129,7 @@ async fn run(
         stats.queue_pairs.set(queue.len() as i64);
         stats.queue_tokens.set(queue.queued_tokens() as i64);
         queue.set_token_budget(throughput.cost_in(pacing.target_batch_time));
+        queue.set_engine_idle(!throughput.is_busy());
         if queue.has_ready(Instant::now()) {
             let engine_can_take = async {
                 if !pacing.cut_ahead {
@@ -164,6 +165,8 @@ async fn run(
                     None => return,
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => {}
+                // Pending pairs go at once when the engine runs dry, not at their max_wait.
+                _ = throughput.idle(), if !queue.is_empty() && throughput.is_busy() => {}
                 _ = engine.closed() => break,
             }
         }
@@ -308,6 +311,25 @@ mod tests {
             };
             request.deliver(BatchOutcome::Scored(scored));
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_engine_gets_a_small_request_without_waiting_max_wait() {
+        let (engine, mut inbox) = mpsc::channel(1);
+        let patient = BatchPolicy {
+            max_wait: Duration::from_secs(3600),
+            ..policy()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let scheduler = spawn(patient, pacing(), 128, BatchShape::Padded, engine, metrics);
+        let (request, _receiver) = scheduler.new_request();
+        scheduler.submit(pairs(&request, 3, 10)).expect("submit");
+        // Were max_wait applied, the batch would come after an hour.
+        let batch = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
+            .await
+            .expect("cut at once")
+            .expect("a batch");
+        assert_eq!(batch.pairs.len(), 3, "the small request runs in one batch");
     }
 
     #[tokio::test]

@@ -38,9 +38,11 @@ impl Bucket {
             || self.count.saturating_mul(shape.pair_cost(self.bound)) >= policy.max_batch_tokens
     }
 
-    fn is_ready(&self, policy: &BatchPolicy, shape: BatchShape, now: Instant) -> bool {
+    /// Full, or its oldest pair has waited max_wait; or, with `eager` (an idle engine), any pair at all.
+    fn is_ready(&self, policy: &BatchPolicy, shape: BatchShape, now: Instant, eager: bool) -> bool {
         self.count > 0
-            && (self.is_full(policy, shape)
+            && (eager
+                || self.is_full(policy, shape)
                 || self
                     .oldest()
                     .is_some_and(|t| now.saturating_duration_since(t) >= policy.max_wait))
@@ -75,6 +77,9 @@ pub struct BatchQueue {
     turns: VecDeque<RequestId>,
     queued: usize,
     queued_tokens: usize,
+    /// The engine has nothing to compute: waiting for a fuller batch would only leave it idle, so any pending
+    /// pair is ready at once (the latency path of a lone small request).
+    engine_idle: bool,
     /// Batches cut since start: the last batch's id.
     batches_cut: u64,
     /// Pairs of cancelled requests dropped instead of computed, not yet collected by `take_dropped`.
@@ -125,6 +130,7 @@ impl BatchQueue {
             turns: VecDeque::new(),
             queued: 0,
             queued_tokens: 0,
+            engine_idle: false,
             batches_cut: 0,
             dropped: 0,
         }
@@ -138,6 +144,11 @@ impl BatchQueue {
     /// within max_batch_tokens. A bucket holding that much is cut at once.
     pub fn set_token_budget(&mut self, tokens: usize) {
         self.active.max_batch_tokens = tokens.clamp(1, self.policy.max_batch_tokens);
+    }
+
+    /// Whether the engine is idle (see `engine_idle`); until told, the queue assumes it is busy.
+    pub fn set_engine_idle(&mut self, idle: bool) {
+        self.engine_idle = idle;
     }
 
     /// Pairs waiting.
@@ -223,7 +234,7 @@ impl BatchQueue {
     pub fn has_ready(&self, now: Instant) -> bool {
         self.buckets
             .iter()
-            .any(|b| b.is_ready(&self.active, self.shape, now))
+            .any(|b| b.is_ready(&self.active, self.shape, now, self.engine_idle))
     }
 
     /// The earliest time a not-yet-ready bucket becomes due by max_wait.
@@ -282,7 +293,7 @@ impl BatchQueue {
         let ready: Vec<bool> = self
             .buckets
             .iter()
-            .map(|b| b.is_ready(&self.active, self.shape, now))
+            .map(|b| b.is_ready(&self.active, self.shape, now, self.engine_idle))
             .collect();
         self.turns.iter().enumerate().find_map(|(turn, request)| {
             let entry = self.requests.get(request)?;
@@ -395,6 +406,32 @@ mod tests {
 
     fn drain(queue: &mut BatchQueue, now: Instant) -> Vec<Batch> {
         std::iter::from_fn(|| queue.cut(now)).collect()
+    }
+
+    #[test]
+    fn an_idle_engine_takes_a_lone_request_at_once_and_a_busy_one_waits_max_wait() {
+        let t0 = Instant::now();
+        let mut queue = BatchQueue::new(
+            policy(4096, 64, 5),
+            512,
+            BatchShape::Packed {
+                attention_span: 1920,
+            },
+        );
+        let r = request(1);
+        for (i, len) in [12, 40, 200].into_iter().enumerate() {
+            queue.push(pair(&r, i as u32, len, t0));
+        }
+        assert!(
+            !queue.has_ready(t0),
+            "a busy engine: the batch may still fill for max_wait"
+        );
+        assert!(queue.has_ready(t0 + 5 * MS));
+        queue.set_engine_idle(true);
+        assert!(queue.has_ready(t0), "an idle engine: nothing to wait for");
+        let batch = queue.cut(t0).expect("a batch");
+        assert_eq!(batch.pairs.len(), 3, "the small request runs in one batch");
+        assert!(queue.is_empty());
     }
 
     #[test]
