@@ -44,6 +44,9 @@ pub struct RerankSession {
     /// (pairs, tokens) this session holds in the global admission counts.
     admitted: (usize, usize),
     done: bool,
+    /// Open while pairs of this session are queued or computing: the `scoring` span of the call's trace (the
+    /// engine's batch spans link to the call).
+    scoring: Option<tracing::Span>,
 }
 
 impl RerankSession {
@@ -76,6 +79,7 @@ impl RerankSession {
             usage: Usage::default(),
             admitted: (0, 0),
             done: false,
+            scoring: None,
         })
     }
 
@@ -185,6 +189,9 @@ impl RerankSession {
             tokens = token_count,
             "queued"
         );
+        if self.scoring.is_none() {
+            self.scoring = Some(tracing::debug_span!("scoring"));
+        }
         self.pushed += count;
         self.pairs_pushed += pairs.len();
         self.scores.resize(self.pushed, f32::NAN);
@@ -284,6 +291,10 @@ impl RerankSession {
             if let Some(document) = self.document_scored(pair, score) {
                 chunk.push(document);
             }
+        }
+        if self.outstanding() == 0 {
+            // Nothing queued or computing: the span ends here (a stream opens a new one with its next push).
+            self.scoring = None;
         }
         inner.metrics.documents.inc_by(chunk.len() as u64);
         if self.options.return_documents {
