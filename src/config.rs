@@ -20,7 +20,8 @@ pub struct Config {
     pub revision: String,
     /// Longest pair in tokens; defaults to min(tokenizer model_max_length, model positions).
     pub max_length: Option<usize>,
-    /// Compute device: "auto" (cuda:0 when built with CUDA and a GPU is present, else cpu), "cpu", "cuda:N".
+    /// Compute device: "auto" (cuda:0 when built with CUDA and a GPU is present, else cpu), "cpu", "cuda:N", or
+    /// a comma-separated list of them / "cuda:all": one engine per device, fed by the one scheduler.
     pub device: String,
     /// Weight and activation dtype: "auto" (f16 on CUDA, f32 on CPU), "f16", "bf16", "f32".
     pub dtype: String,

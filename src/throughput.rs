@@ -1,7 +1,7 @@
-//! The engine's measured speed (smoothed seconds per token) and whether it is busy: written by the engine,
-//! read by admission (expected waits) and the scheduler (batch sizes and when to cut).
+//! The engines' measured speed (smoothed seconds per token) and whether one of them can take a batch:
+//! written by the engines, read by admission (expected waits) and the scheduler (batch sizes and when to cut).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -9,14 +9,18 @@ use tokio::sync::Notify;
 /// How quickly old measurements fade: a measurement weighs 1 - exp(-batch time / this).
 const SMOOTHING: Duration = Duration::from_secs(2);
 
-/// Speed of one engine, as exponentially smoothed seconds per token, and its busy flag.
+/// Speed of one engine, as exponentially smoothed seconds per token; how many engines run; and the batches
+/// handed to them and not yet done.
 #[derive(Debug)]
 pub struct Throughput {
-    /// f64 bits: seconds per real token (what a request's queued work is measured in).
+    /// f64 bits: one engine's seconds per real token (what a request's queued work is measured in).
     seconds_per_token: AtomicU64,
     /// f64 bits: seconds per unit of batch cost (what a batch's size is measured in; see `BatchShape`).
     seconds_per_cost: AtomicU64,
-    busy: AtomicBool,
+    /// Engines taking batches (devices of the same kind, of about the same speed).
+    engines: AtomicUsize,
+    /// Batches handed out (waiting for an engine or computing) and not yet done.
+    batches: AtomicUsize,
     idle: Notify,
 }
 
@@ -28,7 +32,8 @@ impl Throughput {
         Self {
             seconds_per_token: AtomicU64::new(rate.to_bits()),
             seconds_per_cost: AtomicU64::new(per_token(elapsed, cost).to_bits()),
-            busy: AtomicBool::new(false),
+            engines: AtomicUsize::new(1),
+            batches: AtomicUsize::new(0),
             idle: Notify::new(),
         }
     }
@@ -43,43 +48,67 @@ impl Throughput {
         blend(&self.seconds_per_cost, per_token(elapsed, cost), weight);
     }
 
+    /// Seconds per real token of all engines together.
     pub fn seconds_per_token(&self) -> f64 {
         f64::from_bits(self.seconds_per_token.load(Ordering::Relaxed))
+            / self.engines().max(1) as f64
     }
 
-    /// Real tokens per second.
+    /// Engines taking batches.
+    pub fn engines(&self) -> usize {
+        self.engines.load(Ordering::Acquire)
+    }
+
+    /// Sets how many engines take batches (at start).
+    pub fn set_engines(&self, engines: usize) {
+        self.engines.store(engines, Ordering::Release);
+        self.idle.notify_waiters();
+    }
+
+    /// An engine stopped for good: the others carry on with the work.
+    pub fn engine_stopped(&self) {
+        let _ = self
+            .engines
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.idle.notify_waiters();
+    }
+
+    /// Real tokens per second of all engines together.
     pub fn tokens_per_second(&self) -> f64 {
         1.0 / self.seconds_per_token()
     }
 
-    /// Expected engine time for `tokens` real tokens.
+    /// Expected time for `tokens` real tokens on all engines.
     pub fn time_for(&self, tokens: usize) -> Duration {
         Duration::try_from_secs_f64(tokens as f64 * self.seconds_per_token())
             .unwrap_or(Duration::MAX)
     }
 
-    /// Batch cost the engine computes in `duration` (at least 1).
+    /// Batch cost one engine computes in `duration` (at least 1).
     pub fn cost_in(&self, duration: Duration) -> usize {
         let per = f64::from_bits(self.seconds_per_cost.load(Ordering::Relaxed));
         ((duration.as_secs_f64() / per) as usize).max(1)
     }
 
-    /// The scheduler marks the engine busy as it hands it a batch.
+    /// The scheduler hands a batch to the engines.
     pub fn set_busy(&self) {
-        self.busy.store(true, Ordering::Release);
+        self.batches.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The engine has nothing left to compute.
+    /// An engine finished a batch.
     pub fn set_idle(&self) {
-        self.busy.store(false, Ordering::Release);
+        let _ = self
+            .batches
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         self.idle.notify_waiters();
     }
 
+    /// Whether every engine has a batch (computing, or waiting for it).
     pub fn is_busy(&self) -> bool {
-        self.busy.load(Ordering::Acquire)
+        self.batches.load(Ordering::Acquire) >= self.engines().max(1)
     }
 
-    /// Resolves once the engine is idle.
+    /// Resolves once an engine could take a batch now.
     pub async fn idle(&self) {
         loop {
             let notified = self.idle.notified();
@@ -144,5 +173,26 @@ mod tests {
         assert!(!waiter.is_finished());
         speed.set_idle();
         waiter.await.expect("waiter");
+    }
+
+    #[test]
+    fn two_engines_are_busy_with_two_batches_and_twice_as_fast_together() {
+        let speed = Throughput::new(1000, 1000, Duration::from_secs(1));
+        speed.set_engines(2);
+        assert!((speed.tokens_per_second() - 2000.0).abs() < 1e-6);
+        assert_eq!(
+            speed.cost_in(Duration::from_secs(1)),
+            1000,
+            "a batch is one engine's"
+        );
+        speed.set_busy();
+        assert!(!speed.is_busy(), "one engine is still free");
+        speed.set_busy();
+        assert!(speed.is_busy());
+        speed.set_idle();
+        assert!(!speed.is_busy());
+        speed.engine_stopped();
+        assert!(speed.is_busy(), "one engine left, and it has a batch");
+        assert!((speed.tokens_per_second() - 1000.0).abs() < 1e-6);
     }
 }

@@ -35,17 +35,33 @@ pub async fn build_reranker_with(
 ) -> Result<Reranker, StartupError> {
     let started = Instant::now();
     let dir = hub::resolve(&config.model_id, &config.revision).await?;
-    let target = engine::compute_target(&config.device, &config.dtype)?;
-    let device_name = target.name.clone();
+    let targets = engine::compute_targets(&config.device, &config.dtype)?;
+    let Some(first) = targets.first().cloned() else {
+        return Err(StartupError::Config("no compute device".into()));
+    };
+    let device_name = targets
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let on_gpu = !first.device.is_cpu();
     let (model, tokenizer) = {
-        let config = config.clone();
-        let metrics = Arc::clone(&metrics);
+        let (config, dir, metrics) = (config.clone(), dir.clone(), Arc::clone(&metrics));
         tokio::task::spawn_blocking(move || {
-            load_model_and_tokenizer(&dir, &target.device, target.dtype, &config, metrics)
+            load_model_and_tokenizer(&dir, &first.device, first.dtype, &config, metrics)
         })
         .await
         .map_err(|e| StartupError::Config(format!("model loader failed: {e}")))??
     };
+    let mut models = vec![model];
+    for target in targets.iter().skip(1).cloned() {
+        let dir = dir.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || model::load(&dir, &target.device, target.dtype))
+                .await
+                .map_err(|e| StartupError::Config(format!("model loader failed: {e}")))??;
+        models.push(loaded);
+    }
     let policy = BatchPolicy {
         max_batch_tokens: config.max_batch_tokens,
         max_batch_size: config.max_batch_size,
@@ -53,38 +69,54 @@ pub async fn build_reranker_with(
     };
     let max_length = tokenizer.max_length();
     // The CPU computes real tokens only; the CUDA attention kernels read padded batches.
-    let shape = if model_device_is_cpu(&device_name) {
-        BatchShape::Packed {
-            attention_span: model.attention_span,
-        }
-    } else {
+    let shape = if on_gpu {
         BatchShape::Padded
+    } else {
+        BatchShape::Packed {
+            attention_span: models[0].attention_span,
+        }
     };
-    let pool = engine::compute_pool(config.cpu_threads())?;
-    let warm_up_pool = Arc::clone(&pool);
-    let (mut model, throughput) = tokio::task::spawn_blocking(move || {
-        warm_up_pool
-            .install(|| warm_up(&model, &policy, shape, max_length))
-            .map(|throughput| (model, throughput))
-    })
-    .await
-    .map_err(|e| StartupError::Config(format!("warm-up failed: {e}")))??;
-    if let Some(wrap) = wrapper {
-        model.model = wrap(model.model);
+    // Each engine gets its share of the CPU threads.
+    let threads = (config.cpu_threads() / models.len()).max(1);
+    let count = models.len();
+    let name = |i: usize| {
+        if count == 1 {
+            "engine".to_string()
+        } else {
+            format!("engine-{i}")
+        }
+    };
+    let mut engines = Vec::with_capacity(count);
+    let mut throughput = None;
+    for (i, model) in models.into_iter().enumerate() {
+        let pool = engine::compute_pool(threads, &name(i))?;
+        let warm_up_pool = Arc::clone(&pool);
+        let (mut model, measured) = tokio::task::spawn_blocking(move || {
+            warm_up_pool
+                .install(|| warm_up(&model, &policy, shape, max_length))
+                .map(|throughput| (model, throughput))
+        })
+        .await
+        .map_err(|e| StartupError::Config(format!("warm-up failed: {e}")))??;
+        if let Some(wrap) = &wrapper {
+            model.model = wrap(model.model);
+        }
+        // The first engine's warm-up gives the speed estimate; the engines are alike.
+        throughput.get_or_insert(measured);
+        engines.push((Arc::new(model), pool));
     }
-    let model = Arc::new(model);
-    let throughput = Arc::new(throughput);
+    let throughput = Arc::new(throughput.ok_or_else(|| StartupError::Config("no engine".into()))?);
+    throughput.set_engines(engines.len());
     let description = ModelDescription {
         model_id: config.model_id.clone(),
-        architecture: model.architecture.clone(),
+        architecture: engines[0].0.architecture.clone(),
         max_length,
         device: device_name,
-        dtype: format!("{:?}", model.dtype).to_lowercase(),
-        scoring: model.scoring,
+        dtype: format!("{:?}", engines[0].0.dtype).to_lowercase(),
+        scoring: engines[0].0.scoring,
         max_message_bytes: config.max_message_bytes,
     };
     let (batches, engine_inbox) = tokio::sync::mpsc::channel(engine::QUEUE_DEPTH);
-    let on_gpu = !model_device_is_cpu(&description.device);
     let batch_time = target_batch_time(config.target_batch_time, on_gpu);
     let pacing = Pacing {
         throughput: Arc::clone(&throughput),
@@ -99,14 +131,18 @@ pub async fn build_reranker_with(
         batches,
         Arc::clone(&metrics),
     );
-    let context = EngineContext {
-        metrics: Arc::clone(&metrics),
-        throughput: Arc::clone(&throughput),
-        target_batch_time: batch_time,
-        max_consecutive_failures: config.max_consecutive_failures,
-        pool,
-    };
-    engine::spawn(model, engine_inbox, context)?;
+    let inbox: engine::Inbox = Arc::new(std::sync::Mutex::new(engine_inbox));
+    for (i, (model, pool)) in engines.into_iter().enumerate() {
+        let context = EngineContext {
+            metrics: Arc::clone(&metrics),
+            throughput: Arc::clone(&throughput),
+            target_batch_time: batch_time,
+            max_consecutive_failures: config.max_consecutive_failures,
+            pool,
+        };
+        engine::spawn(model, Arc::clone(&inbox), context, name(i))?;
+    }
+    drop(inbox);
     let limits = Limits {
         max_documents: config.max_documents,
         max_stream_documents: config.max_stream_documents,
@@ -183,10 +219,6 @@ fn target_batch_time(configured: Duration, on_gpu: bool) -> Duration {
         (true, false) => Duration::from_millis(250),
         (true, true) => Duration::from_millis(50),
     }
-}
-
-fn model_device_is_cpu(device: &str) -> bool {
-    device == "cpu"
 }
 
 /// Runs the largest batch the policy allows, so a shape that does not fit fails at start, not under load.

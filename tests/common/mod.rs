@@ -109,6 +109,8 @@ struct GateState {
     entered: usize,
     /// For each batch that reached the gate, in order: its rows holding the marker token.
     marked_rows: Vec<usize>,
+    /// For each batch that reached the gate, in order: the thread that ran it (an engine's compute thread).
+    threads: Vec<String>,
 }
 
 impl Gate {
@@ -123,6 +125,11 @@ impl Gate {
             changed: Default::default(),
             marker,
         })
+    }
+
+    /// The threads that ran the batches that reached the gate, in order.
+    pub fn threads(&self) -> Vec<String> {
+        self.lock().threads.clone()
     }
 
     /// Rows holding the marker token in each batch that reached the gate, in order.
@@ -164,6 +171,8 @@ impl Gate {
         let mut state = self.lock();
         state.entered += 1;
         state.marked_rows.push(marked_rows);
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        state.threads.push(thread);
         self.changed.notify_all();
         while !state.open && state.permits == 0 {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());

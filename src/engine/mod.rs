@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
 use crate::batch::{Batch, BatchOutcome, RequestHandle, ScoredPairs};
@@ -14,130 +13,11 @@ use crate::metrics::Metrics;
 use crate::model::{LoadedModel, PackedBatch};
 use crate::throughput::Throughput;
 
+mod device;
+pub use device::{compute_target, compute_targets, ComputeTarget};
+
 /// Batches the scheduler may have ready while the engine computes one.
 pub const QUEUE_DEPTH: usize = 1;
-
-/// The compute device and dtype the configuration asks for, resolved against what this build and machine have.
-#[derive(Debug, Clone)]
-pub struct ComputeTarget {
-    pub device: Device,
-    /// "cpu" or "cuda:N".
-    pub name: String,
-    pub dtype: DType,
-}
-
-/// Resolves `device` ("auto", "cpu", "cuda:N") and `dtype` ("auto", "f16", "bf16", "f32").
-pub fn compute_target(device: &str, dtype: &str) -> Result<ComputeTarget, StartupError> {
-    let (device, name) = match device.trim() {
-        "auto" => auto_device(),
-        "cpu" => (Device::Cpu, "cpu".to_string()),
-        other => match other
-            .strip_prefix("cuda")
-            .map(|rest| rest.trim_start_matches(':'))
-        {
-            Some(ordinal) => {
-                let ordinal: usize = if ordinal.is_empty() {
-                    0
-                } else {
-                    ordinal.parse().map_err(|_| bad_device(other))?
-                };
-                (cuda_device(ordinal)?, format!("cuda:{ordinal}"))
-            }
-            None => return Err(bad_device(other)),
-        },
-    };
-    let dtype = match (dtype.trim(), device.is_cuda()) {
-        ("auto", true) | ("f16", _) => DType::F16,
-        ("auto", false) | ("f32", _) => DType::F32,
-        ("bf16", _) => DType::BF16,
-        (other, _) => {
-            return Err(StartupError::Config(format!(
-                "unknown dtype {other:?}; expected auto, f16, bf16 or f32"
-            )))
-        }
-    };
-    tracing::info!(device = %name, ?dtype, "compute device");
-    Ok(ComputeTarget {
-        device,
-        name,
-        dtype,
-    })
-}
-
-fn bad_device(name: &str) -> StartupError {
-    StartupError::Config(format!(
-        "unknown device {name:?}; expected auto, cpu or cuda:N"
-    ))
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_device(ordinal: usize) -> Result<Device, StartupError> {
-    // A stream of its own for this engine, so its work never queues behind other users of the context.
-    let device = Device::new_cuda_with_stream(ordinal).map_err(|e| {
-        StartupError::Config(format!("CUDA device {ordinal} could not be opened: {e}"))
-    })?;
-    if let Err(status) = retain_pool_memory(&device) {
-        tracing::warn!(
-            ?status,
-            "could not raise the CUDA memory pool's release threshold"
-        );
-    }
-    Ok(device)
-}
-
-/// Keeps freed device memory in the stream-ordered pool that candle allocates from, instead of handing it back
-/// to the driver at every synchronisation (the default release threshold is 0). After the warm-up batch, batches
-/// then allocate from memory the pool already holds.
-#[cfg(feature = "cuda")]
-fn retain_pool_memory(
-    device: &Device,
-) -> Result<(), candle_core::cuda::cudarc::driver::sys::CUresult> {
-    use candle_core::cuda::cudarc::driver::sys;
-    let Device::Cuda(cuda) = device else {
-        return Ok(());
-    };
-    let cu_device = cuda.cuda_stream().context().cu_device();
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: `pool` is a valid out-pointer and `cu_device` a device handle from an open context.
-    let status = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) };
-    if status != sys::CUresult::CUDA_SUCCESS {
-        return Err(status);
-    }
-    let mut threshold = u64::MAX;
-    // SAFETY: RELEASE_THRESHOLD takes a pointer to a u64, which `threshold` is, for the pool returned above.
-    let status = unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-    };
-    if status == sys::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(status)
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_device(_ordinal: usize) -> Result<Device, StartupError> {
-    Err(StartupError::Config(
-        "this build has no CUDA support; build with `--features cuda` (scripts/build-cuda.sh) or use device = \"cpu\"".into(),
-    ))
-}
-
-fn auto_device() -> (Device, String) {
-    #[cfg(feature = "cuda")]
-    if candle_core::utils::cuda_is_available() {
-        match cuda_device(0) {
-            Ok(device) => return (device, "cuda:0".into()),
-            Err(e) => {
-                tracing::warn!(error = %e, "a GPU was detected but could not be used; running on the CPU")
-            }
-        }
-    }
-    (Device::Cpu, "cpu".into())
-}
 
 /// Runs one batch and catches a panic inside the model, so a bad batch cannot kill the engine.
 pub fn run_batch(model: &LoadedModel, inputs: &PackedBatch) -> Result<Vec<Vec<f32>>, String> {
@@ -168,13 +48,15 @@ pub struct EngineContext {
 
 /// The engine's compute threads: the CPU kernels run on these and nowhere else, so the model's parallelism is
 /// bounded by the configured budget instead of rayon's global pool (which takes every core).
-pub fn compute_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, StartupError> {
+pub fn compute_pool(threads: usize, engine: &str) -> Result<Arc<rayon::ThreadPool>, StartupError> {
+    let prefix = engine.to_string();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
-        .thread_name(|i| format!("compute-{i}"))
+        .thread_name(move |i| format!("{prefix}-compute-{i}"))
         .build()
         .map_err(|e| StartupError::Config(format!("compute thread pool: {e}")))?;
     tracing::info!(
+        engine,
         threads = pool.current_num_threads(),
         simd = crate::model::ops::cpu_simd_level(),
         "CPU compute pool"
@@ -182,28 +64,38 @@ pub fn compute_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, StartupErr
     Ok(Arc::new(pool))
 }
 
-/// Starts the engine thread. It stops when the scheduler drops its end of the channel, when the device keeps
-/// failing, or if it panics; in each case its end of the channel is dropped, which the scheduler sees and
-/// reports (every pending call then fails with UNAVAILABLE and health turns NOT_SERVING).
+/// The batches every engine takes from: whichever engine frees first takes the next batch.
+pub type Inbox = Arc<std::sync::Mutex<mpsc::Receiver<Batch>>>;
+
+/// Waits for the next batch; None once the scheduler has stopped.
+fn next_batch(inbox: &Inbox) -> Option<Batch> {
+    // One engine waits at a time; the others queue for the lock, so a batch goes to the engine that freed first.
+    let mut receiver = inbox.lock().unwrap_or_else(|e| e.into_inner());
+    receiver.blocking_recv()
+}
+
+/// Starts an engine thread, `name`, on its own device. It stops when the scheduler drops its end of the channel,
+/// when the device keeps failing, or if it panics. When the last engine has stopped, the inbox is dropped,
+/// which the scheduler sees and reports (every pending call then fails with UNAVAILABLE and health turns
+/// NOT_SERVING); until then the other engines carry the work.
 pub fn spawn(
     model: Arc<LoadedModel>,
-    mut batches: mpsc::Receiver<Batch>,
+    inbox: Inbox,
     context: EngineContext,
+    name: String,
 ) -> Result<JoinHandle<()>, StartupError> {
     std::thread::Builder::new()
-        .name("engine".into())
+        .name(name.clone())
         .spawn(move || {
             let mut failures = 0;
-            while let Some(batch) = batches.blocking_recv() {
+            while let Some(batch) = next_batch(&inbox) {
                 let started = Instant::now();
                 let (real, cost) = (batch.inputs.real_tokens(), batch.cost);
                 let span = batch_span(&batch, real);
                 let outcome = span.in_scope(|| context.pool.install(|| process(&model, batch)));
                 let elapsed = started.elapsed();
                 context.metrics.engine_busy.inc_by(elapsed.as_secs_f64());
-                if batches.is_empty() {
-                    context.throughput.set_idle();
-                }
+                context.throughput.set_idle();
                 match outcome {
                     BatchRun::Skipped => {}
                     BatchRun::Computed(inference) => {
@@ -236,8 +128,8 @@ pub fn spawn(
                     }
                 }
             }
-            context.throughput.set_idle();
-            tracing::info!("engine stopped");
+            context.throughput.engine_stopped();
+            tracing::info!(engine = %name, "engine stopped");
         })
         .map_err(StartupError::Io)
 }
@@ -386,6 +278,7 @@ mod tests {
     use crate::model::scoring::{Activation, Scoring};
     use crate::model::CrossEncoder;
     use crate::tokenization::PairTokens;
+    use candle_core::{DType, Device};
 
     const POISON: u32 = 666;
 
