@@ -41,6 +41,9 @@ pub struct Config {
     /// Threads that tokenize documents (0 = from `threads`: one per eight threads on a CPU device, where the
     /// model needs the cores; all of them on a GPU, where the host only tokenizes).
     pub tokenizer_workers: usize,
+    /// Bytes of documents' texts and token ids kept so that a document seen again is not tokenized again
+    /// (0 = no cache).
+    pub token_cache_bytes: usize,
     /// Documents in one Rerank request, or in one stream chunk.
     pub max_documents: usize,
     /// Documents in one whole RerankStream.
@@ -117,6 +120,7 @@ impl Default for Config {
             max_wait: Duration::from_millis(2),
             threads: 0,
             tokenizer_workers: 0,
+            token_cache_bytes: 64 * 1024 * 1024,
             max_documents: 1_000,
             max_stream_documents: 1_000_000,
             max_document_bytes: 256 * 1024,

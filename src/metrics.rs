@@ -64,6 +64,9 @@ pub struct Metrics {
     pub refusals: IntCounterVec,
     pub cancelled_pairs: IntCounter,
     pub stalled_streams: IntCounter,
+    /// Document token cache lookups that found, and did not find, the document.
+    pub token_cache_hits: IntCounter,
+    pub token_cache_misses: IntCounter,
     /// 1 while the server serves, else 0.
     pub serving: IntGauge,
 }
@@ -175,6 +178,14 @@ impl Metrics {
             stalled_streams: counter(
                 "rerank_stalled_streams_total",
                 "Streams ended because the client neither read nor sent for stream_idle_timeout.",
+            ),
+            token_cache_hits: counter(
+                "rerank_token_cache_hits_total",
+                "Documents whose token ids came from the document cache (not tokenized again).",
+            ),
+            token_cache_misses: counter(
+                "rerank_token_cache_misses_total",
+                "Documents looked up in the document cache and tokenized.",
             ),
             serving: gauge("rerank_serving", "1 while the server serves (model loaded, not draining), else 0."),
             registry,

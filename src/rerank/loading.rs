@@ -197,7 +197,8 @@ fn load_model_and_tokenizer(
         config.tokenizer_threads(device.is_cpu()),
     )?
     .with_metrics(metrics)
-    .with_chunk_overlap(config.chunk_overlap_tokens);
+    .with_chunk_overlap(config.chunk_overlap_tokens)
+    .with_token_cache(config.token_cache_bytes);
     if tokenizer.vocab_size() > model.vocab_size {
         return Err(StartupError::InvalidFile {
             path: dir.join("tokenizer.json"),

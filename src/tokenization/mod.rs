@@ -13,8 +13,10 @@ use crate::error::{RerankError, StartupError};
 use crate::metrics::Metrics;
 
 mod ascii_wordpiece;
+mod cache;
 mod lengths;
 use ascii_wordpiece::AsciiWordPiece;
+use cache::DocumentCache;
 use lengths::{keep_first, least_word_tokens, longest_first_lengths, resolve_max_length};
 
 /// Tokens neighbouring windows of a chunked document share, unless configured: about what rerankers that
@@ -82,6 +84,8 @@ pub struct PairTokenizer {
     ascii_wordpiece: Option<AsciiWordPiece>,
     /// Tokens neighbouring windows of a chunked document share.
     chunk_overlap: usize,
+    /// Documents' token ids by their text, when a cache is configured.
+    cache: Option<DocumentCache>,
     /// Where worker time spent encoding documents is counted.
     metrics: Arc<Metrics>,
     /// Documents encoded since start.
@@ -132,6 +136,7 @@ impl PairTokenizer {
             pool,
             ascii_wordpiece,
             chunk_overlap: DEFAULT_CHUNK_OVERLAP,
+            cache: None,
             metrics: Arc::new(Metrics::new()),
             documents_encoded: std::sync::atomic::AtomicU64::new(0),
         })
@@ -147,6 +152,18 @@ impl PairTokenizer {
     pub fn with_chunk_overlap(mut self, tokens: usize) -> Self {
         self.chunk_overlap = tokens;
         self
+    }
+
+    /// Keeps documents' token ids, up to `bytes` of texts and ids, so a document seen again is not tokenized
+    /// again (0: no cache). Hits and misses are counted in the metrics given to `with_metrics` before this.
+    pub fn with_token_cache(mut self, bytes: usize) -> Self {
+        self.cache = (bytes > 0).then(|| DocumentCache::new(bytes, Arc::clone(&self.metrics)));
+        self
+    }
+
+    /// Bytes the document cache holds (0 without one).
+    pub fn token_cache_bytes(&self) -> u64 {
+        self.cache.as_ref().map_or(0, DocumentCache::weight)
     }
 
     /// Documents encoded since start (not counting those a cancelled call never had encoded).
@@ -249,6 +266,19 @@ impl PairTokenizer {
     /// A document's tokens without special tokens. The second sequence of a pair has type id 1 before the
     /// template runs, as tokenizers encodes pairs.
     fn encode_document(&self, document: &str, index: usize) -> Result<Encoding, RerankError> {
+        let Some(cache) = &self.cache else {
+            return self.tokenize_document(document, index);
+        };
+        if let Some(doc) = cache.get(document) {
+            return Ok(doc);
+        }
+        let doc = self.tokenize_document(document, index)?;
+        cache.insert(document, &doc);
+        Ok(doc)
+    }
+
+    /// `encode_document` through the tokenizer (or its fast path).
+    fn tokenize_document(&self, document: &str, index: usize) -> Result<Encoding, RerankError> {
         if let Some(doc) = self.fast_document(document) {
             return Ok(doc);
         }

@@ -323,6 +323,8 @@ pub fn info(reranker: &Reranker) -> proto::InfoResponse {
             tokens_per_second: reranker.tokens_per_second(),
             refused: metrics.refusals_total(),
             stalled_streams: metrics.stalled_streams.get(),
+            token_cache_hits: metrics.token_cache_hits.get(),
+            token_cache_misses: metrics.token_cache_misses.get(),
         }),
     }
 }
