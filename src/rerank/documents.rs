@@ -1,4 +1,5 @@
-//! Texts a return_documents session holds while its documents are scored, bounded by its window and top_n.
+//! Texts a return_documents session holds while its documents are scored, bounded by its window and top_n;
+//! and the ranking of the scores.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -84,6 +85,26 @@ impl PartialEq for Rank {
 }
 
 impl Eq for Rank {}
+
+/// Indices of `scores` highest first (ties by index), the best `top_n` of them (0 = all).
+pub(super) fn ranked(scores: &[f32], top_n: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+    let by_score = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
+    let top_n = match top_n {
+        0 => order.len(),
+        n => n.min(order.len()),
+    };
+    if top_n < order.len() {
+        order.select_nth_unstable_by(top_n, by_score);
+        order.truncate(top_n);
+    }
+    order.sort_unstable_by(by_score);
+    order
+}
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::admission::Admission;
-use super::documents::Documents;
+use super::documents::{ranked, Documents};
 use super::windows::Windows;
 use super::{nanos, RankedDocument, RerankOptions, RerankOutcome, Reranker, Usage};
 use crate::batch::{engine_gone, BatchOutcome, Pair, RequestHandle, ScoredPairs};
@@ -352,22 +352,7 @@ impl RerankSession {
 
     /// All scores sorted highest first (ties by index), cut to top_n, documents attached if asked.
     fn rank(&self) -> Vec<RankedDocument> {
-        let mut order: Vec<u32> = (0..self.scores.len() as u32).collect();
-        let by_score = |a: &u32, b: &u32| {
-            self.scores[*b as usize]
-                .total_cmp(&self.scores[*a as usize])
-                .then(a.cmp(b))
-        };
-        let top_n = match self.options.top_n {
-            0 => order.len(),
-            n => n.min(order.len()),
-        };
-        if top_n < order.len() {
-            order.select_nth_unstable_by(top_n, by_score);
-            order.truncate(top_n);
-        }
-        order.sort_unstable_by(by_score);
-        order
+        ranked(&self.scores, self.options.top_n)
             .into_iter()
             .map(|index| RankedDocument {
                 index,
