@@ -209,6 +209,11 @@ fn load_model_and_tokenizer(
             ),
         });
     }
+    tracing::info!(
+        max_length = tokenizer.max_length(),
+        fast_path = tokenizer.fast_path_name().unwrap_or("none"),
+        "tokenizer loaded"
+    );
     Ok((model, tokenizer))
 }
 

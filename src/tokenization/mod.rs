@@ -14,10 +14,12 @@ use crate::metrics::Metrics;
 mod ascii_wordpiece;
 mod cache;
 mod lengths;
+mod unigram;
 mod workers;
 use ascii_wordpiece::AsciiWordPiece;
 use cache::DocumentCache;
 use lengths::{keep_first, least_word_tokens, longest_first_lengths, resolve_max_length};
+use unigram::UnigramFastPath;
 
 /// Tokens neighbouring windows of a chunked document share, unless configured: about what rerankers that
 /// window long documents use.
@@ -80,8 +82,8 @@ pub struct PairTokenizer {
     /// Special tokens the pair template adds (3 for BERT's `[CLS] q [SEP] d [SEP]`).
     added_pair_tokens: usize,
     pool: rayon::ThreadPool,
-    /// The fast path for ASCII documents of BERT-style tokenizers, when this tokenizer is one.
-    ascii_wordpiece: Option<AsciiWordPiece>,
+    /// The fast path for documents, when this tokenizer is of a kind that has one.
+    fast_path: Option<FastPath>,
     /// Tokens neighbouring windows of a chunked document share.
     chunk_overlap: usize,
     /// Documents' token ids by their text, when a cache is configured.
@@ -128,13 +130,13 @@ impl PairTokenizer {
             .thread_name(|i| format!("tokenizer-{i}"))
             .build()
             .map_err(|e| StartupError::Config(format!("tokenizer worker pool: {e}")))?;
-        let ascii_wordpiece = AsciiWordPiece::from_tokenizer(&tokenizer);
+        let fast_path = FastPath::for_tokenizer(&tokenizer);
         Ok(Self {
             tokenizer,
             max_length,
             added_pair_tokens,
             pool,
-            ascii_wordpiece,
+            fast_path,
             chunk_overlap: DEFAULT_CHUNK_OVERLAP,
             cache: None,
             metrics: Arc::new(Metrics::new()),
@@ -339,9 +341,20 @@ impl PairTokenizer {
             .collect()
     }
 
-    /// A document through the ASCII WordPiece fast path, where it applies.
+    /// A document through the fast path, where it applies.
     fn fast_document(&self, document: &str) -> Option<Encoding> {
-        self.ascii_wordpiece.as_ref()?.encode(document, 1)
+        match self.fast_path.as_ref()? {
+            FastPath::AsciiWordPiece(fast) => fast.encode(document, 1),
+            FastPath::Unigram(fast) => fast.encode(document, 1),
+        }
+    }
+
+    /// Which fast path documents take, if any: `ascii-wordpiece` or `unigram`.
+    pub fn fast_path_name(&self) -> Option<&'static str> {
+        self.fast_path.as_ref().map(|fast| match fast {
+            FastPath::AsciiWordPiece(_) => "ascii-wordpiece",
+            FastPath::Unigram(_) => "unigram",
+        })
     }
 
     /// The document's ids from the tokenizer itself, bypassing the fast path (for tests that compare them).
@@ -352,6 +365,24 @@ impl PairTokenizer {
     /// The document's ids from the fast path, if it applies to this tokenizer and text.
     pub fn fast_document_ids(&self, document: &str) -> Option<Vec<u32>> {
         self.fast_document(document).map(|e| e.get_ids().to_vec())
+    }
+}
+
+/// Our own encoders for the common tokenizer shapes, giving exactly the tokenizer's ids.
+enum FastPath {
+    /// BERT's WordPiece on ASCII text.
+    AsciiWordPiece(AsciiWordPiece),
+    /// SentencePiece Unigram (XLM-R) on any text.
+    Unigram(Box<UnigramFastPath>),
+}
+
+impl FastPath {
+    fn for_tokenizer(tokenizer: &Tokenizer) -> Option<Self> {
+        AsciiWordPiece::from_tokenizer(tokenizer)
+            .map(Self::AsciiWordPiece)
+            .or_else(|| {
+                UnigramFastPath::from_tokenizer(tokenizer).map(|u| Self::Unigram(Box::new(u)))
+            })
     }
 }
 
