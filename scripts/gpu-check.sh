@@ -11,12 +11,19 @@
 # usage: scripts/gpu-check.sh [BIN_DIR]   BIN_DIR holds rerank-server, gpu-check and loadgen built with
 #        scripts/build-cuda.sh (default target/release). Needs python3 with torch, transformers and
 #        sentence-transformers. Set SECONDS_PER_RUN to lengthen the load runs (default 15).
+#        The last lines are one table (scripts/gpu_table.py): ours through gRPC, torch fp16 model-only and
+#        CrossEncoder.predict fp16 on text, ratios against the targets, padding ratio, p50/p99 of a single
+#        100-document request, and parity. A dry run of the plumbing on a CPU build (kernels skipped, short runs):
+#        DEVICE=cpu PAIRS=128 SECONDS_PER_RUN=3 scripts/gpu-check.sh target/release
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "${1:-target/release}")
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK"
 RUN=${SECONDS_PER_RUN:-15}
+DEVICE=${DEVICE:-cuda}
+MODELS=${MODELS:-minilm xlmr-base}
+export DEVICE MODELS
 PYTHON=${PYTHON:-python3}
 TORCH_LIBS=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
 if [ -d "$TORCH_LIBS" ]; then export LD_LIBRARY_PATH="$TORCH_LIBS:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"; fi
@@ -26,7 +33,7 @@ failed=0
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
 serve() {  # model_dir port
-  "$BIN/rerank-server" --model-id "$1" --host 127.0.0.1 --port "$2" --device cuda:0 --max-documents 1000 \
+  "$BIN/rerank-server" --model-id "$1" --host 127.0.0.1 --port "$2" --device "$([ "$DEVICE" = cpu ] && echo cpu || echo cuda:0)" --max-documents 1000 \
     --max-batch-tokens "${MAX_BATCH_TOKENS:-65536}" --max-batch-size 512 > "$WORK/server-$2.log" 2>&1 &
   echo $! > "$WORK/server-$2.pid"
   for _ in $(seq 1 240); do
@@ -38,13 +45,18 @@ serve() {  # model_dir port
 }
 stop() { kill "$(cat "$WORK/server-$1.pid")" 2>/dev/null; wait "$(cat "$WORK/server-$1.pid")" 2>/dev/null; }
 
-echo "== device"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
-note "card: $(head -1 "$WORK/gpu.txt")"
+if [ "$DEVICE" = cpu ]; then
+  note "dry run on the CPU: kernels, parity through gpu-check and the model-only bench skipped"
+else
+  echo "== device"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
+  note "card: $(head -1 "$WORK/gpu.txt")"
 
-echo "== 1. kernels"
-if "$BIN/gpu-check" kernels | tee "$WORK/kernels.txt"; then :; else failed=1; fi
-note "kernels: $(tail -1 "$WORK/kernels.txt"); worst fp16 relative error $(awk '$3=="F16"{print $6}' "$WORK/kernels.txt" | sort -g | tail -1)"
+  echo "== 1. kernels"
+  if "$BIN/gpu-check" kernels | tee "$WORK/kernels.txt"; then :; else failed=1; fi
+  note "kernels: $(tail -1 "$WORK/kernels.txt"); worst fp16 relative error $(awk '$3=="F16"{print $6}' "$WORK/kernels.txt" | sort -g | tail -1)"
+fi
+gpu_check() { if [ "$DEVICE" = cpu ]; then return 0; fi; "$BIN/gpu-check" "$@"; }
 
 echo "== 2. parity"
 "$PYTHON" scripts/gpu_reference.py models "$WORK/models" > "$WORK/reference.log" 2>&1 || { tail -20 "$WORK/reference.log"; failed=1; }
@@ -52,22 +64,20 @@ port=50100
 for fixture in bert-tiny-1label bert-tiny-2label xlmr-tiny-1label; do
   port=$((port + 1))
   if serve "tests/fixtures/$fixture" $port; then
-    "$BIN/gpu-check" parity --addr "http://127.0.0.1:$port" --expected "tests/fixtures/expected/$fixture.json" \
+    gpu_check parity --addr "http://127.0.0.1:$port" --expected "tests/fixtures/expected/$fixture.json" \
       --tolerance 5e-3 --relative | tee -a "$SUMMARY" || failed=1
   else failed=1; fi
   stop $port
 done
-for model in minilm xlmr-base; do
+for model in $MODELS; do
   port=$((port + 1))
   if serve "$WORK/models/$model" $port; then
-    "$BIN/gpu-check" parity --addr "http://127.0.0.1:$port" --expected "$WORK/models/$model.expected.json" \
+    gpu_check parity --addr "http://127.0.0.1:$port" --expected "$WORK/models/$model.expected.json" \
       --tolerance 2e-3 | tee -a "$SUMMARY" || failed=1
     echo "== 3. throughput $model"
-    "$BIN/gpu-check" bench --model "$WORK/models/$model" --rows 128 --seq 256 | tee -a "$SUMMARY"
-    if [ "$model" = minilm ]; then
-      "$BIN/loadgen" --addr "http://127.0.0.1:$port" --tokenizer "$WORK/models/$model/tokenizer.json" --concurrency 1 --documents 100 --doc-words 32..480 \
-        --query-words 16 --duration 8s | grep -E "^(server|pairs)" | paste -sd' ' | sed "s/^/ours $model mixed 1 client: /" | tee -a "$SUMMARY"
-    fi
+    gpu_check bench --model "$WORK/models/$model" --rows 128 --seq 256 | tee -a "$SUMMARY"
+    "$BIN/loadgen" --addr "http://127.0.0.1:$port" --tokenizer "$WORK/models/$model/tokenizer.json" --concurrency 1 --documents 100 --doc-words 32..480 \
+      --query-words 16 --duration "$((RUN / 2 + 1))s" | grep -E "^(server|pairs)" | paste -sd' ' | sed "s/^/ours $model mixed 1 client: /" | tee -a "$SUMMARY"
     "$BIN/loadgen" --addr "http://127.0.0.1:$port" --tokenizer "$WORK/models/$model/tokenizer.json" --concurrency 32 --documents 100 --doc-words 32..480 \
       --query-words 16 --duration "${RUN}s" | grep -E "^(server|pairs)" | paste -sd' ' | sed "s/^/ours $model mixed 32 clients: /" | tee -a "$SUMMARY"
     if [ "$model" = minilm ]; then
@@ -82,9 +92,13 @@ done
 
 echo "== 3b. torch fp16 baseline"
 "$PYTHON" scripts/gpu_reference.py baseline "$WORK/models" 2>&1 | grep "torch fp16" | tee -a "$SUMMARY"
+echo "== 3c. CrossEncoder.predict fp16 on text"
+"$PYTHON" scripts/gpu_reference.py crossencoder "$WORK/models" 2>&1 | grep "crossencoder" | tee -a "$SUMMARY"
 
 echo
 echo "================ summary ================"
 cat "$SUMMARY"
+echo
+"$PYTHON" scripts/gpu_table.py "$WORK" || failed=1
 echo "result: $([ $failed = 0 ] && echo PASS || echo FAIL)"
 exit $failed

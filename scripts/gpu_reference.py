@@ -4,6 +4,10 @@ sentence-transformers:
 
     python3 scripts/gpu_reference.py models OUT      # seeded real-shape models + reference logits (fp32)
     python3 scripts/gpu_reference.py baseline OUT    # torch fp16 model-only throughput on the same shapes
+    python3 scripts/gpu_reference.py crossencoder OUT  # CrossEncoder.predict fp16 on text, the same workloads
+
+DEVICE (default cuda), PAIRS (default 4096) and MODELS (default "minilm xlmr-base") may be set for a dry run
+of the plumbing on a CPU.
 
 Models: MiniLM-L6 shape (BERT 384 x 6, the BERT fixture's WordPiece tokenizer) and XLM-R base shape
 (bge-reranker-base: 768 x 12, the XLM-R fixture's SentencePiece tokenizer), seeded, with the classifier scaled
@@ -11,7 +15,9 @@ so logits are of unit size. Reference logits come from sentence-transformers' Cr
 of the committed fixture cases, written in the fixtures' JSON format.
 """
 import json
+import os
 import pathlib
+import random
 import shutil
 import sys
 import time
@@ -22,6 +28,9 @@ from transformers import (AutoModelForSequenceClassification, BertConfig, BertFo
                           XLMRobertaConfig, XLMRobertaForSequenceClassification)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEVICE = os.environ.get("DEVICE", "cuda")
+PAIRS = int(os.environ.get("PAIRS", "4096"))
+MODELS = os.environ.get("MODELS", "minilm xlmr-base").split()
 FIXTURES = ROOT / "tests" / "fixtures"
 SHAPES = {
     "minilm": ("bert-tiny-1label", lambda: BertForSequenceClassification(BertConfig(
@@ -53,7 +62,7 @@ def build(name: str, out: pathlib.Path) -> pathlib.Path:
 
 
 def reference(directory: pathlib.Path, fixture: str, out: pathlib.Path):
-    ce = CrossEncoder(str(directory), device="cuda", max_length=512)
+    ce = CrossEncoder(str(directory), device=DEVICE, max_length=512)
     ce.model.float()
     texts = json.loads((FIXTURES / "expected" / f"{fixture}.json").read_text())
     cases = []
@@ -67,22 +76,70 @@ def reference(directory: pathlib.Path, fixture: str, out: pathlib.Path):
 
 def models(out: pathlib.Path, names=None):
     for name, (fixture, _) in SHAPES.items():
-        if names and name not in names:
+        if name not in (names or MODELS):
             continue
         directory = build(name, out)
         reference(directory, fixture, out / f"{name}.expected.json")
         print(f"built {directory}")
 
 
+def synchronize():
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+
+
+def one_token_words(tokenizer) -> list[str]:
+    """As loadgen's --tokenizer: lowercase vocabulary words that encode to exactly one token alone."""
+    words = sorted({piece.lstrip("\u2581") for piece in tokenizer.get_vocab()})
+    words = [w for w in words if w and w.isascii() and w.isalpha() and w.islower()]
+    return [w for w in words if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1][:4000]
+
+
+def workload_pairs(words: list[str], workload: str, rng: random.Random) -> list[tuple[str, str]]:
+    """loadgen's workloads: 16-word queries with 32..480-word documents (mixed), or 237 (fixed256)."""
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))
+    pairs = []
+    while len(pairs) < PAIRS:
+        query = text(16)
+        for _ in range(100):
+            pairs.append((query, text(237 if workload == "fixed256" else rng.randint(32, 480))))
+    return pairs[:PAIRS]
+
+
+def crossencoder(out: pathlib.Path):
+    """sentence-transformers' CrossEncoder.predict on text (its own tokenization and padding), fp16, batch 128:
+    what a user would run instead of the server."""
+    rows = []
+    for name in MODELS:
+        ce = CrossEncoder(str(out / name), device=DEVICE, max_length=512)
+        if DEVICE != "cpu":
+            ce.model.half()
+        words = one_token_words(ce.tokenizer)
+        for workload in ["mixed", "fixed256"]:
+            pairs = workload_pairs(words, workload, random.Random(11))
+            ce.predict(pairs[:256], batch_size=128, show_progress_bar=False)  # warm-up
+            started = time.perf_counter()
+            ce.predict(pairs, batch_size=128, show_progress_bar=False)
+            synchronize()
+            rate = len(pairs) / (time.perf_counter() - started)
+            rows.append({"model": name, "workload": workload, "pairs_per_s": rate})
+            print(f"crossencoder {name} {workload}: {rate:,.0f} pairs/s")
+        del ce
+        if DEVICE != "cpu":
+            torch.cuda.empty_cache()
+    (out / "crossencoder.json").write_text(json.dumps(rows))
+
+
 def baseline(out: pathlib.Path):
     """torch fp16, SDPA, pre-tokenized random ids, sorted by length, batches of 128: model-only pairs/s."""
     rows = []
     generator = torch.Generator().manual_seed(7)
-    for name in SHAPES:
+    for name in MODELS:
         model = AutoModelForSequenceClassification.from_pretrained(
-            out / name, torch_dtype=torch.float16, attn_implementation="sdpa").cuda().eval()
+            out / name, torch_dtype=torch.float16 if DEVICE != "cpu" else torch.float32,
+            attn_implementation="sdpa").to(DEVICE).eval()
         for workload in ["mixed", "fixed256"]:
-            n = 4096
+            n = PAIRS
             if workload == "mixed":
                 lengths = (16 + 3 + torch.randint(32, 481, (n,), generator=generator)).clamp(max=512).tolist()
             else:
@@ -96,20 +153,21 @@ def baseline(out: pathlib.Path):
                 mask = torch.zeros(len(chunk), width, dtype=torch.long)
                 for i, length in enumerate(chunk):
                     mask[i, :length] = 1
-                batches.append((ids.cuda(), mask.cuda()))
+                batches.append((ids.to(DEVICE), mask.to(DEVICE)))
             with torch.inference_mode():
                 for ids, mask in batches:  # every shape once before timing
                     model(input_ids=ids, attention_mask=mask)
-                torch.cuda.synchronize()
+                synchronize()
                 started = time.perf_counter()
                 for ids, mask in batches:
                     model(input_ids=ids, attention_mask=mask)
-                torch.cuda.synchronize()
+                synchronize()
                 elapsed = time.perf_counter() - started
             rows.append({"model": name, "workload": workload, "pairs_per_s": n / elapsed})
             print(f"torch fp16 {name} {workload}: {n / elapsed:,.0f} pairs/s")
         del model
-        torch.cuda.empty_cache()
+        if DEVICE != "cpu":
+            torch.cuda.empty_cache()
     (out / "baseline.json").write_text(json.dumps(rows))
 
 
@@ -118,5 +176,7 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     if command == "models":
         models(out, sys.argv[3:])
+    elif command == "crossencoder":
+        crossencoder(out)
     else:
         baseline(out)
