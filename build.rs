@@ -21,6 +21,7 @@ fn compile_protos(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         // Info is also served as JSON at GET /info.
         .type_attribute(".rerank.v1.InfoResponse", "#[derive(serde::Serialize)]")
         .type_attribute(".rerank.v1.SchedulerStats", "#[derive(serde::Serialize)]")
+        .type_attribute(".rerank.v1.PromptTemplate", "#[derive(serde::Serialize)]")
         .file_descriptor_set_path(out_dir.join("rerank_descriptor.bin"))
         .compile_protos(&["proto/rerank/v1/rerank.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

@@ -53,7 +53,7 @@ fn tokenization(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let query = Arc::new(
         tokenizer
-            .encode_query("which market by the river sells fresh fish")
+            .encode_query("which market by the river sells fresh fish", None)
             .expect("query"),
     );
     let docs: Arc<[String]> = documents(100, 150).into();

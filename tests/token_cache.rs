@@ -24,7 +24,7 @@ fn a_cached_document_gives_the_pair_it_gave_when_tokenized() {
         let (plain, cached, metrics) = tokenizers(model, 1 << 20);
         let mut lookups = 0;
         for case in expected(model).cases {
-            let query = plain.encode_query(&case.query).expect("query");
+            let query = plain.encode_query(&case.query, None).expect("query");
             for (i, document) in case.documents.iter().enumerate() {
                 for mode in [Truncation::LongestFirst, Truncation::Reject] {
                     let want = plain.encode_pair(&query, document, mode, i);
@@ -64,7 +64,7 @@ fn a_cached_document_gives_the_pair_it_gave_when_tokenized() {
 fn the_cache_stays_within_its_bytes() {
     let budget = 64 * 1024;
     let (_, cached, _) = tokenizers(common::ONE_LABEL, budget);
-    let query = cached.encode_query("harbour market").expect("query");
+    let query = cached.encode_query("harbour market", None).expect("query");
     for i in 0..5000 {
         let document = format!("document {i} about the old harbour market and the river");
         cached

@@ -35,7 +35,7 @@ fn reference(model: &str) -> Tokenizer {
 
 fn assert_same_pair(model: &str, query: &str, document: &str) {
     let ours = ours(model);
-    let query_tokens = ours.encode_query(query).expect("query");
+    let query_tokens = ours.encode_query(query, None).expect("query");
     let pair = ours
         .encode_pair(&query_tokens, document, Truncation::LongestFirst, 0)
         .expect("pair");
@@ -96,7 +96,7 @@ proptest! {
             for max_length in [MAX_LENGTH, 512] {
                 let tokenizer = PairTokenizer::load(&fixture(model), Some(max_length), 512, 1)
                     .expect("tokenizer loads");
-                let query_tokens = tokenizer.encode_query(&query).expect("query");
+                let query_tokens = tokenizer.encode_query(&query, None).expect("query");
                 let real: usize = documents
                     .iter()
                     .map(|d| {
@@ -126,7 +126,7 @@ fn a_huge_query_and_document_give_the_pair_of_their_leading_tokens() {
         let tokenizer = ours(model);
         let huge_query = query_words.repeat(700); // about 16 KB
         let huge_document = document_words.repeat(1900); // about 60 KB
-        let query_tokens = tokenizer.encode_query(&huge_query).expect("query");
+        let query_tokens = tokenizer.encode_query(&huge_query, None).expect("query");
         let pair = tokenizer
             .encode_pair(&query_tokens, &huge_document, Truncation::LongestFirst, 0)
             .expect("pair");
@@ -142,7 +142,11 @@ fn a_huge_query_and_document_give_the_pair_of_their_leading_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_stops_waiting_stops_its_tokenization() {
     let tokenizer = Arc::new(ours(ONE_LABEL));
-    let query = Arc::new(tokenizer.encode_query("harbour market").expect("query"));
+    let query = Arc::new(
+        tokenizer
+            .encode_query("harbour market", None)
+            .expect("query"),
+    );
     let many: Arc<[String]> = (0..20_000)
         .map(|i| format!("document {i} about the history of the harbour market ").repeat(20))
         .collect();

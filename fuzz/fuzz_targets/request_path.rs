@@ -38,7 +38,7 @@ fn exercise(query: &str, documents: &[String], options: RerankOptions) {
         return;
     }
     let tokenizer = tokenizer();
-    let Ok(encoded_query) = tokenizer.encode_query(query) else { return };
+    let Ok(encoded_query) = tokenizer.encode_query(query, None) else { return };
     for (i, document) in documents.iter().enumerate() {
         // Where the ASCII WordPiece fast path applies, it must give exactly the tokenizer's ids.
         if let Some(fast) = tokenizer.fast_document_ids(document) {

@@ -306,6 +306,8 @@ mod tests {
             dtype: DType::F32,
             pad_token_id: 0,
             attention_span: 1000,
+            prompt: None,
+            default_max_length: None,
         };
         let (good, mut good_rx) = RequestHandle::new(1);
         let (bad, mut bad_rx) = RequestHandle::new(2);

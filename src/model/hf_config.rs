@@ -41,6 +41,19 @@ pub struct ModelConfig {
     pub sbert_ce_default_activation_function: Option<String>,
 }
 
+/// Only the architecture list of a `config.json`, read before deciding how to read the rest.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Architectures {
+    #[serde(default)]
+    architectures: Vec<String>,
+}
+
+impl Architectures {
+    pub fn first(&self) -> Option<&str> {
+        self.architectures.first().map(String::as_str)
+    }
+}
+
 /// The part of sentence-transformers' saved config that decides scoring.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SentenceTransformersConfig {

@@ -4,6 +4,7 @@ pub mod bert;
 mod encoder;
 pub mod hf_config;
 pub mod ops;
+pub mod qwen;
 pub mod scoring;
 pub mod xlm_roberta;
 
@@ -14,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::error::StartupError;
+use crate::tokenization::PromptTemplate;
 use hf_config::{ModelConfig, SentenceTransformersConfig};
 use ops::FeedForwardActivation;
 use scoring::Scoring;
@@ -110,6 +112,10 @@ pub struct LoadedModel {
     /// intermediate (per layer, attention is 4·n·hidden FLOPs per token, the dense layers 2·hidden·(4·hidden +
     /// 2·intermediate)).
     pub attention_span: usize,
+    /// For decoder rerankers: the prompt each pair is put in (pairs are not the tokenizer's pair template).
+    pub prompt: Option<PromptTemplate>,
+    /// The max_length to use when none is configured, if lower than the positions and the tokenizer's limit.
+    pub default_max_length: Option<usize>,
 }
 
 impl LoadedModel {
@@ -142,11 +148,23 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     bert::ARCHITECTURE,
     xlm_roberta::ARCHITECTURES[0],
     xlm_roberta::ARCHITECTURES[1],
+    qwen::CAUSAL_LM,
+    qwen::SEQUENCE_CLASSIFICATION,
 ];
 
 /// Loads the model of a local Hugging Face model directory onto `device`, converting the weights to `dtype`.
 pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, StartupError> {
     let config_path = dir.join("config.json");
+    let architectures: hf_config::Architectures = hf_config::read_json(
+        &config_path,
+        "the model's config.json (architecture and shapes)",
+    )?;
+    if let Some(name) = architectures
+        .first()
+        .filter(|name| qwen::ARCHITECTURES.contains(name))
+    {
+        return qwen::load_reranker(dir, name, device, dtype);
+    }
     let config: ModelConfig = hf_config::read_json(
         &config_path,
         "the model's config.json (architecture and shapes)",
@@ -194,13 +212,15 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
         dtype,
         pad_token_id: config.pad_token_id.unwrap_or(0),
         attention_span: 2 * config.hidden_size + config.intermediate_size,
+        prompt: None,
+        default_max_length: None,
     })
 }
 
 /// What a dtype means on this device: (dtype the weights load in, GEMM precision, dtype reported). On a CPU,
 /// bf16 runs the encoder GEMMs on AMX tiles (bf16 products, fp32 sums) over fp32 weights and activations;
 /// without AMX, bf16 would only be slower than fp32 (each op widens it), so the model runs in fp32.
-fn cpu_precision(device: &Device, dtype: DType) -> (DType, ops::GemmPrecision, DType) {
+pub(crate) fn cpu_precision(device: &Device, dtype: DType) -> (DType, ops::GemmPrecision, DType) {
     if !device.is_cpu() || dtype != DType::BF16 {
         return (dtype, ops::GemmPrecision::Weights, dtype);
     }

@@ -298,7 +298,9 @@ pub fn dense_tanh(layer: &Linear, x: &Tensor) -> Result<Tensor> {
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod decoder;
 mod sequences;
+pub use decoder::{causal_attention, RmsNorm};
 pub use sequences::{self_attention, Sequences};
 
 /// The instruction set the CPU kernels run with on this machine ("avx512", "avx2+fma" or "baseline").

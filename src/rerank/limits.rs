@@ -29,6 +29,18 @@ pub struct Limits {
 
 impl Limits {
     /// The query must hold text and fit max_query_bytes.
+    /// An instruction counts against the query's byte limit: it is part of every pair, as the query is.
+    pub fn check_instruction(&self, instruction: &str) -> Result<(), RerankError> {
+        if instruction.len() > self.max_query_bytes {
+            return Err(RerankError::too_large(format!(
+                "instruction is {} bytes, over the limit of {} (max_query_bytes)",
+                instruction.len(),
+                self.max_query_bytes
+            )));
+        }
+        Ok(())
+    }
+
     pub fn check_query(&self, query: &str) -> Result<(), RerankError> {
         if query.trim().is_empty() {
             return Err(RerankError::invalid("query must not be empty"));

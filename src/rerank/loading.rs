@@ -115,6 +115,7 @@ pub async fn build_reranker_with(
         dtype: format!("{:?}", engines[0].0.dtype).to_lowercase(),
         scoring: engines[0].0.scoring,
         max_message_bytes: config.max_message_bytes,
+        prompt: engines[0].0.prompt.clone(),
     };
     let (batches, engine_inbox) = tokio::sync::mpsc::channel(engine::QUEUE_DEPTH);
     let batch_time = target_batch_time(config.target_batch_time, on_gpu);
@@ -190,15 +191,23 @@ fn load_model_and_tokenizer(
     metrics: Arc<Metrics>,
 ) -> Result<(LoadedModel, PairTokenizer), StartupError> {
     let model = model::load(dir, device, dtype)?;
-    let tokenizer = PairTokenizer::load(
+    // Unless configured, decoder rerankers stop at their published scoring length (far below their positions).
+    let positions = match (config.max_length, model.default_max_length) {
+        (None, Some(default)) => model.max_positions.min(default),
+        _ => model.max_positions,
+    };
+    let mut tokenizer = PairTokenizer::load(
         dir,
         config.max_length,
-        model.max_positions,
+        positions,
         config.tokenizer_threads(device.is_cpu()),
     )?
     .with_metrics(metrics)
     .with_chunk_overlap(config.chunk_overlap_tokens)
     .with_token_cache(config.token_cache_bytes);
+    if let Some(prompt) = &model.prompt {
+        tokenizer = tokenizer.with_prompt(prompt.clone())?;
+    }
     if tokenizer.vocab_size() > model.vocab_size {
         return Err(StartupError::InvalidFile {
             path: dir.join("tokenizer.json"),

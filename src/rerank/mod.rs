@@ -25,7 +25,7 @@ pub use session::{RerankSession, ScoredChunk};
 pub use stream::{EventStream, StreamEvent, StreamRequest};
 
 /// Options of one rerank call.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RerankOptions {
     /// 0 = all documents.
     pub top_n: usize,
@@ -36,6 +36,8 @@ pub struct RerankOptions {
     pub max_document_tokens: Option<usize>,
     /// The caller's deadline: past it the call fails with DeadlineExceeded and its pending pairs are dropped.
     pub deadline: Option<Instant>,
+    /// For instruction-following rerankers (Qwen3-Reranker): the task instruction instead of the model's default.
+    pub instruction: Option<String>,
 }
 
 /// A scored document, by its global index.
@@ -79,6 +81,8 @@ pub struct ModelDescription {
     pub dtype: String,
     pub scoring: Scoring,
     pub max_message_bytes: usize,
+    /// Decoder rerankers: the prompt pairs are put in.
+    pub prompt: Option<crate::tokenization::PromptTemplate>,
 }
 
 impl ModelDescription {
@@ -202,6 +206,7 @@ impl Reranker {
         options: RerankOptions,
     ) -> Result<RerankOutcome, RerankError> {
         let started = Instant::now();
+        let deadline = options.deadline;
         let call = async {
             if documents.is_empty() {
                 return Err(RerankError::invalid("documents must not be empty"));
@@ -211,7 +216,7 @@ impl Reranker {
             session.finish().await
         };
         // Past the deadline the call future is dropped, and with it the session and its queued pairs.
-        let result = within_deadline(options.deadline, call).await;
+        let result = within_deadline(deadline, call).await;
         self.record_call(endpoint, &result, started);
         result
     }

@@ -58,7 +58,16 @@ impl RerankSession {
         let received_at = Instant::now();
         let inner = &reranker.inner;
         inner.limits.check_query(query)?;
-        let query = Arc::new(inner.tokenizer.encode_query(query)?);
+        let instruction = options.instruction.as_deref();
+        if let Some(instruction) = instruction {
+            inner.limits.check_instruction(instruction)?;
+        }
+        inner.tokenizer.check_options(
+            options.truncation,
+            options.max_document_tokens,
+            instruction,
+        )?;
+        let query = Arc::new(inner.tokenizer.encode_query(query, instruction)?);
         let (request, outcomes) = inner.scheduler.new_request();
         let windows =
             matches!(options.truncation, Truncation::ChunkMax { .. }).then(Windows::default);

@@ -14,11 +14,13 @@ use crate::metrics::Metrics;
 mod ascii_wordpiece;
 mod cache;
 mod lengths;
+mod prompt;
 mod unigram;
 mod workers;
 use ascii_wordpiece::AsciiWordPiece;
 use cache::DocumentCache;
 use lengths::{keep_first, least_word_tokens, longest_first_lengths, resolve_max_length};
+pub use prompt::{PromptBody, PromptTemplate};
 use unigram::UnigramFastPath;
 
 /// Tokens neighbouring windows of a chunked document share, unless configured: about what rerankers that
@@ -46,6 +48,8 @@ pub struct QueryTokens {
     encoding: Encoding,
     /// Tokens of the whole query: longest-first truncation compares this length, not the kept part's.
     full_len: usize,
+    /// With a prompt template: the pair's body around the document (the encoding is the part before it).
+    body: Option<PromptBody>,
 }
 
 impl QueryTokens {
@@ -92,6 +96,15 @@ pub struct PairTokenizer {
     metrics: Arc<Metrics>,
     /// Documents encoded since start.
     documents_encoded: std::sync::atomic::AtomicU64,
+    /// A decoder reranker's prompt, which pairs are put in instead of the pair template.
+    prompt: Option<Prompt>,
+}
+
+/// A prompt template with its prefix and suffix tokenized once.
+struct Prompt {
+    template: PromptTemplate,
+    prefix: Vec<u32>,
+    suffix: Vec<u32>,
 }
 
 impl PairTokenizer {
@@ -141,7 +154,62 @@ impl PairTokenizer {
             cache: None,
             metrics: Arc::new(Metrics::new()),
             documents_encoded: std::sync::atomic::AtomicU64::new(0),
+            prompt: None,
         })
+    }
+
+    /// Puts every pair in `template` (prefix + body + suffix, the body alone truncated) instead of the
+    /// tokenizer's pair template, as decoder rerankers' published scoring code does.
+    pub fn with_prompt(mut self, template: PromptTemplate) -> Result<Self, StartupError> {
+        let encode = |text: &str| {
+            guarded(|| self.tokenizer.encode_fast(text, false))
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| StartupError::Config(format!("the {} prompt: {e}", template.family)))
+        };
+        let (prefix, suffix) = (encode(&template.prefix)?, encode(&template.suffix)?);
+        let added = prefix.len() + suffix.len();
+        if self.max_length <= added {
+            return Err(StartupError::Config(format!(
+                "max_length {} leaves no room for a pair inside the {added} tokens of the {} prompt",
+                self.max_length, template.family
+            )));
+        }
+        self.added_pair_tokens = added;
+        self.prompt = Some(Prompt {
+            template,
+            prefix,
+            suffix,
+        });
+        Ok(self)
+    }
+
+    /// The prompt template pairs are put in, for decoder rerankers.
+    pub fn prompt(&self) -> Option<&PromptTemplate> {
+        self.prompt.as_ref().map(|p| &p.template)
+    }
+
+    /// Refuses options this tokenizer cannot honour: chunk windows and a per-document token cut of prompted
+    /// pairs (a document's tokens are not apart from the body's), and an instruction without a prompt for it.
+    pub fn check_options(
+        &self,
+        truncation: Truncation,
+        max_document_tokens: Option<usize>,
+        instruction: Option<&str>,
+    ) -> Result<(), RerankError> {
+        match &self.prompt {
+            Some(prompt) if matches!(truncation, Truncation::ChunkMax { .. }) => Err(RerankError::invalid(format!(
+                "chunk-max truncation is not available for {} models",
+                prompt.template.family
+            ))),
+            Some(prompt) if max_document_tokens.is_some() => Err(RerankError::invalid(format!(
+                "max_tokens_per_doc is not available for {} models (the whole pair is truncated to max_length)",
+                prompt.template.family
+            ))),
+            None if instruction.is_some() => Err(RerankError::invalid(
+                "instruction is only for instruction-following rerankers; this model takes none",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Counts worker time into the server's metrics.
@@ -214,14 +282,68 @@ impl PairTokenizer {
         self.max_length - self.added_pair_tokens
     }
 
-    /// Tokenizes the query once, without special tokens.
-    pub fn encode_query(&self, query: &str) -> Result<QueryTokens, RerankError> {
-        let encoding = guarded(|| self.tokenizer.encode_fast(query, false))
+    /// Tokenizes the query once, without special tokens. With a prompt, the query and `instruction` (or the
+    /// template's default) fill the body; its text before the document is what gets tokenized here.
+    pub fn encode_query(
+        &self,
+        query: &str,
+        instruction: Option<&str>,
+    ) -> Result<QueryTokens, RerankError> {
+        let body = match &self.prompt {
+            Some(prompt) => Some(
+                prompt
+                    .template
+                    .body_for(query, instruction)
+                    .map_err(RerankError::invalid)?,
+            ),
+            None if instruction.is_some() => return Err(RerankError::invalid(
+                "instruction is only for instruction-following rerankers; this model takes none",
+            )),
+            None => None,
+        };
+        let text = body.as_ref().map_or(query, |b| b.before_document.as_str());
+        let encoding = guarded(|| self.tokenizer.encode_fast(text, false))
             .map_err(|e| RerankError::invalid(format!("query could not be tokenized: {e}")))?;
         let full_len = encoding.len();
         Ok(QueryTokens {
             encoding: keep_first(encoding, self.text_budget()),
             full_len,
+            body,
+        })
+    }
+
+    /// A prompted pair: prefix + the body (instruction, query and document) cut to the room left + suffix.
+    fn encode_prompted(
+        &self,
+        prompt: &Prompt,
+        body: &PromptBody,
+        document: &str,
+        truncation: Truncation,
+        index: usize,
+    ) -> Result<PairTokens, RerankError> {
+        let text = [
+            body.before_document.as_str(),
+            document,
+            body.after_document.as_str(),
+        ]
+        .concat();
+        let encoding =
+            guarded(|| self.tokenizer.encode_fast(text.as_str(), false)).map_err(|e| {
+                RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
+            })?;
+        let ids = encoding.get_ids();
+        let total = ids.len() + self.added_pair_tokens;
+        if total > self.max_length && truncation == Truncation::Reject {
+            return Err(RerankError::invalid(format!(
+                "documents[{index}]: the prompted pair is {total} tokens, over max_length {} (truncation is REJECT)",
+                self.max_length
+            )));
+        }
+        let kept = &ids[..ids.len().min(self.text_budget())];
+        let input_ids = [prompt.prefix.as_slice(), kept, prompt.suffix.as_slice()].concat();
+        Ok(PairTokens {
+            type_ids: vec![0; input_ids.len()],
+            input_ids,
         })
     }
 
@@ -245,6 +367,9 @@ impl PairTokenizer {
         max_document_tokens: Option<usize>,
         index: usize,
     ) -> Result<PairTokens, RerankError> {
+        if let (Some(prompt), Some(body)) = (&self.prompt, &query.body) {
+            return self.encode_prompted(prompt, body, document, truncation, index);
+        }
         let mut doc = self.encode_document(document, index)?;
         if let Some(limit) = max_document_tokens.filter(|&limit| limit < doc.len()) {
             doc = keep_first(doc, limit);
@@ -318,6 +443,7 @@ impl PairTokenizer {
         max_chunks: usize,
         index: usize,
     ) -> Result<Vec<PairTokens>, RerankError> {
+        self.check_options(Truncation::ChunkMax { max_chunks }, None, None)?;
         let mut doc = self.encode_document(document, index)?;
         if query.len() + doc.len() <= self.text_budget() {
             let query_part = keep_first(query.encoding.clone(), query.len());

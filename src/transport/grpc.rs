@@ -97,6 +97,7 @@ struct Requested {
     raw_scores: bool,
     truncation: i32,
     max_chunks_per_doc: u32,
+    instruction: Option<String>,
 }
 
 fn request_options(limits: &Limits, requested: Requested) -> Result<RerankOptions, RerankError> {
@@ -122,6 +123,7 @@ fn request_options(limits: &Limits, requested: Requested) -> Result<RerankOption
         truncation,
         max_document_tokens: None,
         deadline: None,
+        instruction: requested.instruction,
     })
 }
 
@@ -164,6 +166,7 @@ pub fn unary_options(
         raw_scores: request.raw_scores,
         truncation: request.truncation,
         max_chunks_per_doc: request.max_chunks_per_doc,
+        instruction: request.instruction.clone(),
     };
     request_options(limits, requested)
 }
@@ -181,6 +184,7 @@ pub fn decode_stream_message(
                 raw_scores: start.raw_scores,
                 truncation: start.truncation,
                 max_chunks_per_doc: start.max_chunks_per_doc,
+                instruction: start.instruction,
             };
             Ok(StreamRequest::Start {
                 options: request_options(limits, requested)?,
@@ -282,6 +286,13 @@ pub fn info(reranker: &Reranker) -> proto::InfoResponse {
     let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     proto::InfoResponse {
+        prompt: description.prompt.as_ref().map(|p| proto::PromptTemplate {
+            family: p.family.clone(),
+            prefix: p.prefix.clone(),
+            body: p.body.clone(),
+            suffix: p.suffix.clone(),
+            default_instruction: p.default_instruction.clone(),
+        }),
         model: description.model_id.clone(),
         architecture: description.architecture.clone(),
         max_length: clamp(description.max_length),

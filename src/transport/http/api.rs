@@ -45,6 +45,8 @@ struct Common {
     /// Cohere v2: documents are first cut to this many tokens.
     max_tokens_per_doc: Option<usize>,
     rank_fields: Option<Vec<String>>,
+    /// Instruction-following rerankers (Qwen3-Reranker): the task instruction instead of the model's default.
+    instruction: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -142,6 +144,7 @@ fn options(
         truncation,
         max_document_tokens: common.max_tokens_per_doc,
         deadline: deadline(headers)?,
+        instruction: common.instruction.clone(),
     })
 }
 

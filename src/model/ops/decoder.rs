@@ -1,0 +1,220 @@
+//! The operations decoder rerankers add to the encoders' (RMSNorm, bias-free projections, grouped-query causal
+//! attention over packed sequences), in candle's device-generic ops, so the same code runs on CPU and CUDA.
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::Linear;
+
+/// RMSNorm over the last dimension, computed in fp32 whatever the input dtype (as transformers' Qwen/Llama norms).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.clone().set_dtype(DType::F32).get(dim, "weight")?,
+            eps: eps as f32,
+        })
+    }
+
+    /// fp32 out.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(
+            &x.to_dtype(DType::F32)?.contiguous()?,
+            &self.weight,
+            self.eps,
+        )
+    }
+}
+
+impl Linear {
+    /// A projection stored without a bias (a zero bias stands in, so every layer adds one the same way).
+    pub fn load_without_bias(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = Tensor::zeros(out_dim, weight.dtype(), weight.device())?;
+        Ok(Self::from_parts(weight, bias))
+    }
+}
+
+/// Causal self-attention of packed sequences with grouped key/value heads, in fp32. q: [tokens, heads, d];
+/// k, v: [tokens, kv_heads, d]; query head h reads key/value head h / (heads / kv_heads), as transformers'
+/// repeat_kv. Returns [tokens, heads · d], or with `last_only` each sequence's last token, [sequences, heads · d].
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    last_only: bool,
+) -> Result<Tensor> {
+    let (_, heads, d) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
+    let group = heads / kv_heads.max(1);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut contexts = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
+    for window in cu_seqlens.windows(2) {
+        let (start, len) = (window[0], window[1] - window[0]);
+        let rows = if last_only { 1 } else { len };
+        // [heads, rows, d] → [kv_heads, group · rows, d]: the query heads that share a key/value head together.
+        let qs = q
+            .narrow(0, start + len - rows, rows)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kv_heads, group * rows, d))?;
+        let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+        let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+        let scores = (qs.matmul(&ks.t()?)? * scale)?;
+        let scores = if rows > 1 {
+            scores.broadcast_add(&causal_mask(rows, len, group, q.device())?)?
+        } else {
+            scores
+        };
+        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
+        let context = probabilities
+            .matmul(&vs)?
+            .reshape((heads, rows, d))?
+            .transpose(0, 1)?
+            .reshape((rows, heads * d))?;
+        contexts.push(context);
+    }
+    Tensor::cat(&contexts, 0)
+}
+
+/// [group · rows, len]: 0 where the query (the last `rows` positions of `len`) may see the key, -inf after it.
+fn causal_mask(
+    rows: usize,
+    len: usize,
+    group: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let first = len - rows;
+    let mask: Vec<f32> = (0..group * rows)
+        .flat_map(|r| {
+            let position = first + r % rows;
+            (0..len).map(move |j| {
+                if j <= position {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (group * rows, len), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Attention of one sequence written out directly: softmax over the visible keys of each position.
+    fn naive(
+        q: &[Vec<Vec<f32>>],
+        k: &[Vec<Vec<f32>>],
+        v: &[Vec<Vec<f32>>],
+        group: usize,
+    ) -> Vec<Vec<f32>> {
+        let (len, heads, d) = (q.len(), q[0].len(), q[0][0].len());
+        (0..len)
+            .map(|t| {
+                (0..heads)
+                    .flat_map(|h| {
+                        let kv = h / group;
+                        let scores: Vec<f32> = (0..=t)
+                            .map(|j| {
+                                (0..d).map(|i| q[t][h][i] * k[j][kv][i]).sum::<f32>()
+                                    / (d as f32).sqrt()
+                            })
+                            .collect();
+                        let top = scores.iter().cloned().fold(f32::MIN, f32::max);
+                        let weights: Vec<f32> = scores.iter().map(|s| (s - top).exp()).collect();
+                        let total: f32 = weights.iter().sum();
+                        (0..d)
+                            .map(|i| {
+                                (0..=t)
+                                    .map(|j| weights[j] / total * v[j][kv][i])
+                                    .sum::<f32>()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn values(tokens: usize, heads: usize, d: usize, seed: u32) -> Vec<Vec<Vec<f32>>> {
+        (0..tokens)
+            .map(|t| {
+                (0..heads)
+                    .map(|h| {
+                        (0..d)
+                            .map(|i| {
+                                (((t * 31 + h * 7 + i * 3) as u32 + seed) % 17) as f32 / 8.0 - 1.0
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn tensor(v: &[Vec<Vec<f32>>]) -> Tensor {
+        let (t, h, d) = (v.len(), v[0].len(), v[0][0].len());
+        Tensor::from_vec(
+            v.iter().flatten().flatten().copied().collect::<Vec<_>>(),
+            (t, h, d),
+            &Device::Cpu,
+        )
+        .expect("tensor")
+    }
+
+    #[test]
+    fn packed_grouped_causal_attention_matches_the_direct_sum() {
+        let (heads, kv_heads, d) = (4, 2, 3);
+        let lengths = [5, 1, 3];
+        let tokens: usize = lengths.iter().sum();
+        let (q, k, v) = (
+            values(tokens, heads, d, 1),
+            values(tokens, kv_heads, d, 5),
+            values(tokens, kv_heads, d, 9),
+        );
+        let mut cu = vec![0];
+        lengths
+            .iter()
+            .for_each(|l| cu.push(cu.last().copied().unwrap_or(0) + l));
+        let all: Vec<Vec<f32>> =
+            causal_attention(&tensor(&q), &tensor(&k), &tensor(&v), &cu, false)
+                .and_then(|t| t.to_vec2())
+                .expect("attention");
+        let last: Vec<Vec<f32>> =
+            causal_attention(&tensor(&q), &tensor(&k), &tensor(&v), &cu, true)
+                .and_then(|t| t.to_vec2())
+                .expect("attention");
+        for (s, w) in cu.windows(2).enumerate() {
+            let expected = naive(
+                &q[w[0]..w[1]],
+                &k[w[0]..w[1]],
+                &v[w[0]..w[1]],
+                heads / kv_heads,
+            );
+            for (row, want) in expected.iter().enumerate() {
+                for (got, want) in all[w[0] + row].iter().zip(want) {
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "sequence {s} row {row}: {got} vs {want}"
+                    );
+                }
+            }
+            for (got, want) in last[s].iter().zip(&expected[expected.len() - 1]) {
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "sequence {s} last row: {got} vs {want}"
+                );
+            }
+        }
+    }
+}

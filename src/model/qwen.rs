@@ -1,0 +1,433 @@
+//! Qwen3 decoder rerankers (Qwen3ForCausalLM as Qwen3-Reranker, and its converted Qwen3ForSequenceClassification
+//! "seq-cls" checkpoints): RMSNorm, rotary positions, grouped-query causal attention with q/k norms, SwiGLU, over
+//! packed sequences; the score is one row of the output projection at each sequence's last token.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::hf_config::{self, ModelConfig, SentenceTransformersConfig};
+use super::ops::{self, Linear, RmsNorm};
+use super::scoring::{Activation, Scoring};
+use super::{CrossEncoder, LoadedModel, PackedBatch};
+use crate::error::StartupError;
+use crate::tokenization::PromptTemplate;
+
+pub const CAUSAL_LM: &str = "Qwen3ForCausalLM";
+pub const SEQUENCE_CLASSIFICATION: &str = "Qwen3ForSequenceClassification";
+pub const ARCHITECTURES: &[&str] = &[CAUSAL_LM, SEQUENCE_CLASSIFICATION];
+
+/// The longest pair unless configured, as Qwen3-Reranker's published scoring code.
+const DEFAULT_MAX_LENGTH: usize = 8192;
+
+/// Qwen3-Reranker's prompt, from its model card: the chat frame, the judging system message, the instruction,
+/// query and document, and an empty thinking block before the answer.
+pub fn qwen3_reranker_prompt() -> PromptTemplate {
+    PromptTemplate {
+        family: "qwen3-reranker".into(),
+        prefix: "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the \
+                 Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+            .into(),
+        body: "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}".into(),
+        suffix: "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n".into(),
+        default_instruction: Some(
+            "Given a web search query, retrieve relevant passages that answer the query".into(),
+        ),
+    }
+}
+
+/// Loads a Qwen3 reranker directory: Qwen3ForCausalLM scored by logit("yes") - logit("no") at the last token
+/// (the ids from the model's tokenizer), or a converted Qwen3ForSequenceClassification by its stored head.
+pub fn load_reranker(
+    dir: &std::path::Path,
+    architecture: &str,
+    device: &Device,
+    dtype: DType,
+) -> std::result::Result<LoadedModel, StartupError> {
+    let config_path = dir.join("config.json");
+    let expected = "the model's config.json (architecture and shapes)";
+    let config: Qwen3Config = hf_config::read_json(&config_path, expected)?;
+    if let Some(reason) = config.unsupported() {
+        return Err(StartupError::Unsupported(format!(
+            "{reason} in {}",
+            config_path.display()
+        )));
+    }
+    let (head, scoring) = if architecture == CAUSAL_LM {
+        let (positive, negative) = (token_id(dir, "yes")?, token_id(dir, "no")?);
+        let head = ScoreHead::TokenLogits {
+            positive,
+            negative: Some(negative),
+        };
+        (head, Scoring::SingleLogit(Activation::Sigmoid))
+    } else {
+        let labels: ModelConfig = hf_config::read_json(&config_path, expected)?;
+        let st: Option<SentenceTransformersConfig> =
+            hf_config::read_optional_json(&dir.join("config_sentence_transformers.json"))?;
+        match hf_config::scoring_for(&labels, &config_path, st.as_ref())? {
+            scoring @ Scoring::SingleLogit(_) => (ScoreHead::Stored, scoring),
+            Scoring::TwoLabelSoftmax => {
+                return Err(StartupError::Unsupported(format!(
+                "a two-label {SEQUENCE_CLASSIFICATION} in {}: converted rerankers have one logit",
+                config_path.display()
+            )))
+            }
+        }
+    };
+    let weights = super::weight_files(dir)?;
+    let (weights_dtype, _, dtype) = super::cpu_precision(device, dtype);
+    // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
+    let model = Qwen3Reranker::load(vb, &config, head)?;
+    Ok(LoadedModel {
+        model: Box::new(model),
+        architecture: architecture.to_string(),
+        max_positions: config.max_position_embeddings,
+        vocab_size: config.vocab_size,
+        scoring,
+        dtype,
+        pad_token_id: 0,
+        attention_span: attention_span(&config),
+        prompt: Some(qwen3_reranker_prompt()),
+        default_max_length: Some(DEFAULT_MAX_LENGTH),
+    })
+}
+
+/// A token's id in the model's tokenizer (vocabulary or added tokens), as transformers' convert_tokens_to_ids.
+fn token_id(dir: &std::path::Path, token: &str) -> std::result::Result<u32, StartupError> {
+    let path = dir.join("tokenizer.json");
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(&path).map_err(|e| StartupError::InvalidFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    tokenizer
+        .token_to_id(token)
+        .ok_or_else(|| StartupError::InvalidFile {
+            path,
+            reason: format!(
+                "the tokenizer has no token {token:?}, which the reranker's score reads"
+            ),
+        })
+}
+
+/// Context tokens at which a token's attention costs as much as its dense layers (see `LoadedModel`): per layer,
+/// the projections and the gated MLP are 2·h·(2·q + 2·kv + 3·intermediate) FLOPs a token, attention 4·q per token
+/// of context (q = heads · head_dim, kv = kv_heads · head_dim).
+fn attention_span(config: &Qwen3Config) -> usize {
+    let q = config.num_attention_heads * config.head_dim();
+    let kv = config.num_key_value_heads * config.head_dim();
+    let dense = 2 * config.hidden_size * (2 * q + 2 * kv + 3 * config.intermediate_size);
+    dense / (4 * q).max(1)
+}
+
+/// The fields of a Qwen3 `config.json` the decoder needs, as transformers writes them (v4 and v5).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Qwen3Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// transformers 5 keeps rope_theta here.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Qwen3Config {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| self.rope_parameters.as_ref()?.rope_theta)
+            .unwrap_or(1_000_000.0)
+    }
+
+    /// Why this configuration cannot be served as written, if it cannot: what the decoder does not implement.
+    pub fn unsupported(&self) -> Option<String> {
+        let scaled = self.rope_scaling.as_ref().is_some_and(|s| {
+            !s.is_null() && s.get("rope_type").and_then(|t| t.as_str()) != Some("default")
+        }) || self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_type.as_deref())
+            .is_some_and(|t| t != "default");
+        if scaled {
+            Some("rope scaling other than the default".into())
+        } else if self.use_sliding_window {
+            Some("sliding-window attention (use_sliding_window)".into())
+        } else if self.hidden_act != "silu" {
+            Some(format!(
+                "hidden_act {:?} (Qwen3 uses silu)",
+                self.hidden_act
+            ))
+        } else if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+        {
+            Some("attention heads that are not a multiple of the key/value heads".into())
+        } else {
+            None
+        }
+    }
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    o: Linear,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The decoder and a one-row head: the score of a sequence is head · final_norm(h_last).
+pub struct Qwen3Reranker {
+    embeddings: Tensor,
+    layers: Vec<Layer>,
+    final_norm: RmsNorm,
+    /// [1, hidden], fp32.
+    head: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rope_theta: f64,
+    device: Device,
+    dtype: DType,
+}
+
+/// Which row(s) of the output projection make the score.
+pub enum ScoreHead {
+    /// The causal LM's logit(positive) - logit(negative) (or logit(positive) alone): token ids.
+    TokenLogits {
+        positive: u32,
+        negative: Option<u32>,
+    },
+    /// A converted checkpoint's stored one-row `score` layer.
+    Stored,
+}
+
+impl Qwen3Reranker {
+    pub fn load(vb: VarBuilder, config: &Qwen3Config, head: ScoreHead) -> Result<Self> {
+        let body = vb.pp("model");
+        let (h, head_dim) = (config.hidden_size, config.head_dim());
+        let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
+        let eps = config.rms_norm_eps;
+        let embeddings = body
+            .pp("embed_tokens")
+            .get((config.vocab_size, h), "weight")?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let layer = body.pp("layers").pp(i.to_string());
+                let attn = layer.pp("self_attn");
+                let mlp = layer.pp("mlp");
+                let projection = |vb: VarBuilder, i: usize, o: usize, bias: bool| {
+                    if bias {
+                        Linear::load(&vb, i, o)
+                    } else {
+                        Linear::load_without_bias(&vb, i, o)
+                    }
+                };
+                Ok(Layer {
+                    input_norm: RmsNorm::load(&layer.pp("input_layernorm"), h, eps)?,
+                    q: projection(
+                        attn.pp("q_proj"),
+                        h,
+                        heads * head_dim,
+                        config.attention_bias,
+                    )?,
+                    k: projection(
+                        attn.pp("k_proj"),
+                        h,
+                        kv_heads * head_dim,
+                        config.attention_bias,
+                    )?,
+                    v: projection(
+                        attn.pp("v_proj"),
+                        h,
+                        kv_heads * head_dim,
+                        config.attention_bias,
+                    )?,
+                    q_norm: RmsNorm::load(&attn.pp("q_norm"), head_dim, eps)?,
+                    k_norm: RmsNorm::load(&attn.pp("k_norm"), head_dim, eps)?,
+                    o: projection(attn.pp("o_proj"), heads * head_dim, h, false)?,
+                    post_norm: RmsNorm::load(&layer.pp("post_attention_layernorm"), h, eps)?,
+                    gate: projection(mlp.pp("gate_proj"), h, config.intermediate_size, false)?,
+                    up: projection(mlp.pp("up_proj"), h, config.intermediate_size, false)?,
+                    down: projection(mlp.pp("down_proj"), config.intermediate_size, h, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = match head {
+            ScoreHead::Stored => vb.pp("score").set_dtype(DType::F32).get((1, h), "weight")?,
+            ScoreHead::TokenLogits { positive, negative } => {
+                // Tied checkpoints store no lm_head: the output projection is the embedding table.
+                let table = if config.tie_word_embeddings {
+                    embeddings.clone()
+                } else {
+                    vb.pp("lm_head").get((config.vocab_size, h), "weight")?
+                };
+                let row = |id: u32| table.narrow(0, id as usize, 1)?.to_dtype(DType::F32);
+                match negative {
+                    Some(negative) => (row(positive)? - row(negative)?)?,
+                    None => row(positive)?,
+                }
+            }
+        };
+        Ok(Self {
+            embeddings,
+            layers,
+            final_norm: RmsNorm::load(&body.pp("norm"), h, eps)?,
+            head,
+            heads,
+            kv_heads,
+            head_dim,
+            rope_theta: config.rope_theta(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// cos and sin of every packed token's position within its own sequence: [tokens, head_dim / 2] each, fp32,
+    /// as transformers computes them (inverse frequencies and angles in fp32).
+    fn rotary_tables(&self, batch: &PackedBatch) -> Result<(Tensor, Tensor)> {
+        let half = self.head_dim / 2;
+        let inverse: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (self.rope_theta.powf((2 * i) as f64 / self.head_dim as f64) as f32))
+            .collect();
+        let tokens = batch.real_tokens();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(tokens * half),
+            Vec::with_capacity(tokens * half),
+        );
+        for length in batch.lengths() {
+            for position in 0..length {
+                for &frequency in &inverse {
+                    let angle = position as f32 * frequency;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (tokens, half), &self.device)?,
+            Tensor::from_vec(sin, (tokens, half), &self.device)?,
+        ))
+    }
+
+    /// One decoder layer over packed tokens; in the last layer (`last_rows`), only each sequence's last token
+    /// goes on past attention. x: fp32 residual stream [tokens, hidden].
+    fn layer(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        rotary: &(Tensor, Tensor),
+        cu_seqlens: &[usize],
+        last_rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let tokens = x.dim(0)?;
+        let normed = layer.input_norm.forward(x)?.to_dtype(self.dtype)?;
+        let split = |t: Tensor, heads: usize| t.reshape((tokens, heads, self.head_dim));
+        let q = split(layer.q.forward(&normed)?, self.heads)?;
+        let k = split(layer.k.forward(&normed)?, self.kv_heads)?;
+        let v = split(layer.v.forward(&normed)?, self.kv_heads)?;
+        let q = rotate(&layer.q_norm.forward(&q)?, rotary)?;
+        let k = rotate(&layer.k_norm.forward(&k)?, rotary)?;
+        let v = v.to_dtype(DType::F32)?;
+        let context = ops::causal_attention(&q, &k, &v, cu_seqlens, last_rows.is_some())?;
+        let x = match last_rows {
+            Some(rows) => x.index_select(rows, 0)?,
+            None => x.clone(),
+        };
+        let x = (x + layer
+            .o
+            .forward(&context.to_dtype(self.dtype)?)?
+            .to_dtype(DType::F32)?)?;
+        let normed = layer.post_norm.forward(&x)?.to_dtype(self.dtype)?;
+        let gated =
+            (candle_nn::ops::silu(&layer.gate.forward(&normed)?)? * layer.up.forward(&normed)?)?;
+        x + layer.down.forward(&gated)?.to_dtype(DType::F32)?
+    }
+}
+
+/// Rotary positions on [tokens, heads, head_dim] (the rotate-half form), computed in fp32.
+fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+    let x = x
+        .to_dtype(DType::F32)?
+        .transpose(0, 1)?
+        .unsqueeze(0)?
+        .contiguous()?;
+    candle_nn::rotary_emb::rope(&x, cos, sin)?
+        .squeeze(0)?
+        .transpose(0, 1)?
+        .contiguous()
+}
+
+impl CrossEncoder for Qwen3Reranker {
+    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
+        let mut x = self
+            .embeddings
+            .index_select(&ids, 0)?
+            .to_dtype(DType::F32)?;
+        let rotary = self.rotary_tables(batch)?;
+        let last: Vec<u32> = batch.cu_seqlens[1..]
+            .iter()
+            .map(|&end| end as u32 - 1)
+            .collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let final_layer = i + 1 == self.layers.len();
+            x = self.layer(
+                layer,
+                &x,
+                &rotary,
+                &batch.cu_seqlens,
+                final_layer.then_some(&last),
+            )?;
+        }
+        if self.layers.is_empty() {
+            x = x.index_select(&last, 0)?;
+        }
+        let h = self.final_norm.forward(&x)?;
+        h.matmul(&self.head.t()?)?.reshape((batch.size(), 1))
+    }
+}

@@ -1,0 +1,283 @@
+//! Decoder rerankers against their published scoring code (reproduced with transformers by gen_fixtures.py) on
+//! the seeded Qwen3-Reranker fixtures: the prompted token ids, the yes/no logit, the sigmoid score, the
+//! instruction field, both checkpoint forms (causal LM and converted seq-cls), and the options they refuse.
+
+mod common;
+
+use common::{fixture, test_config};
+use rerank_server::proto::{InfoRequest, RerankRequest};
+use rerank_server::rerank::RerankOptions;
+use rerank_server::server::build_reranker;
+use rerank_server::tokenization::{PairTokenizer, Truncation};
+use serde::Deserialize;
+
+const TOLERANCE: f32 = 1e-4;
+const FIXTURES: [&str; 2] = ["qwen3-reranker-tiny", "qwen3-reranker-tiny-seq-cls"];
+
+#[derive(Deserialize)]
+struct Expected {
+    max_length: usize,
+    family: String,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    query: String,
+    #[serde(default)]
+    instruction: Option<String>,
+    documents: Vec<String>,
+    input_ids: Vec<Vec<u32>>,
+    logits: Vec<Vec<f32>>,
+    scores: Vec<f32>,
+}
+
+fn expected(name: &str) -> Expected {
+    let path = fixture("expected").join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn load(name: &str) -> (rerank_server::model::LoadedModel, PairTokenizer) {
+    let model = rerank_server::model::load(
+        &fixture(name),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .expect("model loads");
+    let prompt = model
+        .prompt
+        .clone()
+        .expect("a decoder reranker has a prompt");
+    let tokenizer = PairTokenizer::load(&fixture(name), None, model.max_positions, 1)
+        .and_then(|t| t.with_prompt(prompt))
+        .expect("tokenizer loads");
+    (model, tokenizer)
+}
+
+#[test]
+fn prompted_token_ids_are_the_reference_scoring_code_s() {
+    for name in FIXTURES {
+        let expected = expected(name);
+        let (_, tokenizer) = load(name);
+        assert_eq!(tokenizer.max_length(), expected.max_length);
+        assert_eq!(
+            tokenizer.prompt().map(|p| p.family.as_str()),
+            Some(expected.family.as_str())
+        );
+        for case in &expected.cases {
+            let query = tokenizer
+                .encode_query(&case.query, case.instruction.as_deref())
+                .expect("query");
+            for (i, document) in case.documents.iter().enumerate() {
+                let pair = tokenizer
+                    .encode_pair(&query, document, Truncation::LongestFirst, i)
+                    .expect("pair");
+                assert_eq!(
+                    pair.input_ids, case.input_ids[i],
+                    "{name} {} document {i}",
+                    case.name
+                );
+                assert!(pair.type_ids.iter().all(|&t| t == 0));
+            }
+        }
+    }
+}
+
+#[test]
+fn yes_minus_no_logits_match_the_reference_for_both_checkpoint_forms() {
+    for name in FIXTURES {
+        let expected = expected(name);
+        let (model, _) = load(name);
+        let mut worst = 0.0f32;
+        for case in &expected.cases {
+            let batch = rerank_server::model::PackedBatch::from_sequences(
+                case.input_ids.iter().map(|ids| (&ids[..], &[][..])),
+            );
+            let logits = model.logits(&batch).expect("forward");
+            for (row, want) in logits.iter().zip(&case.logits) {
+                let diff = (row[0] - want[0]).abs();
+                worst = worst.max(diff);
+                assert!(
+                    diff <= TOLERANCE,
+                    "{name} {}: {row:?} vs reference {want:?}",
+                    case.name
+                );
+            }
+        }
+        println!("{name}: max |logit - reference| = {worst:.2e}");
+    }
+}
+
+#[tokio::test]
+async fn scores_through_the_rerank_path_match_the_reference() {
+    for name in FIXTURES {
+        let expected = expected(name);
+        let reranker = build_reranker(&test_config(name))
+            .await
+            .expect("reranker builds");
+        for case in &expected.cases {
+            for raw_scores in [false, true] {
+                let options = RerankOptions {
+                    raw_scores,
+                    instruction: case.instruction.clone(),
+                    ..Default::default()
+                };
+                let outcome = reranker
+                    .rerank("test", &case.query, case.documents.clone(), options)
+                    .await
+                    .expect("rerank");
+                for result in &outcome.results {
+                    let i = result.index as usize;
+                    let want = if raw_scores {
+                        case.logits[i][0]
+                    } else {
+                        case.scores[i]
+                    };
+                    assert!(
+                        (result.score - want).abs() <= TOLERANCE,
+                        "{name} {} doc {i} raw={raw_scores}: {} vs reference {want}",
+                        case.name,
+                        result.score
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_instruction_changes_the_score_and_other_models_refuse_it() {
+    let reranker = build_reranker(&test_config(FIXTURES[0]))
+        .await
+        .expect("reranker builds");
+    let score = |instruction: Option<&str>| {
+        let options = RerankOptions {
+            instruction: instruction.map(str::to_string),
+            raw_scores: true,
+            ..Default::default()
+        };
+        let reranker = reranker.clone();
+        async move {
+            reranker
+                .rerank(
+                    "test",
+                    "capital of france",
+                    vec!["paris is the capital of france.".into()],
+                    options,
+                )
+                .await
+                .expect("rerank")
+                .results[0]
+                .score
+        }
+    };
+    assert_ne!(
+        score(None).await,
+        score(Some("Judge whether the passage is about cooking")).await
+    );
+
+    let encoder = build_reranker(&test_config("bert-tiny-1label"))
+        .await
+        .expect("reranker builds");
+    let options = RerankOptions {
+        instruction: Some("anything".into()),
+        ..Default::default()
+    };
+    let refused = encoder.rerank("test", "q", vec!["d".into()], options).await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("instruction")));
+}
+
+#[tokio::test]
+async fn chunk_max_and_a_document_token_cut_are_refused_with_a_reason() {
+    let reranker = build_reranker(&test_config(FIXTURES[0]))
+        .await
+        .expect("reranker builds");
+    for options in [
+        RerankOptions {
+            truncation: Truncation::ChunkMax { max_chunks: 4 },
+            ..Default::default()
+        },
+        RerankOptions {
+            max_document_tokens: Some(8),
+            ..Default::default()
+        },
+    ] {
+        let refused = reranker
+            .rerank("test", "q", vec!["d".into()], options)
+            .await;
+        assert!(refused.is_err_and(|e| e.to_string().contains("qwen3-reranker")));
+    }
+}
+
+#[tokio::test]
+async fn grpc_takes_the_instruction_and_info_shows_the_prompt() {
+    let server = common::start(test_config(FIXTURES[0])).await;
+    let mut client = common::client(&server).await;
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    let prompt = info.prompt.expect("a decoder reranker reports its prompt");
+    assert_eq!(prompt.family, "qwen3-reranker");
+    assert!(prompt.body.contains("{document}") && prompt.suffix.contains("<think>"));
+    assert_eq!(info.activation, "sigmoid");
+    let case = expected(FIXTURES[0])
+        .cases
+        .into_iter()
+        .find(|c| c.instruction.is_some())
+        .expect("a case with its own instruction");
+    let response = client
+        .rerank(RerankRequest {
+            query: case.query.clone(),
+            documents: case.documents.clone(),
+            instruction: case.instruction.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("rerank")
+        .into_inner();
+    for result in response.results {
+        let want = case.scores[result.index as usize];
+        assert!(
+            (result.score - want).abs() <= TOLERANCE,
+            "{} vs {want}",
+            result.score
+        );
+    }
+}
+
+#[tokio::test]
+async fn http_apis_take_the_instruction() {
+    let server = common::start(test_config(FIXTURES[0])).await;
+    let case = expected(FIXTURES[0])
+        .cases
+        .into_iter()
+        .find(|c| c.instruction.is_some())
+        .expect("a case with its own instruction");
+    let body = serde_json::json!({
+        "query": case.query, "documents": case.documents, "instruction": case.instruction,
+    });
+    let (status, json) = common::post_json(&server, "/v2/rerank", &body).await;
+    assert_eq!(status, 200, "{json}");
+    let results = json["results"].as_array().expect("results");
+    assert_eq!(results.len(), case.documents.len());
+    for result in results {
+        let index = result["index"].as_u64().expect("index") as usize;
+        let score = result["relevance_score"].as_f64().expect("score") as f32;
+        assert!(
+            (score - case.scores[index]).abs() <= TOLERANCE,
+            "{score} vs {}",
+            case.scores[index]
+        );
+    }
+    let (status, json) = common::post_json(
+        &server,
+        "/v2/rerank",
+        &serde_json::json!({"query": "q", "documents": ["d"], "max_tokens_per_doc": 4}),
+    )
+    .await;
+    assert_eq!(status, 400, "{json}");
+}
