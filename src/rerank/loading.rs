@@ -236,6 +236,10 @@ fn target_batch_time(configured: Duration, on_gpu: bool) -> Duration {
     }
 }
 
+/// The longest pair, and the most rows, a CPU warms up with.
+const CPU_WARM_UP_LENGTH: usize = 512;
+const CPU_WARM_UP_ROWS: usize = 4;
+
 /// Runs the largest batch the policy allows, so a shape that does not fit fails at start, not under load.
 /// Its time is the engine's first speed measurement.
 fn warm_up(
@@ -244,8 +248,15 @@ fn warm_up(
     shape: BatchShape,
     max_length: usize,
 ) -> Result<Throughput, StartupError> {
-    let rows =
-        (policy.max_batch_tokens / shape.pair_cost(max_length)).clamp(1, policy.max_batch_size);
+    // A GPU warms up at the largest shape so that one that does not fit its memory fails now. A CPU has the
+    // memory for any shape; what it lacks is the time (minutes for a 0.6B decoder at full size), and the speed
+    // it measures on a few rows of CPU_WARM_UP_LENGTH scales to other lengths through the cost model.
+    let (max_length, row_cap) = match shape {
+        BatchShape::Packed { .. } => (max_length.min(CPU_WARM_UP_LENGTH), CPU_WARM_UP_ROWS),
+        BatchShape::Padded => (max_length, policy.max_batch_size),
+    };
+    let rows = (policy.max_batch_tokens / shape.pair_cost(max_length))
+        .clamp(1, policy.max_batch_size.min(row_cap));
     let ids = vec![model.pad_token_id; max_length];
     let types = vec![0; max_length];
     let batch = PackedBatch::from_sequences((0..rows).map(|_| (&ids[..], &types[..])));

@@ -127,6 +127,15 @@ fn linear_gemm<'a>(layer: &'a Linear, x: &Tensor) -> Option<(Vec<f32>, usize, F3
     Some((matmul(xs.data(), rows, w.data(), n)?, rows, b))
 }
 
+/// x·Wᵀ + b, the bias added in place on the GEMM's output.
+pub fn linear(layer: &Linear, x: &Tensor) -> Option<Result<Tensor>> {
+    let (mut out, rows, bias) = linear_gemm(layer, x)?;
+    let bias = bias.data();
+    out.par_chunks_mut(rows_per_task(bias.len()) * bias.len())
+        .for_each(|o| vector::add_bias(o, bias));
+    Some(Tensor::from_vec(out, (rows, bias.len()), x.device()))
+}
+
 /// act(x·Wᵀ + b), the epilogue applied in place on the GEMM's output.
 pub fn linear_activation(
     layer: &Linear,

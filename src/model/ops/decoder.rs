@@ -40,9 +40,21 @@ impl Linear {
     }
 }
 
+/// x·Wᵀ + b: the CPU's own GEMM (on AMX tiles where the layer is packed for them), else candle's.
+pub fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    if let Some(result) = super::cpu::linear(layer, x) {
+        return result;
+    }
+    layer.forward(x)
+}
+
+/// Scores held at once per block of query rows (fp32 values), so a long sequence never holds [heads, L, L].
+const SCORE_BLOCK: usize = 1 << 22;
+
 /// Causal self-attention of packed sequences with grouped key/value heads, in fp32. q: [tokens, heads, d];
 /// k, v: [tokens, kv_heads, d]; query head h reads key/value head h / (heads / kv_heads), as transformers'
 /// repeat_kv. Returns [tokens, heads · d], or with `last_only` each sequence's last token, [sequences, heads · d].
+/// Query rows go in blocks that each read only the keys they may see, at most SCORE_BLOCK scores at a time.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -50,37 +62,61 @@ pub fn causal_attention(
     cu_seqlens: &[usize],
     last_only: bool,
 ) -> Result<Tensor> {
-    let (_, heads, d) = q.dims3()?;
-    let kv_heads = k.dim(1)?;
-    let group = heads / kv_heads.max(1);
-    let scale = 1.0 / (d as f64).sqrt();
+    attention_in_blocks(q, k, v, cu_seqlens, last_only, SCORE_BLOCK)
+}
+
+fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    last_only: bool,
+    score_block: usize,
+) -> Result<Tensor> {
+    let heads = q.dim(1)?;
     let mut contexts = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
     for window in cu_seqlens.windows(2) {
         let (start, len) = (window[0], window[1] - window[0]);
         let rows = if last_only { 1 } else { len };
-        // [heads, rows, d] → [kv_heads, group · rows, d]: the query heads that share a key/value head together.
-        let qs = q
-            .narrow(0, start + len - rows, rows)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((kv_heads, group * rows, d))?;
         let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
         let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
-        let scores = (qs.matmul(&ks.t()?)? * scale)?;
-        let scores = if rows > 1 {
-            scores.broadcast_add(&causal_mask(rows, len, group, q.device())?)?
-        } else {
-            scores
-        };
-        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = probabilities
-            .matmul(&vs)?
-            .reshape((heads, rows, d))?
-            .transpose(0, 1)?
-            .reshape((rows, heads * d))?;
-        contexts.push(context);
+        let block = (score_block / (heads * len).max(1)).max(1);
+        let first = len - rows;
+        let mut row = 0;
+        while row < rows {
+            let count = block.min(rows - row);
+            let queries = q.narrow(0, start + first + row, count)?;
+            contexts.push(attend_block(&queries, &ks, &vs, first + row)?);
+            row += count;
+        }
     }
     Tensor::cat(&contexts, 0)
+}
+
+/// Attention of `queries` [rows, heads, d] at positions from..from + rows of one sequence, over its keys and
+/// values [kv_heads, len, d] up to the last position they may see. Returns [rows, heads · d].
+fn attend_block(queries: &Tensor, keys: &Tensor, values: &Tensor, from: usize) -> Result<Tensor> {
+    let (rows, heads, d) = queries.dims3()?;
+    let kv_heads = keys.dim(0)?;
+    let group = heads / kv_heads.max(1);
+    let visible = from + rows;
+    let (keys, values) = (keys.narrow(1, 0, visible)?, values.narrow(1, 0, visible)?);
+    // [heads, rows, d] → [kv_heads, group · rows, d]: the query heads that share a key/value head together.
+    let grouped = queries
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((kv_heads, group * rows, d))?;
+    let scores = (grouped.matmul(&keys.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = if rows > 1 {
+        scores.broadcast_add(&causal_mask(rows, visible, group, queries.device())?)?
+    } else {
+        scores
+    };
+    candle_nn::ops::softmax_last_dim(&scores)?
+        .matmul(&values.contiguous()?)?
+        .reshape((heads, rows, d))?
+        .transpose(0, 1)?
+        .reshape((rows, heads * d))
 }
 
 /// [group · rows, len]: 0 where the query (the last `rows` positions of `len`) may see the key, -inf after it.
@@ -175,7 +211,7 @@ mod tests {
     #[test]
     fn packed_grouped_causal_attention_matches_the_direct_sum() {
         let (heads, kv_heads, d) = (4, 2, 3);
-        let lengths = [5, 1, 3];
+        let lengths = [5, 1, 3, 70];
         let tokens: usize = lengths.iter().sum();
         let (q, k, v) = (
             values(tokens, heads, d, 1),
