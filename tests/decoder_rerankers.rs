@@ -1,6 +1,6 @@
-//! Decoder rerankers against their published scoring code (reproduced with transformers by gen_fixtures.py) on
-//! the seeded Qwen3-Reranker fixtures: the prompted token ids, the yes/no logit, the sigmoid score, the
-//! instruction field, both checkpoint forms (causal LM and converted seq-cls), and the options they refuse.
+//! Decoder rerankers against their published scoring code (run or reproduced with transformers by gen_fixtures.py)
+//! on seeded fixtures: Qwen3-Reranker (causal LM and converted seq-cls) and mxbai-rerank-v2 (Qwen2). The prompted
+//! token ids, the logit difference, the sigmoid score, the instruction field, and the options they refuse.
 
 mod common;
 
@@ -12,7 +12,11 @@ use rerank_server::tokenization::{PairTokenizer, Truncation};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
-const FIXTURES: [&str; 2] = ["qwen3-reranker-tiny", "qwen3-reranker-tiny-seq-cls"];
+const FIXTURES: [&str; 3] = [
+    "qwen3-reranker-tiny",
+    "qwen3-reranker-tiny-seq-cls",
+    "mxbai-rerank-v2-tiny",
+];
 
 #[derive(Deserialize)]
 struct Expected {
@@ -51,7 +55,7 @@ fn load(name: &str) -> (rerank_server::model::LoadedModel, PairTokenizer) {
         .clone()
         .expect("a decoder reranker has a prompt");
     let tokenizer = PairTokenizer::load(&fixture(name), None, model.max_positions, 1)
-        .and_then(|t| t.with_prompt(prompt))
+        .and_then(|t| t.with_prompt(prompt, model.max_positions))
         .expect("tokenizer loads");
     (model, tokenizer)
 }
@@ -86,7 +90,7 @@ fn prompted_token_ids_are_the_reference_scoring_code_s() {
 }
 
 #[test]
-fn yes_minus_no_logits_match_the_reference_for_both_checkpoint_forms() {
+fn score_logits_match_the_reference_for_every_checkpoint_form() {
     for name in FIXTURES {
         let expected = expected(name);
         let (model, _) = load(name);

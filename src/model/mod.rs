@@ -1,6 +1,7 @@
 //! Cross-encoder models: loading a Hugging Face model directory and running a packed batch to logits.
 
 pub mod bert;
+pub mod decoder_rerankers;
 mod encoder;
 pub mod hf_config;
 pub mod ops;
@@ -148,8 +149,9 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     bert::ARCHITECTURE,
     xlm_roberta::ARCHITECTURES[0],
     xlm_roberta::ARCHITECTURES[1],
-    qwen::CAUSAL_LM,
-    qwen::SEQUENCE_CLASSIFICATION,
+    decoder_rerankers::CAUSAL_LM,
+    decoder_rerankers::SEQUENCE_CLASSIFICATION,
+    decoder_rerankers::QWEN2_CAUSAL_LM,
 ];
 
 /// Loads the model of a local Hugging Face model directory onto `device`, converting the weights to `dtype`.
@@ -161,9 +163,9 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
     )?;
     if let Some(name) = architectures
         .first()
-        .filter(|name| qwen::ARCHITECTURES.contains(name))
+        .filter(|name| decoder_rerankers::ARCHITECTURES.contains(name))
     {
-        return qwen::load_reranker(dir, name, device, dtype);
+        return decoder_rerankers::load_reranker(dir, name, device, dtype);
     }
     let config: ModelConfig = hf_config::read_json(
         &config_path,

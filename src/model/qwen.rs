@@ -1,125 +1,13 @@
-//! Qwen3 decoder rerankers (Qwen3ForCausalLM as Qwen3-Reranker, and its converted Qwen3ForSequenceClassification
-//! "seq-cls" checkpoints): RMSNorm, rotary positions, grouped-query causal attention with q/k norms, SwiGLU, over
-//! packed sequences; the score is one row of the output projection at each sequence's last token.
+//! The Qwen2/Qwen3 decoder as a reranker: RMSNorm, rotary positions, grouped-query causal attention (q/k norms in
+//! Qwen3, q/k/v biases in Qwen2), SwiGLU, over packed sequences; the score is one row of the output projection at
+//! each sequence's last token (see `decoder_rerankers.rs` for which row and which prompt).
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::hf_config::{self, ModelConfig, SentenceTransformersConfig};
 use super::ops::{self, GemmPrecision, Linear, RmsNorm};
-use super::scoring::{Activation, Scoring};
-use super::{CrossEncoder, LoadedModel, PackedBatch};
-use crate::error::StartupError;
-use crate::tokenization::PromptTemplate;
-
-pub const CAUSAL_LM: &str = "Qwen3ForCausalLM";
-pub const SEQUENCE_CLASSIFICATION: &str = "Qwen3ForSequenceClassification";
-pub const ARCHITECTURES: &[&str] = &[CAUSAL_LM, SEQUENCE_CLASSIFICATION];
-
-/// The longest pair unless configured, as Qwen3-Reranker's published scoring code.
-const DEFAULT_MAX_LENGTH: usize = 8192;
-
-/// Qwen3-Reranker's prompt, from its model card: the chat frame, the judging system message, the instruction,
-/// query and document, and an empty thinking block before the answer.
-pub fn qwen3_reranker_prompt() -> PromptTemplate {
-    PromptTemplate {
-        family: "qwen3-reranker".into(),
-        prefix: "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the \
-                 Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
-            .into(),
-        body: "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}".into(),
-        suffix: "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n".into(),
-        default_instruction: Some(
-            "Given a web search query, retrieve relevant passages that answer the query".into(),
-        ),
-    }
-}
-
-/// Loads a Qwen3 reranker directory: Qwen3ForCausalLM scored by logit("yes") - logit("no") at the last token
-/// (the ids from the model's tokenizer), or a converted Qwen3ForSequenceClassification by its stored head.
-pub fn load_reranker(
-    dir: &std::path::Path,
-    architecture: &str,
-    device: &Device,
-    dtype: DType,
-) -> std::result::Result<LoadedModel, StartupError> {
-    let config_path = dir.join("config.json");
-    let expected = "the model's config.json (architecture and shapes)";
-    let config: Qwen3Config = hf_config::read_json(&config_path, expected)?;
-    if let Some(reason) = config.unsupported() {
-        return Err(StartupError::Unsupported(format!(
-            "{reason} in {}",
-            config_path.display()
-        )));
-    }
-    let (head, scoring) = if architecture == CAUSAL_LM {
-        let (positive, negative) = (token_id(dir, "yes")?, token_id(dir, "no")?);
-        let head = ScoreHead::TokenLogits {
-            positive,
-            negative: Some(negative),
-        };
-        (head, Scoring::SingleLogit(Activation::Sigmoid))
-    } else {
-        let labels: ModelConfig = hf_config::read_json(&config_path, expected)?;
-        let st: Option<SentenceTransformersConfig> =
-            hf_config::read_optional_json(&dir.join("config_sentence_transformers.json"))?;
-        match hf_config::scoring_for(&labels, &config_path, st.as_ref())? {
-            scoring @ Scoring::SingleLogit(_) => (ScoreHead::Stored, scoring),
-            Scoring::TwoLabelSoftmax => {
-                return Err(StartupError::Unsupported(format!(
-                "a two-label {SEQUENCE_CLASSIFICATION} in {}: converted rerankers have one logit",
-                config_path.display()
-            )))
-            }
-        }
-    };
-    let weights = super::weight_files(dir)?;
-    let (weights_dtype, precision, dtype) = super::cpu_precision(device, dtype);
-    // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
-    let model = Qwen3Reranker::load(vb, &config, head, precision)?;
-    Ok(LoadedModel {
-        model: Box::new(model),
-        architecture: architecture.to_string(),
-        max_positions: config.max_position_embeddings,
-        vocab_size: config.vocab_size,
-        scoring,
-        dtype,
-        pad_token_id: 0,
-        attention_span: attention_span(&config),
-        prompt: Some(qwen3_reranker_prompt()),
-        default_max_length: Some(DEFAULT_MAX_LENGTH),
-    })
-}
-
-/// A token's id in the model's tokenizer (vocabulary or added tokens), as transformers' convert_tokens_to_ids.
-fn token_id(dir: &std::path::Path, token: &str) -> std::result::Result<u32, StartupError> {
-    let path = dir.join("tokenizer.json");
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(&path).map_err(|e| StartupError::InvalidFile {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-    tokenizer
-        .token_to_id(token)
-        .ok_or_else(|| StartupError::InvalidFile {
-            path,
-            reason: format!(
-                "the tokenizer has no token {token:?}, which the reranker's score reads"
-            ),
-        })
-}
-
-/// Context tokens at which a token's attention costs as much as its dense layers (see `LoadedModel`): per layer,
-/// the projections and the gated MLP are 2·h·(2·q + 2·kv + 3·intermediate) FLOPs a token, attention 4·q per token
-/// of context (q = heads · head_dim, kv = kv_heads · head_dim).
-fn attention_span(config: &Qwen3Config) -> usize {
-    let q = config.num_attention_heads * config.head_dim();
-    let kv = config.num_key_value_heads * config.head_dim();
-    let dense = 2 * config.hidden_size * (2 * q + 2 * kv + 3 * config.intermediate_size);
-    dense / (4 * q).max(1)
-}
+use super::{CrossEncoder, PackedBatch};
 
 /// The fields of a Qwen3 `config.json` the decoder needs, as transformers writes them (v4 and v5).
 #[derive(Debug, Clone, Deserialize)]
@@ -209,8 +97,8 @@ struct Layer {
     input_norm: RmsNorm,
     /// Q | K | V in one GEMM.
     qkv: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
+    /// Qwen3's per-head norms of queries and keys.
+    qk_norms: Option<(RmsNorm, RmsNorm)>,
     o: Linear,
     post_norm: RmsNorm,
     /// gate | up in one GEMM.
@@ -233,6 +121,13 @@ pub struct Qwen3Reranker {
     dtype: DType,
 }
 
+/// The decoder generation: Qwen2 has q/k/v biases and no q/k norms; Qwen3 the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Qwen2,
+    Qwen3,
+}
+
 /// Which row(s) of the output projection make the score.
 pub enum ScoreHead {
     /// The causal LM's logit(positive) - logit(negative) (or logit(positive) alone): token ids.
@@ -248,6 +143,7 @@ impl Qwen3Reranker {
     pub fn load(
         vb: VarBuilder,
         config: &Qwen3Config,
+        family: Family,
         head: ScoreHead,
         precision: GemmPrecision,
     ) -> Result<Self> {
@@ -270,7 +166,7 @@ impl Qwen3Reranker {
                         Linear::load_without_bias(&vb, i, o)
                     }
                 };
-                let bias = config.attention_bias;
+                let bias = family == Family::Qwen2 || config.attention_bias;
                 let qkv = Linear::concat(&[
                     projection(attn.pp("q_proj"), h, heads * head_dim, bias)?,
                     projection(attn.pp("k_proj"), h, kv_heads * head_dim, bias)?,
@@ -284,8 +180,13 @@ impl Qwen3Reranker {
                 Ok(Layer {
                     input_norm: RmsNorm::load(&layer.pp("input_layernorm"), h, eps)?,
                     qkv: qkv.with_precision(precision)?,
-                    q_norm: RmsNorm::load(&attn.pp("q_norm"), head_dim, eps)?,
-                    k_norm: RmsNorm::load(&attn.pp("k_norm"), head_dim, eps)?,
+                    qk_norms: match family {
+                        Family::Qwen3 => Some((
+                            RmsNorm::load(&attn.pp("q_norm"), head_dim, eps)?,
+                            RmsNorm::load(&attn.pp("k_norm"), head_dim, eps)?,
+                        )),
+                        Family::Qwen2 => None,
+                    },
                     o: projection(attn.pp("o_proj"), heads * head_dim, h, false)?
                         .with_precision(precision)?,
                     post_norm: RmsNorm::load(&layer.pp("post_attention_layernorm"), h, eps)?,
@@ -370,16 +271,15 @@ impl Qwen3Reranker {
             qkv.narrow(1, from, width)?
                 .reshape((tokens, heads, self.head_dim))
         };
-        let q = rotate(
-            &layer.q_norm.forward(&part(0, q_width, self.heads)?)?,
-            rotary,
-        )?;
-        let k = rotate(
-            &layer
-                .k_norm
-                .forward(&part(q_width, kv_width, self.kv_heads)?)?,
-            rotary,
-        )?;
+        let (q, k) = (
+            part(0, q_width, self.heads)?,
+            part(q_width, kv_width, self.kv_heads)?,
+        );
+        let (q, k) = match &layer.qk_norms {
+            Some((q_norm, k_norm)) => (q_norm.forward(&q)?, k_norm.forward(&k)?),
+            None => (q, k),
+        };
+        let (q, k) = (rotate(&q, rotary)?, rotate(&k, rotary)?);
         let v = part(q_width + kv_width, kv_width, self.kv_heads)?.to_dtype(DType::F32)?;
         let context = ops::causal_attention(&q, &k, &v, cu_seqlens, last_rows.is_some())?;
         let x = match last_rows {

@@ -206,7 +206,7 @@ fn load_model_and_tokenizer(
     .with_chunk_overlap(config.chunk_overlap_tokens)
     .with_token_cache(config.token_cache_bytes);
     if let Some(prompt) = &model.prompt {
-        tokenizer = tokenizer.with_prompt(prompt.clone())?;
+        tokenizer = tokenizer.with_prompt(prompt.clone(), model.max_positions)?;
     }
     if tokenizer.vocab_size() > model.vocab_size {
         return Err(StartupError::InvalidFile {

@@ -5,7 +5,6 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokenizers::utils::truncation::TruncationDirection;
 use tokenizers::{Encoding, PostProcessor, Tokenizer};
 
 use crate::error::{RerankError, StartupError};
@@ -13,15 +12,17 @@ use crate::metrics::Metrics;
 
 mod ascii_wordpiece;
 mod cache;
+mod chunks;
+mod fast_path;
 mod lengths;
 mod prompt;
 mod unigram;
 mod workers;
-use ascii_wordpiece::AsciiWordPiece;
 use cache::DocumentCache;
-use lengths::{keep_first, least_word_tokens, longest_first_lengths, resolve_max_length};
-pub use prompt::{PromptBody, PromptTemplate};
-use unigram::UnigramFastPath;
+use fast_path::FastPath;
+use lengths::{keep_first, longest_first_lengths, resolve_max_length};
+pub use prompt::{PromptBody, PromptLayout, PromptTemplate};
+use prompt::{PromptEncoder, PromptedQuery};
 
 /// Tokens neighbouring windows of a chunked document share, unless configured: about what rerankers that
 /// window long documents use.
@@ -48,8 +49,8 @@ pub struct QueryTokens {
     encoding: Encoding,
     /// Tokens of the whole query: longest-first truncation compares this length, not the kept part's.
     full_len: usize,
-    /// With a prompt template: the pair's body around the document (the encoding is the part before it).
-    body: Option<PromptBody>,
+    /// With a prompt template: the query's part of every pair (the encoding is then unused).
+    prompted: Option<PromptedQuery>,
 }
 
 impl QueryTokens {
@@ -97,14 +98,7 @@ pub struct PairTokenizer {
     /// Documents encoded since start.
     documents_encoded: std::sync::atomic::AtomicU64,
     /// A decoder reranker's prompt, which pairs are put in instead of the pair template.
-    prompt: Option<Prompt>,
-}
-
-/// A prompt template with its prefix and suffix tokenized once.
-struct Prompt {
-    template: PromptTemplate,
-    prefix: Vec<u32>,
-    suffix: Vec<u32>,
+    prompt: Option<PromptEncoder>,
 }
 
 impl PairTokenizer {
@@ -158,28 +152,25 @@ impl PairTokenizer {
         })
     }
 
-    /// Puts every pair in `template` (prefix + body + suffix, the body alone truncated) instead of the
-    /// tokenizer's pair template, as decoder rerankers' published scoring code does.
-    pub fn with_prompt(mut self, template: PromptTemplate) -> Result<Self, StartupError> {
-        let encode = |text: &str| {
-            guarded(|| self.tokenizer.encode_fast(text, false))
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| StartupError::Config(format!("the {} prompt: {e}", template.family)))
-        };
-        let (prefix, suffix) = (encode(&template.prefix)?, encode(&template.suffix)?);
-        let added = prefix.len() + suffix.len();
-        if self.max_length <= added {
+    /// Puts every pair in `template` instead of the tokenizer's pair template, tokenized and truncated as the
+    /// model's published scoring code does. `positions`: the model's position embeddings.
+    pub fn with_prompt(
+        mut self,
+        template: PromptTemplate,
+        positions: usize,
+    ) -> Result<Self, StartupError> {
+        let family = template.family.clone();
+        let prompt = PromptEncoder::new(template, &self.tokenizer, positions)
+            .map_err(|e| StartupError::Config(format!("the {family} prompt: {e}")))?;
+        let fixed = prompt.fixed_tokens();
+        if self.max_length <= fixed {
             return Err(StartupError::Config(format!(
-                "max_length {} leaves no room for a pair inside the {added} tokens of the {} prompt",
-                self.max_length, template.family
+                "max_length {} leaves no room for a pair inside the {fixed} tokens of the {family} prompt",
+                self.max_length
             )));
         }
-        self.added_pair_tokens = added;
-        self.prompt = Some(Prompt {
-            template,
-            prefix,
-            suffix,
-        });
+        self.added_pair_tokens = fixed;
+        self.prompt = Some(prompt);
         Ok(self)
     }
 
@@ -196,20 +187,12 @@ impl PairTokenizer {
         max_document_tokens: Option<usize>,
         instruction: Option<&str>,
     ) -> Result<(), RerankError> {
-        match &self.prompt {
-            Some(prompt) if matches!(truncation, Truncation::ChunkMax { .. }) => Err(RerankError::invalid(format!(
-                "chunk-max truncation is not available for {} models",
-                prompt.template.family
-            ))),
-            Some(prompt) if max_document_tokens.is_some() => Err(RerankError::invalid(format!(
-                "max_tokens_per_doc is not available for {} models (the whole pair is truncated to max_length)",
-                prompt.template.family
-            ))),
-            None if instruction.is_some() => Err(RerankError::invalid(
-                "instruction is only for instruction-following rerankers; this model takes none",
-            )),
-            _ => Ok(()),
-        }
+        prompt::check_options(
+            self.prompt.as_ref(),
+            truncation,
+            max_document_tokens,
+            instruction,
+        )
     }
 
     /// Counts worker time into the server's metrics.
@@ -250,33 +233,6 @@ impl PairTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
-    /// A low estimate of the tokens the pairs of `query` with `documents` hold, before tokenizing them. A pair
-    /// keeps min(query + document tokens, max_length - special tokens) of its text; an ASCII document is
-    /// counted word by word (`least_word_tokens`), any other at none.
-    pub fn least_tokens(
-        &self,
-        query: &QueryTokens,
-        documents: &[String],
-        max_document_tokens: Option<usize>,
-    ) -> usize {
-        documents
-            .iter()
-            .map(|document| {
-                let document_tokens: usize = if document.is_ascii() {
-                    document
-                        .split_ascii_whitespace()
-                        .map(least_word_tokens)
-                        .sum()
-                } else {
-                    0
-                };
-                let document_tokens =
-                    document_tokens.min(max_document_tokens.unwrap_or(usize::MAX));
-                (query.len() + document_tokens).min(self.text_budget()) + self.added_pair_tokens
-            })
-            .sum()
-    }
-
     /// Tokens of a pair's text: max_length less the template's special tokens.
     fn text_budget(&self) -> usize {
         self.max_length - self.added_pair_tokens
@@ -289,61 +245,23 @@ impl PairTokenizer {
         query: &str,
         instruction: Option<&str>,
     ) -> Result<QueryTokens, RerankError> {
-        let body = match &self.prompt {
-            Some(prompt) => Some(
-                prompt
-                    .template
-                    .body_for(query, instruction)
-                    .map_err(RerankError::invalid)?,
-            ),
-            None if instruction.is_some() => return Err(RerankError::invalid(
-                "instruction is only for instruction-following rerankers; this model takes none",
-            )),
-            None => None,
-        };
-        let text = body.as_ref().map_or(query, |b| b.before_document.as_str());
-        let encoding = guarded(|| self.tokenizer.encode_fast(text, false))
+        if let Some(prompt) = &self.prompt {
+            let (prompted, len) =
+                prompt.query(&self.tokenizer, query, instruction, self.text_budget())?;
+            return Ok(QueryTokens {
+                encoding: Encoding::default(),
+                full_len: len,
+                prompted: Some(prompted),
+            });
+        }
+        prompt::check_options(None, Truncation::LongestFirst, None, instruction)?;
+        let encoding = guarded(|| self.tokenizer.encode_fast(query, false))
             .map_err(|e| RerankError::invalid(format!("query could not be tokenized: {e}")))?;
         let full_len = encoding.len();
         Ok(QueryTokens {
             encoding: keep_first(encoding, self.text_budget()),
             full_len,
-            body,
-        })
-    }
-
-    /// A prompted pair: prefix + the body (instruction, query and document) cut to the room left + suffix.
-    fn encode_prompted(
-        &self,
-        prompt: &Prompt,
-        body: &PromptBody,
-        document: &str,
-        truncation: Truncation,
-        index: usize,
-    ) -> Result<PairTokens, RerankError> {
-        let text = [
-            body.before_document.as_str(),
-            document,
-            body.after_document.as_str(),
-        ]
-        .concat();
-        let encoding =
-            guarded(|| self.tokenizer.encode_fast(text.as_str(), false)).map_err(|e| {
-                RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
-            })?;
-        let ids = encoding.get_ids();
-        let total = ids.len() + self.added_pair_tokens;
-        if total > self.max_length && truncation == Truncation::Reject {
-            return Err(RerankError::invalid(format!(
-                "documents[{index}]: the prompted pair is {total} tokens, over max_length {} (truncation is REJECT)",
-                self.max_length
-            )));
-        }
-        let kept = &ids[..ids.len().min(self.text_budget())];
-        let input_ids = [prompt.prefix.as_slice(), kept, prompt.suffix.as_slice()].concat();
-        Ok(PairTokens {
-            type_ids: vec![0; input_ids.len()],
-            input_ids,
+            prompted: None,
         })
     }
 
@@ -367,8 +285,9 @@ impl PairTokenizer {
         max_document_tokens: Option<usize>,
         index: usize,
     ) -> Result<PairTokens, RerankError> {
-        if let (Some(prompt), Some(body)) = (&self.prompt, &query.body) {
-            return self.encode_prompted(prompt, body, document, truncation, index);
+        if let (Some(prompt), Some(prompted)) = (&self.prompt, &query.prompted) {
+            let room = self.text_budget();
+            return prompt.pair(&self.tokenizer, prompted, document, truncation, room, index);
         }
         let mut doc = self.encode_document(document, index)?;
         if let Some(limit) = max_document_tokens.filter(|&limit| limit < doc.len()) {
@@ -433,54 +352,14 @@ impl PairTokenizer {
         })
     }
 
-    /// The pairs of one document in windows: the whole pair when it fits (exactly as `encode_pair`), else the
-    /// query (at most half of a pair's text) with consecutive windows of the document that share
-    /// `chunk_overlap` tokens (at most half a window), the first `max_chunks` of them.
-    pub fn encode_windows(
-        &self,
-        query: &QueryTokens,
-        document: &str,
-        max_chunks: usize,
-        index: usize,
-    ) -> Result<Vec<PairTokens>, RerankError> {
-        self.check_options(Truncation::ChunkMax { max_chunks }, None, None)?;
-        let mut doc = self.encode_document(document, index)?;
-        if query.len() + doc.len() <= self.text_budget() {
-            let query_part = keep_first(query.encoding.clone(), query.len());
-            return Ok(vec![self.template(query_part, doc, index)?]);
-        }
-        let query_len = query.len().min(self.text_budget() / 2);
-        let window = self.text_budget() - query_len;
-        doc.truncate(
-            window,
-            self.chunk_overlap.min(window / 2),
-            TruncationDirection::Right,
-        );
-        let rest = doc.take_overflowing();
-        std::iter::once(doc)
-            .chain(rest)
-            .take(max_chunks.max(1))
-            .map(|part| {
-                let query_part = keep_first(query.encoding.clone(), query_len);
-                self.template(query_part, part, index)
-            })
-            .collect()
-    }
-
     /// A document through the fast path, where it applies.
     fn fast_document(&self, document: &str) -> Option<Encoding> {
-        match self.fast_path.as_ref()? {
-            FastPath::AsciiWordPiece(fast) => fast.encode(document, 1),
-            FastPath::Unigram(fast) => fast.encode(document, 1),
-        }
+        self.fast_path.as_ref()?.encode(document, 1)
     }
 
     /// Which fast path documents take, if any: `ascii-wordpiece` or `unigram`.
     pub fn fast_path_name(&self) -> Option<&'static str> {
-        self.fast_path.as_ref().map(|fast| match fast {
-            FastPath::AsciiWordPiece(_) => "ascii-wordpiece",
-            FastPath::Unigram(_) => "unigram",
-        })
+        self.fast_path.as_ref().map(FastPath::name)
     }
 
     /// The document's ids from the tokenizer itself, bypassing the fast path (for tests that compare them).
@@ -494,26 +373,8 @@ impl PairTokenizer {
     }
 }
 
-/// Our own encoders for the common tokenizer shapes, giving exactly the tokenizer's ids.
-enum FastPath {
-    /// BERT's WordPiece on ASCII text.
-    AsciiWordPiece(AsciiWordPiece),
-    /// SentencePiece Unigram (XLM-R) on any text.
-    Unigram(Box<UnigramFastPath>),
-}
-
-impl FastPath {
-    fn for_tokenizer(tokenizer: &Tokenizer) -> Option<Self> {
-        AsciiWordPiece::from_tokenizer(tokenizer)
-            .map(Self::AsciiWordPiece)
-            .or_else(|| {
-                UnigramFastPath::from_tokenizer(tokenizer).map(|u| Self::Unigram(Box::new(u)))
-            })
-    }
-}
-
 /// Runs a tokenizer call, turning a panic inside the tokenizer into an error.
-fn guarded<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T, String> {
+pub(super) fn guarded<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T, String> {
     match std::panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(e.to_string()),

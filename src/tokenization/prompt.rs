@@ -1,7 +1,11 @@
 //! Prompt templates of decoder rerankers: the text around a (query, document) pair that the model was trained to
-//! judge, tokenized as the published scoring code does (prefix and suffix apart; the body alone truncated).
+//! judge, tokenized and truncated as each model's published scoring code does.
 
 use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use super::{guarded, PairTokens, Truncation};
+use crate::error::RerankError;
 
 /// A reranker's prompt: `prefix` + `body` (with `{instruction}`, `{query}` and `{document}` filled in) + `suffix`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -11,8 +15,26 @@ pub struct PromptTemplate {
     pub prefix: String,
     pub body: String,
     pub suffix: String,
-    /// The instruction used when a request gives none; None when the template takes no instruction.
+    /// The instruction used when a request gives none; None when there is no default.
     pub default_instruction: Option<String>,
+    pub layout: PromptLayout,
+}
+
+/// How the text between prefix and suffix is tokenized and truncated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum PromptLayout {
+    /// The body (instruction, query, document) tokenized whole, cut from its end to fit (Qwen3-Reranker).
+    WholeBody,
+    /// mxbai-rerank-v2: the query part (after an `instruction` line when a request gives one) and the document
+    /// part tokenized apart; the query keeps at most 3/4 of the room, the document (after `separator`) the rest;
+    /// the suffix's parts are tokenized apart too. Templates use `{instruction}`, `{query}`, `{document}`.
+    QueryThenDocument {
+        instruction: String,
+        query: String,
+        document: String,
+        separator: String,
+        suffix_parts: Vec<String>,
+    },
 }
 
 /// The body of one pair split around the document: the text before it (instruction and query filled in) and
@@ -27,12 +49,9 @@ impl PromptTemplate {
     /// The body for a query with the request's instruction (or the default). An instruction given to a template
     /// without one is an error, as is a body without `{document}`.
     pub fn body_for(&self, query: &str, instruction: Option<&str>) -> Result<PromptBody, String> {
-        let instruction = match (instruction, &self.default_instruction) {
-            (Some(given), Some(_)) => given,
-            (None, Some(default)) => default.as_str(),
-            (Some(_), None) => return Err(format!("{} takes no instruction", self.family)),
-            (None, None) => "",
-        };
+        let instruction = instruction
+            .or(self.default_instruction.as_deref())
+            .unwrap_or_default();
         let (before, after) = self
             .body
             .split_once("{document}")
@@ -43,6 +62,209 @@ impl PromptTemplate {
             after_document: fill(after),
         })
     }
+}
+
+/// A template tokenized once for one tokenizer.
+pub(super) struct PromptEncoder {
+    pub(super) template: PromptTemplate,
+    prefix: Vec<u32>,
+    suffix: Vec<u32>,
+    separator: Vec<u32>,
+    /// The model's positions (mxbai's document cap counts from them).
+    positions: usize,
+}
+
+/// A query under a prompt, ready for its pairs.
+#[derive(Debug, Clone)]
+pub(super) enum PromptedQuery {
+    WholeBody(PromptBody),
+    /// The query part's ids, already cut to 3/4 of the room.
+    QueryThenDocument(Vec<u32>),
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
+    guarded(|| tokenizer.encode_fast(text, false)).map(|e| e.get_ids().to_vec())
+}
+
+impl PromptEncoder {
+    pub(super) fn new(
+        template: PromptTemplate,
+        tokenizer: &Tokenizer,
+        positions: usize,
+    ) -> Result<Self, String> {
+        let prefix = encode(tokenizer, &template.prefix)?;
+        let (suffix, separator) = match &template.layout {
+            PromptLayout::WholeBody => (encode(tokenizer, &template.suffix)?, Vec::new()),
+            PromptLayout::QueryThenDocument {
+                separator,
+                suffix_parts,
+                ..
+            } => {
+                let parts = suffix_parts
+                    .iter()
+                    .map(|part| encode(tokenizer, part))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (parts.concat(), encode(tokenizer, separator)?)
+            }
+        };
+        Ok(Self {
+            template,
+            prefix,
+            suffix,
+            separator,
+            positions,
+        })
+    }
+
+    /// Tokens every pair carries besides its query and document parts (the separator between them is part of
+    /// the room, as in mxbai's code).
+    pub(super) fn fixed_tokens(&self) -> usize {
+        self.prefix.len() + self.suffix.len()
+    }
+
+    /// The query's part of every pair, and its length in tokens (for estimates before the documents).
+    pub(super) fn query(
+        &self,
+        tokenizer: &Tokenizer,
+        query: &str,
+        instruction: Option<&str>,
+        room: usize,
+    ) -> Result<(PromptedQuery, usize), RerankError> {
+        let failed = |e: String| RerankError::invalid(format!("query could not be tokenized: {e}"));
+        match &self.template.layout {
+            PromptLayout::WholeBody => {
+                let body = self
+                    .template
+                    .body_for(query, instruction)
+                    .map_err(RerankError::invalid)?;
+                let len = encode(tokenizer, &body.before_document)
+                    .map_err(failed)?
+                    .len();
+                Ok((PromptedQuery::WholeBody(body), len))
+            }
+            PromptLayout::QueryThenDocument {
+                instruction: line,
+                query: template,
+                separator,
+                ..
+            } => {
+                let mut text = fill(template, &[("{query}", query)]);
+                if let Some(instruction) =
+                    instruction.or(self.template.default_instruction.as_deref())
+                {
+                    text = [
+                        fill(line, &[("{instruction}", instruction)]),
+                        separator.clone(),
+                        text,
+                    ]
+                    .concat();
+                }
+                let mut ids = encode(tokenizer, &text).map_err(failed)?;
+                ids.truncate(room * 3 / 4);
+                let len = ids.len();
+                Ok((PromptedQuery::QueryThenDocument(ids), len))
+            }
+        }
+    }
+
+    /// One pair's ids. `room` is max_length less `fixed_tokens`.
+    pub(super) fn pair(
+        &self,
+        tokenizer: &Tokenizer,
+        query: &PromptedQuery,
+        document: &str,
+        truncation: Truncation,
+        room: usize,
+        index: usize,
+    ) -> Result<PairTokens, RerankError> {
+        let failed = |e: String| {
+            RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
+        };
+        let (first, second, whole) = match (query, &self.template.layout) {
+            (PromptedQuery::WholeBody(body), _) => {
+                let text = [
+                    body.before_document.as_str(),
+                    document,
+                    body.after_document.as_str(),
+                ]
+                .concat();
+                let ids = encode(tokenizer, &text).map_err(failed)?;
+                let whole = ids.len();
+                (
+                    ids.into_iter().take(room).collect::<Vec<_>>(),
+                    Vec::new(),
+                    whole,
+                )
+            }
+            (
+                PromptedQuery::QueryThenDocument(query_ids),
+                PromptLayout::QueryThenDocument {
+                    document: template, ..
+                },
+            ) => {
+                let mut doc = encode(tokenizer, &fill(template, &[("{document}", document)]))
+                    .map_err(failed)?;
+                let whole = query_ids.len() + self.separator.len() + doc.len();
+                // The document's own cap, then the pair's: only the document part is cut (only_second).
+                let fixed = self.fixed_tokens();
+                doc.truncate(
+                    self.positions
+                        .saturating_sub(query_ids.len() + fixed)
+                        .min(room),
+                );
+                let mut second = [self.separator.as_slice(), &doc].concat();
+                second.truncate(room.saturating_sub(query_ids.len()));
+                (query_ids.clone(), second, whole)
+            }
+            (PromptedQuery::QueryThenDocument(_), PromptLayout::WholeBody) => {
+                return Err(RerankError::internal(
+                    "a query prepared for another prompt layout",
+                ))
+            }
+        };
+        if truncation == Truncation::Reject && whole > room {
+            return Err(RerankError::invalid(format!(
+                "documents[{index}]: the prompted pair is {} tokens, over max_length {} (truncation is REJECT)",
+                whole + self.fixed_tokens(),
+                room + self.fixed_tokens()
+            )));
+        }
+        let input_ids = [self.prefix.as_slice(), &first, &second, &self.suffix].concat();
+        Ok(PairTokens {
+            type_ids: vec![0; input_ids.len()],
+            input_ids,
+        })
+    }
+}
+
+/// Refuses what a tokenizer with (or without) `prompt` cannot honour: chunk windows and a per-document token cut
+/// of prompted pairs (a document's tokens are not apart from the rest), and an instruction without a prompt.
+pub(super) fn check_options(
+    prompt: Option<&PromptEncoder>,
+    truncation: Truncation,
+    max_document_tokens: Option<usize>,
+    instruction: Option<&str>,
+) -> Result<(), RerankError> {
+    let Some(prompt) = prompt else {
+        return match instruction {
+            Some(_) => Err(RerankError::invalid(
+                "instruction is only for instruction-following rerankers; this model takes none",
+            )),
+            None => Ok(()),
+        };
+    };
+    let family = &prompt.template.family;
+    if matches!(truncation, Truncation::ChunkMax { .. }) {
+        return Err(RerankError::invalid(format!(
+            "chunk-max truncation is not available for {family} models"
+        )));
+    }
+    if max_document_tokens.is_some() {
+        return Err(RerankError::invalid(format!(
+            "max_tokens_per_doc is not available for {family} models (the whole pair is truncated to max_length)"
+        )));
+    }
+    Ok(())
 }
 
 /// Replaces each placeholder in one pass, as Python's str.format: text put in is never searched again.
@@ -77,6 +299,7 @@ mod tests {
             body: "<I>: {instruction}\n<Q>: {query}\n<D>: {document}!".into(),
             suffix: "S".into(),
             default_instruction: Some("judge".into()),
+            layout: PromptLayout::WholeBody,
         }
     }
 
@@ -98,12 +321,5 @@ mod tests {
             body.before_document,
             "<I>: {query}\n<Q>: {instruction}\n<D>: "
         );
-    }
-
-    #[test]
-    fn an_instruction_for_a_template_without_one_is_refused() {
-        let mut plain = template();
-        plain.default_instruction = None;
-        assert!(plain.body_for("q", Some("x")).is_err());
     }
 }

@@ -1,0 +1,182 @@
+//! Decoder rerankers built on the Qwen decoder (`qwen.rs`): which architecture is which reranker, its prompt,
+//! the tokens its score reads, and loading it: Qwen3-Reranker (Qwen3ForCausalLM, and converted
+//! Qwen3ForSequenceClassification "seq-cls" checkpoints) and mxbai-rerank-v2 (Qwen2ForCausalLM).
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::hf_config::{self, ModelConfig, SentenceTransformersConfig};
+use super::qwen::{Family, Qwen3Config, Qwen3Reranker, ScoreHead};
+use super::scoring::{Activation, Scoring};
+use super::LoadedModel;
+use crate::error::StartupError;
+use crate::tokenization::{PromptLayout, PromptTemplate};
+
+pub const CAUSAL_LM: &str = "Qwen3ForCausalLM";
+pub const SEQUENCE_CLASSIFICATION: &str = "Qwen3ForSequenceClassification";
+pub const QWEN2_CAUSAL_LM: &str = "Qwen2ForCausalLM";
+pub const ARCHITECTURES: &[&str] = &[CAUSAL_LM, SEQUENCE_CLASSIFICATION, QWEN2_CAUSAL_LM];
+
+/// The longest pair unless configured, as Qwen3-Reranker's published scoring code.
+const DEFAULT_MAX_LENGTH: usize = 8192;
+
+/// Qwen3-Reranker's prompt, from its model card: the chat frame, the judging system message, the instruction,
+/// query and document, and an empty thinking block before the answer.
+pub fn qwen3_reranker_prompt() -> PromptTemplate {
+    PromptTemplate {
+        family: "qwen3-reranker".into(),
+        prefix: "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the \
+                 Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+            .into(),
+        body: "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}".into(),
+        suffix: "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n".into(),
+        default_instruction: Some(
+            "Given a web search query, retrieve relevant passages that answer the query".into(),
+        ),
+        layout: PromptLayout::WholeBody,
+    }
+}
+
+/// mxbai-rerank-v2's prompt, from its published scoring code (the mxbai-rerank package): Qwen's chat frame, the
+/// query (after an instruction line when a request gives one) and the document tokenized apart, then the task.
+pub fn mxbai_rerank_v2_prompt() -> PromptTemplate {
+    let prefix = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+                  <|im_start|>user\n";
+    let task = "You are a search relevance expert who evaluates how well documents match search queries. For each \
+                query-document pair, carefully analyze the semantic relationship between them, then provide your \
+                binary relevance judgment (0 for not relevant, 1 for relevant).\nRelevance:";
+    let chat_suffix = "<|im_end|>\n<|im_start|>assistant\n";
+    PromptTemplate {
+        family: "mxbai-rerank-v2".into(),
+        prefix: prefix.into(),
+        body: "[instruction: {instruction}\n]query: {query}\ndocument: {document}".into(),
+        suffix: ["\n", task, chat_suffix].concat(),
+        default_instruction: None,
+        layout: PromptLayout::QueryThenDocument {
+            instruction: "instruction: {instruction}".into(),
+            query: "query: {query}".into(),
+            document: "document: {document}".into(),
+            separator: "\n".into(),
+            suffix_parts: vec!["\n".into(), task.into(), chat_suffix.into()],
+        },
+    }
+}
+
+/// Loads a Qwen3 reranker directory: Qwen3ForCausalLM scored by logit("yes") - logit("no") at the last token
+/// (the ids from the model's tokenizer), or a converted Qwen3ForSequenceClassification by its stored head.
+pub fn load_reranker(
+    dir: &std::path::Path,
+    architecture: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, StartupError> {
+    let config_path = dir.join("config.json");
+    let expected = "the model's config.json (architecture and shapes)";
+    let config: Qwen3Config = hf_config::read_json(&config_path, expected)?;
+    if let Some(reason) = config.unsupported() {
+        return Err(StartupError::Unsupported(format!(
+            "{reason} in {}",
+            config_path.display()
+        )));
+    }
+    let family = if architecture == QWEN2_CAUSAL_LM {
+        Family::Qwen2
+    } else {
+        Family::Qwen3
+    };
+    let sigmoid = Scoring::SingleLogit(Activation::Sigmoid);
+    let (head, scoring, prompt) = if architecture == QWEN2_CAUSAL_LM {
+        // mxbai reads its ids by tokenizing "1" and "0" (their first id).
+        let (positive, negative) = (first_token_id(dir, "1")?, first_token_id(dir, "0")?);
+        let head = ScoreHead::TokenLogits {
+            positive,
+            negative: Some(negative),
+        };
+        (head, sigmoid, mxbai_rerank_v2_prompt())
+    } else if architecture == CAUSAL_LM {
+        let (positive, negative) = (token_id(dir, "yes")?, token_id(dir, "no")?);
+        let head = ScoreHead::TokenLogits {
+            positive,
+            negative: Some(negative),
+        };
+        (head, sigmoid, qwen3_reranker_prompt())
+    } else {
+        let labels: ModelConfig = hf_config::read_json(&config_path, expected)?;
+        let st: Option<SentenceTransformersConfig> =
+            hf_config::read_optional_json(&dir.join("config_sentence_transformers.json"))?;
+        match hf_config::scoring_for(&labels, &config_path, st.as_ref())? {
+            scoring @ Scoring::SingleLogit(_) => {
+                (ScoreHead::Stored, scoring, qwen3_reranker_prompt())
+            }
+            Scoring::TwoLabelSoftmax => {
+                return Err(StartupError::Unsupported(format!(
+                "a two-label {SEQUENCE_CLASSIFICATION} in {}: converted rerankers have one logit",
+                config_path.display()
+            )))
+            }
+        }
+    };
+    let weights = super::weight_files(dir)?;
+    let (weights_dtype, precision, dtype) = super::cpu_precision(device, dtype);
+    // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
+    let model = Qwen3Reranker::load(vb, &config, family, head, precision)?;
+    Ok(LoadedModel {
+        model: Box::new(model),
+        architecture: architecture.to_string(),
+        max_positions: config.max_position_embeddings,
+        vocab_size: config.vocab_size,
+        scoring,
+        dtype,
+        pad_token_id: 0,
+        attention_span: attention_span(&config),
+        prompt: Some(prompt),
+        default_max_length: Some(DEFAULT_MAX_LENGTH),
+    })
+}
+
+/// The first id of `text` tokenized without special tokens, as mxbai's code reads its score tokens.
+fn first_token_id(dir: &std::path::Path, text: &str) -> Result<u32, StartupError> {
+    let path = dir.join("tokenizer.json");
+    let invalid = |reason: String| StartupError::InvalidFile {
+        path: path.clone(),
+        reason,
+    };
+    let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| invalid(e.to_string()))?;
+    let encoding = tokenizer
+        .encode_fast(text, false)
+        .map_err(|e| invalid(e.to_string()))?;
+    encoding.get_ids().first().copied().ok_or_else(|| {
+        invalid(format!(
+            "the tokenizer gives no token for {text:?}, which the reranker's score reads"
+        ))
+    })
+}
+
+/// A token's id in the model's tokenizer (vocabulary or added tokens), as transformers' convert_tokens_to_ids.
+fn token_id(dir: &std::path::Path, token: &str) -> Result<u32, StartupError> {
+    let path = dir.join("tokenizer.json");
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(&path).map_err(|e| StartupError::InvalidFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    tokenizer
+        .token_to_id(token)
+        .ok_or_else(|| StartupError::InvalidFile {
+            path,
+            reason: format!(
+                "the tokenizer has no token {token:?}, which the reranker's score reads"
+            ),
+        })
+}
+
+/// Context tokens at which a token's attention costs as much as its dense layers (see `LoadedModel`): per layer,
+/// the projections and the gated MLP are 2·h·(2·q + 2·kv + 3·intermediate) FLOPs a token, attention 4·q per token
+/// of context (q = heads · head_dim, kv = kv_heads · head_dim).
+fn attention_span(config: &Qwen3Config) -> usize {
+    let q = config.num_attention_heads * config.head_dim();
+    let kv = config.num_key_value_heads * config.head_dim();
+    let dense = 2 * config.hidden_size * (2 * q + 2 * kv + 3 * config.intermediate_size);
+    dense / (4 * q).max(1)
+}
