@@ -361,6 +361,17 @@ def make_qwen_tokenizer():
     return wrapped
 
 
+def scaled_decoder(model):
+    """Norm gains near 1 and weights of 0.15: logit differences of a few units (seeded, in parameter order)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.15 * torch.randn_like(param))
+    return model
+
+
 def seeded_qwen3(vocab_size: int, seed: int, tokenizer):
     """Qwen3ForCausalLM at a tiny shape with Qwen3-Reranker-0.6B's structure: grouped-query attention (4 query
     heads over 2 key/value heads), q/k RMSNorm, rotary positions, SwiGLU, tied input and output embeddings."""
@@ -371,14 +382,7 @@ def seeded_qwen3(vocab_size: int, seed: int, tokenizer):
         tie_word_embeddings=True, attention_bias=False, hidden_act="silu", architectures=["Qwen3ForCausalLM"],
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.15 * torch.randn_like(param))
-    return model
+    return scaled_decoder(Qwen3ForCausalLM(config).eval())
 
 
 def qwen3_score_head(causal, tokenizer):
@@ -477,14 +481,7 @@ def seeded_qwen2(vocab_size: int, seed: int, tokenizer):
         tie_word_embeddings=True, hidden_act="silu", architectures=["Qwen2ForCausalLM"], use_sliding_window=False,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.15 * torch.randn_like(param))
-    return model
+    return scaled_decoder(Qwen2ForCausalLM(config).eval())
 
 
 # The task prompt alone is over a hundred tokens of the tiny vocabulary: room for it, and for truncation cases.
