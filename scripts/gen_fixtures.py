@@ -3,7 +3,8 @@
 BERT (WordPiece) with one and two labels, XLM-RoBERTa (SentencePiece-style Unigram) with one label, and the
 Qwen3-Reranker decoder (byte-level BPE) as its Qwen3ForCausalLM checkpoint and as the converted
 Qwen3ForSequenceClassification ("seq-cls") checkpoint of the same weights, and mxbai-rerank-v2 (Qwen2ForCausalLM)
-with the same tokenizer, scored by the mxbai-rerank package's own code.
+with the same tokenizer, scored by the mxbai-rerank package's own code; ModernBERT (cls and mean pooling, byte-level
+BPE) scored by CrossEncoder.
 
 Deterministic: the same inputs give byte-identical files. Run by hand (not in CI):
 
@@ -11,6 +12,7 @@ Deterministic: the same inputs give byte-identical files. Run by hand (not in CI
     python3 scripts/gen_fixtures.py           # all fixtures
     python3 scripts/gen_fixtures.py qwen3     # only the Qwen3-Reranker ones
     python3 scripts/gen_fixtures.py mxbai     # only mxbai-rerank-v2 (needs mxbai-rerank and batched)
+    python3 scripts/gen_fixtures.py modernbert
 
 The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
 every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
@@ -550,8 +552,64 @@ def mxbai_fixtures():
           f"1-0 logits in [{min(spread):.2f}, {max(spread):.2f}]")
 
 
+def make_modernbert_tokenizer():
+    """A byte-level BPE tokenizer of ModernBERT's kind (its split regex, no normaliser, [CLS] A [SEP] B [SEP] with
+    type ids 0), trained here on the fixture corpus with ModernBERT's special tokens."""
+    from tokenizers import Regex, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = XLMR_CORPUS * 20 + [query + " " + " ".join(documents) for _, query, documents in CASES]
+    tok.train_from_iterator(corpus, trainer)
+    ids = {t: tok.token_to_id(t) for t in specials}
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   pad_token="[PAD]", mask_token="[MASK]", model_max_length=MAX_LENGTH,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def seeded_modernbert(vocab_size: int, pooling: str, seed: int, tokenizer):
+    """ModernBertForSequenceClassification at a tiny shape with gte-reranker-modernbert-base's choices (no biases,
+    GeGLU, a global layer every third, the rest sliding-window) and a window of +-4 so that the fixture's pairs
+    exercise it; one label, `pooling` = cls or mean."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+    config = ModernBertConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        max_position_embeddings=512, global_attn_every_n_layers=3, local_attention=8, global_rope_theta=160000.0,
+        local_rope_theta=10000.0, norm_eps=1e-5, norm_bias=False, attention_bias=False, mlp_bias=False,
+        classifier_pooling=pooling, classifier_bias=False, classifier_activation="gelu", hidden_activation="gelu",
+        num_labels=1, architectures=["ModernBertForSequenceClassification"], pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(seed)
+    return scaled_decoder(ModernBertForSequenceClassification(config).eval())
+
+
+def modernbert_fixtures():
+    tokenizer = make_modernbert_tokenizer()
+    for name, pooling, seed in [("modernbert-tiny-mean", "mean", 7), ("modernbert-tiny-cls", "cls", 8)]:
+        out = FIXTURES / name
+        save_model(seeded_modernbert(len(tokenizer), pooling, seed, tokenizer), tokenizer, out)
+        expected = {"model": name, "max_length": MAX_LENGTH, "num_labels": 1, "cases": reference_outputs(out, 1, CASES)}
+        (FIXTURES / "expected" / f"{name}.json").write_text(
+            json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
+        print(f"{name}: logits in [{min(spread):.2f}, {max(spread):.2f}]")
+
+
 def main():
     import sys
+    if sys.argv[1:] == ["modernbert"]:
+        modernbert_fixtures()
+        return
     if sys.argv[1:] == ["qwen3"]:
         qwen3_fixtures()
         return
@@ -581,6 +639,7 @@ def main():
               f"logits in [{min(spread):.2f}, {max(spread):.2f}]")
     qwen3_fixtures()
     mxbai_fixtures()
+    modernbert_fixtures()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-//! Parity with sentence-transformers' CrossEncoder on the seeded fixtures: token ids, logits and scores.
+//! Parity with sentence-transformers' CrossEncoder on the seeded fixtures (BERT, XLM-R, ModernBERT): token ids,
+//! logits and scores.
 
 mod common;
 
-use common::{expected, fixture, test_config, ALL_MODELS};
+use common::{expected, fixture, test_config, CROSS_ENCODERS};
 use rerank_server::model::{self, PackedBatch};
 use rerank_server::rerank::RerankOptions;
 use rerank_server::server::build_reranker;
@@ -30,7 +31,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn token_ids_are_identical_to_the_reference() {
-    for name in ALL_MODELS {
+    for name in CROSS_ENCODERS {
         let expected = expected(name);
         let model = model::load(
             &fixture(name),
@@ -68,7 +69,7 @@ fn token_ids_are_identical_to_the_reference() {
 
 #[test]
 fn model_logits_match_the_reference_per_label() {
-    for name in ALL_MODELS {
+    for name in CROSS_ENCODERS {
         let expected = expected(name);
         let model = model::load(
             &fixture(name),
@@ -106,7 +107,7 @@ fn bf16_gemms_stay_within_bf16_precision_and_keep_the_order() {
         return;
     }
     let mut failures = Vec::new();
-    for name in ALL_MODELS {
+    for name in CROSS_ENCODERS {
         let expected = expected(name);
         let largest = expected
             .cases
@@ -156,7 +157,7 @@ fn bf16_gemms_stay_within_bf16_precision_and_keep_the_order() {
 
 #[tokio::test]
 async fn scores_through_the_rerank_path_match_the_reference() {
-    for name in ALL_MODELS {
+    for name in CROSS_ENCODERS {
         let expected = expected(name);
         let reranker = build_reranker(&test_config(name))
             .await
@@ -213,7 +214,7 @@ async fn scores_through_the_rerank_path_match_the_reference() {
 /// the GPU runs, so a wrong dtype at any step shows here without a GPU.
 #[test]
 fn half_precision_model_stays_close_to_the_reference() {
-    for name in ALL_MODELS {
+    for name in CROSS_ENCODERS {
         let expected = expected(name);
         let model = model::load(
             &fixture(name),

@@ -4,6 +4,7 @@ pub mod bert;
 pub mod decoder_rerankers;
 mod encoder;
 pub mod hf_config;
+pub mod modernbert;
 pub mod ops;
 pub mod qwen;
 pub mod scoring;
@@ -149,6 +150,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     bert::ARCHITECTURE,
     xlm_roberta::ARCHITECTURES[0],
     xlm_roberta::ARCHITECTURES[1],
+    modernbert::ARCHITECTURE,
     decoder_rerankers::CAUSAL_LM,
     decoder_rerankers::SEQUENCE_CLASSIFICATION,
     decoder_rerankers::QWEN2_CAUSAL_LM,
@@ -166,6 +168,9 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
         .filter(|name| decoder_rerankers::ARCHITECTURES.contains(name))
     {
         return decoder_rerankers::load_reranker(dir, name, device, dtype);
+    }
+    if architectures.first() == Some(modernbert::ARCHITECTURE) {
+        return load_modernbert(dir, device, dtype);
     }
     let config: ModelConfig = hf_config::read_json(
         &config_path,
@@ -214,6 +219,43 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
         dtype,
         pad_token_id: config.pad_token_id.unwrap_or(0),
         attention_span: 2 * config.hidden_size + config.intermediate_size,
+        prompt: None,
+        default_max_length: None,
+    })
+}
+
+/// Loads a ModernBertForSequenceClassification directory (its config keys differ from BERT's: `norm_eps`,
+/// `hidden_activation`, rotary thetas).
+fn load_modernbert(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, StartupError> {
+    let config_path = dir.join("config.json");
+    let expected = "the model's config.json (architecture and shapes)";
+    let config: modernbert::ModernBertConfig = hf_config::read_json(&config_path, expected)?;
+    if let Some(reason) = config.unsupported() {
+        return Err(StartupError::Unsupported(format!(
+            "{reason} in {}",
+            config_path.display()
+        )));
+    }
+    let labels: ModelConfig = hf_config::read_json(&config_path, expected)?;
+    let st_config: Option<SentenceTransformersConfig> =
+        hf_config::read_optional_json(&dir.join("config_sentence_transformers.json"))?;
+    let scoring = hf_config::scoring_for(&labels, &config_path, st_config.as_ref())?;
+    let weights = weight_files(dir)?;
+    let (weights_dtype, precision, dtype) = cpu_precision(device, dtype);
+    // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
+    let model = modernbert::ModernBert::load(vb, &config, scoring.num_labels(), precision)?;
+    Ok(LoadedModel {
+        model: Box::new(model),
+        architecture: modernbert::ARCHITECTURE.to_string(),
+        max_positions: config.max_position_embeddings,
+        vocab_size: config.vocab_size,
+        scoring,
+        dtype,
+        pad_token_id: config.pad_token_id.unwrap_or(0),
+        // Per layer and token: 2·h·(4·h + 3·intermediate) FLOPs of GEMMs (GeGLU's Wi is 2·intermediate wide)
+        // against 4·h per token of context.
+        attention_span: 2 * config.hidden_size + 3 * config.intermediate_size / 2,
         prompt: None,
         default_max_length: None,
     })

@@ -300,7 +300,7 @@ mod cpu;
 mod cuda;
 mod decoder;
 mod sequences;
-pub use decoder::{causal_attention, linear, RmsNorm};
+pub use decoder::{causal_attention, linear, rotary_tables, rotate, windowed_attention, RmsNorm};
 pub use sequences::{self_attention, Sequences};
 
 /// The instruction set the CPU kernels run with on this machine ("avx512", "avx2+fma" or "baseline").

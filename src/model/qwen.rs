@@ -226,33 +226,6 @@ impl Qwen3Reranker {
         })
     }
 
-    /// cos and sin of every packed token's position within its own sequence: [tokens, head_dim / 2] each, fp32,
-    /// as transformers computes them (inverse frequencies and angles in fp32).
-    fn rotary_tables(&self, batch: &PackedBatch) -> Result<(Tensor, Tensor)> {
-        let half = self.head_dim / 2;
-        let inverse: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (self.rope_theta.powf((2 * i) as f64 / self.head_dim as f64) as f32))
-            .collect();
-        let tokens = batch.real_tokens();
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(tokens * half),
-            Vec::with_capacity(tokens * half),
-        );
-        for length in batch.lengths() {
-            for position in 0..length {
-                for &frequency in &inverse {
-                    let angle = position as f32 * frequency;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (tokens, half), &self.device)?,
-            Tensor::from_vec(sin, (tokens, half), &self.device)?,
-        ))
-    }
-
     /// One decoder layer over packed tokens; in the last layer (`last_rows`), only each sequence's last token
     /// goes on past attention. x: fp32 residual stream [tokens, hidden].
     fn layer(
@@ -279,7 +252,7 @@ impl Qwen3Reranker {
             Some((q_norm, k_norm)) => (q_norm.forward(&q)?, k_norm.forward(&k)?),
             None => (q, k),
         };
-        let (q, k) = (rotate(&q, rotary)?, rotate(&k, rotary)?);
+        let (q, k) = (ops::rotate(&q, rotary)?, ops::rotate(&k, rotary)?);
         let v = part(q_width + kv_width, kv_width, self.kv_heads)?.to_dtype(DType::F32)?;
         let context = ops::causal_attention(&q, &k, &v, cu_seqlens, last_rows.is_some())?;
         let x = match last_rows {
@@ -297,19 +270,6 @@ impl Qwen3Reranker {
     }
 }
 
-/// Rotary positions on [tokens, heads, head_dim] (the rotate-half form), computed in fp32.
-fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
-    let x = x
-        .to_dtype(DType::F32)?
-        .transpose(0, 1)?
-        .unsqueeze(0)?
-        .contiguous()?;
-    candle_nn::rotary_emb::rope(&x, cos, sin)?
-        .squeeze(0)?
-        .transpose(0, 1)?
-        .contiguous()
-}
-
 impl CrossEncoder for Qwen3Reranker {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
         let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
@@ -317,7 +277,12 @@ impl CrossEncoder for Qwen3Reranker {
             .embeddings
             .index_select(&ids, 0)?
             .to_dtype(DType::F32)?;
-        let rotary = self.rotary_tables(batch)?;
+        let rotary = ops::rotary_tables(
+            batch.lengths(),
+            self.head_dim,
+            self.rope_theta,
+            &self.device,
+        )?;
         let last: Vec<u32> = batch.cu_seqlens[1..]
             .iter()
             .map(|&end| end as u32 - 1)

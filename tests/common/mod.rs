@@ -15,6 +15,14 @@ pub const TWO_LABEL: &str = "bert-tiny-2label";
 pub const XLMR: &str = "xlmr-tiny-1label";
 /// Every fixture model, one per architecture and label count.
 pub const ALL_MODELS: [&str; 3] = [ONE_LABEL, TWO_LABEL, XLMR];
+/// The cross-encoder fixtures that CrossEncoder scores: ALL_MODELS and ModernBERT with either pooling.
+pub const CROSS_ENCODERS: [&str; 5] = [
+    ONE_LABEL,
+    TWO_LABEL,
+    XLMR,
+    "modernbert-tiny-mean",
+    "modernbert-tiny-cls",
+];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

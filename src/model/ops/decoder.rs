@@ -1,10 +1,11 @@
-//! The operations decoder rerankers add to the encoders' (RMSNorm, bias-free projections, grouped-query causal
-//! attention over packed sequences), in candle's device-generic ops, so the same code runs on CPU and CUDA.
+//! The operations the decoder rerankers and ModernBERT add to the encoders' (RMSNorm, bias-free projections and
+//! norms, rotary positions, causal grouped-query and sliding-window attention over packed sequences), in candle's
+//! device-generic ops, so the same code runs on CPU and CUDA.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::Linear;
+use super::{LayerNorm, Linear};
 
 /// RMSNorm over the last dimension, computed in fp32 whatever the input dtype (as transformers' Qwen/Llama norms).
 #[derive(Debug, Clone)]
@@ -38,6 +39,29 @@ impl Linear {
         let bias = Tensor::zeros(out_dim, weight.dtype(), weight.device())?;
         Ok(Self::from_parts(weight, bias))
     }
+
+    /// A projection with its bias if the checkpoint stores one.
+    pub fn load_maybe_bias(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        if vb.contains_tensor("bias") {
+            Self::load(vb, in_dim, out_dim)
+        } else {
+            Self::load_without_bias(vb, in_dim, out_dim)
+        }
+    }
+}
+
+impl LayerNorm {
+    /// A LayerNorm with its bias if the checkpoint stores one (ModernBERT's `norm_bias: false` has none).
+    pub fn load_maybe_bias(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let vb = vb.clone().set_dtype(DType::F32);
+        let weight = vb.get(dim, "weight")?;
+        let bias = if vb.contains_tensor("bias") {
+            vb.get(dim, "bias")?
+        } else {
+            Tensor::zeros(dim, DType::F32, weight.device())?
+        };
+        Ok(Self::new(weight, bias, eps as f32))
+    }
 }
 
 /// x·Wᵀ + b: the CPU's own GEMM (on AMX tiles where the layer is packed for them), else candle's.
@@ -51,10 +75,37 @@ pub fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
 /// Scores held at once per block of query rows (fp32 values), so a long sequence never holds [heads, L, L].
 const SCORE_BLOCK: usize = 1 << 22;
 
+/// Which keys a query at position p sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Keys at positions up to p (decoders).
+    Causal,
+    /// Keys within `w` of p on either side (ModernBERT's local layers), or every key with None.
+    Window(Option<usize>),
+}
+
+impl Visibility {
+    /// The keys a block of queries at positions from..to may see, of a sequence of `len`.
+    fn keys(self, from: usize, to: usize, len: usize) -> std::ops::Range<usize> {
+        match self {
+            Self::Causal => 0..to,
+            Self::Window(None) => 0..len,
+            Self::Window(Some(w)) => from.saturating_sub(w)..(to + w).min(len),
+        }
+    }
+
+    fn sees(self, query: usize, key: usize) -> bool {
+        match self {
+            Self::Causal => key <= query,
+            Self::Window(None) => true,
+            Self::Window(Some(w)) => query.abs_diff(key) <= w,
+        }
+    }
+}
+
 /// Causal self-attention of packed sequences with grouped key/value heads, in fp32. q: [tokens, heads, d];
 /// k, v: [tokens, kv_heads, d]; query head h reads key/value head h / (heads / kv_heads), as transformers'
 /// repeat_kv. Returns [tokens, heads · d], or with `last_only` each sequence's last token, [sequences, heads · d].
-/// Query rows go in blocks that each read only the keys they may see, at most SCORE_BLOCK scores at a time.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -62,14 +113,45 @@ pub fn causal_attention(
     cu_seqlens: &[usize],
     last_only: bool,
 ) -> Result<Tensor> {
-    attention_in_blocks(q, k, v, cu_seqlens, last_only, SCORE_BLOCK)
+    attention_in_blocks(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        Visibility::Causal,
+        last_only,
+        SCORE_BLOCK,
+    )
 }
 
+/// Bidirectional self-attention of packed sequences, over every key or (`window`) those within w positions,
+/// in fp32. Shapes as `causal_attention`; returns [tokens, heads · d].
+pub fn windowed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    window: Option<usize>,
+) -> Result<Tensor> {
+    attention_in_blocks(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        Visibility::Window(window),
+        false,
+        SCORE_BLOCK,
+    )
+}
+
+/// Attention sequence by sequence, query rows in blocks that each read only the keys they may see, at most
+/// `score_block` scores at a time; with `last_only`, only each sequence's last row.
 fn attention_in_blocks(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     cu_seqlens: &[usize],
+    visibility: Visibility,
     last_only: bool,
     score_block: usize,
 ) -> Result<Tensor> {
@@ -86,31 +168,48 @@ fn attention_in_blocks(
         while row < rows {
             let count = block.min(rows - row);
             let queries = q.narrow(0, start + first + row, count)?;
-            contexts.push(attend_block(&queries, &ks, &vs, first + row)?);
+            let from = first + row;
+            let seen = visibility.keys(from, from + count, len);
+            contexts.push(attend_block(&queries, &ks, &vs, from, seen, visibility)?);
             row += count;
         }
     }
     Tensor::cat(&contexts, 0)
 }
 
-/// Attention of `queries` [rows, heads, d] at positions from..from + rows of one sequence, over its keys and
-/// values [kv_heads, len, d] up to the last position they may see. Returns [rows, heads · d].
-fn attend_block(queries: &Tensor, keys: &Tensor, values: &Tensor, from: usize) -> Result<Tensor> {
+/// Attention of `queries` [rows, heads, d] at positions from..from + rows of one sequence over its keys and
+/// values [kv_heads, len, d] in `seen`, masked by `visibility`. Returns [rows, heads · d].
+fn attend_block(
+    queries: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    from: usize,
+    seen: std::ops::Range<usize>,
+    visibility: Visibility,
+) -> Result<Tensor> {
     let (rows, heads, d) = queries.dims3()?;
     let kv_heads = keys.dim(0)?;
     let group = heads / kv_heads.max(1);
-    let visible = from + rows;
-    let (keys, values) = (keys.narrow(1, 0, visible)?, values.narrow(1, 0, visible)?);
+    let keys = keys.narrow(1, seen.start, seen.len())?;
+    let values = values.narrow(1, seen.start, seen.len())?;
     // [heads, rows, d] → [kv_heads, group · rows, d]: the query heads that share a key/value head together.
     let grouped = queries
         .transpose(0, 1)?
         .contiguous()?
         .reshape((kv_heads, group * rows, d))?;
     let scores = (grouped.matmul(&keys.t()?)? * (1.0 / (d as f64).sqrt()))?;
-    let scores = if rows > 1 {
-        scores.broadcast_add(&causal_mask(rows, visible, group, queries.device())?)?
-    } else {
+    let all_seen = (from..from + rows).all(|p| seen.clone().all(|j| visibility.sees(p, j)));
+    let scores = if all_seen {
         scores
+    } else {
+        scores.broadcast_add(&mask(
+            from,
+            rows,
+            &seen,
+            group,
+            visibility,
+            queries.device(),
+        )?)?
     };
     candle_nn::ops::softmax_last_dim(&scores)?
         .matmul(&values.contiguous()?)?
@@ -119,19 +218,20 @@ fn attend_block(queries: &Tensor, keys: &Tensor, values: &Tensor, from: usize) -
         .reshape((rows, heads * d))
 }
 
-/// [group · rows, len]: 0 where the query (the last `rows` positions of `len`) may see the key, -inf after it.
-fn causal_mask(
+/// [group · rows, keys]: 0 where the query may see the key, -inf where not.
+fn mask(
+    from: usize,
     rows: usize,
-    len: usize,
+    seen: &std::ops::Range<usize>,
     group: usize,
+    visibility: Visibility,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let first = len - rows;
-    let mask: Vec<f32> = (0..group * rows)
+    let values: Vec<f32> = (0..group * rows)
         .flat_map(|r| {
-            let position = first + r % rows;
-            (0..len).map(move |j| {
-                if j <= position {
+            let position = from + r % rows;
+            seen.clone().map(move |j| {
+                if visibility.sees(position, j) {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -139,7 +239,49 @@ fn causal_mask(
             })
         })
         .collect();
-    Tensor::from_vec(mask, (group * rows, len), device)
+    Tensor::from_vec(values, (group * rows, seen.len()), device)
+}
+
+/// cos and sin of each packed token's position within its own sequence, [tokens, head_dim / 2] each, fp32, as
+/// transformers computes rotary angles (inverse frequencies and products in fp32).
+pub fn rotary_tables(
+    lengths: impl Iterator<Item = usize>,
+    head_dim: usize,
+    theta: f64,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inverse: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64) as f32))
+        .collect();
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for length in lengths {
+        for position in 0..length {
+            for &frequency in &inverse {
+                let angle = position as f32 * frequency;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    let tokens = cos.len() / half.max(1);
+    Ok((
+        Tensor::from_vec(cos, (tokens, half), device)?,
+        Tensor::from_vec(sin, (tokens, half), device)?,
+    ))
+}
+
+/// Rotary positions on [tokens, heads, head_dim] (the rotate-half form), computed in fp32.
+pub fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+    let x = x
+        .to_dtype(DType::F32)?
+        .transpose(0, 1)?
+        .unsqueeze(0)?
+        .contiguous()?;
+    candle_nn::rotary_emb::rope(&x, cos, sin)?
+        .squeeze(0)?
+        .transpose(0, 1)?
+        .contiguous()
 }
 
 #[cfg(test)]
