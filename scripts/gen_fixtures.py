@@ -3,7 +3,8 @@
 BERT (WordPiece) with one and two labels, XLM-RoBERTa (SentencePiece-style Unigram) with one label, and the
 Qwen3-Reranker decoder (byte-level BPE) as its Qwen3ForCausalLM checkpoint and as the converted
 Qwen3ForSequenceClassification ("seq-cls") checkpoint of the same weights, and mxbai-rerank-v2 (Qwen2ForCausalLM)
-with the same tokenizer, scored by the mxbai-rerank package's own code; ModernBERT (cls and mean pooling, byte-level
+with the same tokenizer, scored by the mxbai-rerank package's own code; bge-reranker-v2-gemma (GemmaForCausalLM) with it
+plus a BOS token, scored by FlagEmbedding's LLM reranker code reproduced with transformers; ModernBERT (cls and mean pooling, byte-level
 BPE) scored by CrossEncoder.
 
 Deterministic: the same inputs give byte-identical files. Run by hand (not in CI):
@@ -13,6 +14,7 @@ Deterministic: the same inputs give byte-identical files. Run by hand (not in CI
     python3 scripts/gen_fixtures.py qwen3     # only the Qwen3-Reranker ones
     python3 scripts/gen_fixtures.py mxbai     # only mxbai-rerank-v2 (needs mxbai-rerank and batched)
     python3 scripts/gen_fixtures.py modernbert
+    python3 scripts/gen_fixtures.py gemma     # bge-reranker-v2-gemma
 
 The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
 every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
@@ -552,6 +554,74 @@ def mxbai_fixtures():
           f"1-0 logits in [{min(spread):.2f}, {max(spread):.2f}]")
 
 
+GEMMA_TASK = ("Given a query A and a passage B, determine whether the passage contains an answer to the query by "
+              "providing a prediction of either 'Yes' or 'No'.")
+
+
+def seeded_gemma(vocab_size: int, seed: int, tokenizer):
+    """GemmaForCausalLM at a tiny shape with bge-reranker-v2-gemma's structure (Gemma 2B): one key/value head for
+    all query heads, norms scaling by 1 + weight, embeddings scaled by the square root of the width, GeGLU with
+    the tanh GELU, tied embeddings."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    config = GemmaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        architectures=["GemmaForCausalLM"], pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return scaled_decoder(GemmaForCausalLM(config).eval())
+
+
+def gemma_reference(model_dir: pathlib.Path, tokenizer, budget: int):
+    """FlagEmbedding's LLM reranker scoring (its decoder-only compute_score, which does not import under
+    transformers 5) reproduced with transformers, one pair at a time: BOS + "A: {query}" (at most 3/4 of `budget`
+    tokens), then "\\n" + "B: {passage}" (at most `budget`), the pair cut from the passage's end to budget + the
+    suffix, then "\\n" + the question; the score is the logit of the first token of "Yes" at the last position."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    ids_of = lambda text, **kw: tokenizer(text, add_special_tokens=False, **kw)["input_ids"]
+    sep, task = ids_of("\n"), ids_of(GEMMA_TASK)
+    yes = ids_of("Yes")[0]
+    cases = []
+    for name, query, documents, _ in MXBAI_CASES:
+        if name == "with_instruction":
+            continue
+        input_ids, logits, scores = [], [], []
+        for doc in documents:
+            q = ids_of(f"A: {query}", max_length=budget * 3 // 4, truncation=True)
+            p = ids_of(f"B: {doc}", max_length=budget, truncation=True)
+            first, second = [tokenizer.bos_token_id] + q, sep + p
+            overflow = max(0, len(first) + len(second) - (budget + len(sep) + len(task)))
+            ids = first + second[:len(second) - overflow] + sep + task
+            with torch.no_grad():
+                logit = float(model(input_ids=torch.tensor([ids])).logits[0, -1, yes])
+            input_ids.append(ids)
+            logits.append([logit])
+            scores.append(float(torch.sigmoid(torch.tensor(logit))))
+        cases.append({"name": name, "query": query, "documents": documents, "input_ids": input_ids,
+                      "logits": logits, "scores": scores})
+    return cases
+
+
+def gemma_fixtures():
+    tokenizer = make_qwen_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<bos>"})
+    tokenizer.model_max_length = MXBAI_MAX_LENGTH
+    name = "bge-reranker-v2-gemma-tiny"
+    out = FIXTURES / name
+    save_model(seeded_gemma(len(tokenizer), 9, tokenizer), tokenizer, out)
+    suffix = len(tokenizer("\n", add_special_tokens=False)["input_ids"]) + len(
+        tokenizer(GEMMA_TASK, add_special_tokens=False)["input_ids"])
+    # Our max_length counts the whole prompt; FlagEmbedding's counts query and passage, its prompt twice outside.
+    expected = {"model": name, "max_length": MXBAI_MAX_LENGTH, "num_labels": 1, "family": "bge-reranker-v2-gemma",
+                "cases": gemma_reference(out, tokenizer, MXBAI_MAX_LENGTH - 2 * suffix)}
+    (FIXTURES / "expected" / f"{name}.json").write_text(
+        json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
+    print(f"{name}: Yes logits in [{min(spread):.2f}, {max(spread):.2f}]")
+
+
 def make_modernbert_tokenizer():
     """A byte-level BPE tokenizer of ModernBERT's kind (its split regex, no normaliser, [CLS] A [SEP] B [SEP] with
     type ids 0), trained here on the fixture corpus with ModernBERT's special tokens."""
@@ -607,6 +677,9 @@ def modernbert_fixtures():
 
 def main():
     import sys
+    if sys.argv[1:] == ["gemma"]:
+        gemma_fixtures()
+        return
     if sys.argv[1:] == ["modernbert"]:
         modernbert_fixtures()
         return
@@ -639,6 +712,7 @@ def main():
               f"logits in [{min(spread):.2f}, {max(spread):.2f}]")
     qwen3_fixtures()
     mxbai_fixtures()
+    gemma_fixtures()
     modernbert_fixtures()
 
 

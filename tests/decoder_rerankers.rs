@@ -1,5 +1,6 @@
 //! Decoder rerankers against their published scoring code (run or reproduced with transformers by gen_fixtures.py)
-//! on seeded fixtures: Qwen3-Reranker (causal LM and converted seq-cls) and mxbai-rerank-v2 (Qwen2). The prompted
+//! on seeded fixtures: Qwen3-Reranker (causal LM and converted seq-cls), mxbai-rerank-v2 (Qwen2) and
+//! bge-reranker-v2-gemma (Gemma). The prompted
 //! token ids, the logit difference, the sigmoid score, the instruction field, and the options they refuse.
 
 mod common;
@@ -12,10 +13,11 @@ use rerank_server::tokenization::{PairTokenizer, Truncation};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
-const FIXTURES: [&str; 3] = [
+const FIXTURES: [&str; 4] = [
     "qwen3-reranker-tiny",
     "qwen3-reranker-tiny-seq-cls",
     "mxbai-rerank-v2-tiny",
+    "bge-reranker-v2-gemma-tiny",
 ];
 
 #[derive(Deserialize)]
@@ -189,8 +191,15 @@ async fn the_instruction_changes_the_score_and_other_models_refuse_it() {
         instruction: Some("anything".into()),
         ..Default::default()
     };
-    let refused = encoder.rerank("test", "q", vec!["d".into()], options).await;
+    let refused = encoder
+        .rerank("test", "q", vec!["d".into()], options.clone())
+        .await;
     assert!(refused.is_err_and(|e| e.to_string().contains("instruction")));
+    let gemma = build_reranker(&test_config(FIXTURES[3]))
+        .await
+        .expect("reranker builds");
+    let refused = gemma.rerank("test", "q", vec!["d".into()], options).await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("no instruction")));
 }
 
 #[tokio::test]

@@ -15,7 +15,17 @@ use crate::tokenization::{PromptLayout, PromptTemplate};
 pub const CAUSAL_LM: &str = "Qwen3ForCausalLM";
 pub const SEQUENCE_CLASSIFICATION: &str = "Qwen3ForSequenceClassification";
 pub const QWEN2_CAUSAL_LM: &str = "Qwen2ForCausalLM";
-pub const ARCHITECTURES: &[&str] = &[CAUSAL_LM, SEQUENCE_CLASSIFICATION, QWEN2_CAUSAL_LM];
+pub const GEMMA_CAUSAL_LM: &str = "GemmaForCausalLM";
+pub const ARCHITECTURES: &[&str] = &[
+    CAUSAL_LM,
+    SEQUENCE_CLASSIFICATION,
+    QWEN2_CAUSAL_LM,
+    GEMMA_CAUSAL_LM,
+];
+
+/// bge-reranker-v2-gemma's longest pair unless configured: FlagEmbedding scores query and passage within 512
+/// tokens (and its prompt besides); a whole prompted pair of 1,024 keeps that.
+const GEMMA_DEFAULT_MAX_LENGTH: usize = 1024;
 
 /// The longest pair unless configured, as Qwen3-Reranker's published scoring code.
 const DEFAULT_MAX_LENGTH: usize = 8192;
@@ -62,6 +72,27 @@ pub fn mxbai_rerank_v2_prompt() -> PromptTemplate {
     }
 }
 
+/// bge-reranker-v2-gemma's prompt, as FlagEmbedding's LLM reranker builds it: BOS, `A: {query}`, a newline,
+/// `B: {passage}`, a newline and the yes/no question.
+pub fn bge_reranker_gemma_prompt() -> PromptTemplate {
+    let task = "Given a query A and a passage B, determine whether the passage contains an answer to the query by \
+                providing a prediction of either 'Yes' or 'No'.";
+    PromptTemplate {
+        family: "bge-reranker-v2-gemma".into(),
+        prefix: String::new(),
+        body: "<bos>A: {query}\nB: {document}".into(),
+        suffix: ["\n", task].concat(),
+        default_instruction: None,
+        layout: PromptLayout::Flag {
+            lead: "<bos>".into(),
+            query: "A: {query}".into(),
+            document: "B: {document}".into(),
+            separator: "\n".into(),
+            task: task.into(),
+        },
+    }
+}
+
 /// Loads a Qwen3 reranker directory: Qwen3ForCausalLM scored by logit("yes") - logit("no") at the last token
 /// (the ids from the model's tokenizer), or a converted Qwen3ForSequenceClassification by its stored head.
 pub fn load_reranker(
@@ -79,13 +110,21 @@ pub fn load_reranker(
             config_path.display()
         )));
     }
-    let family = if architecture == QWEN2_CAUSAL_LM {
-        Family::Qwen2
-    } else {
-        Family::Qwen3
+    let family = match architecture {
+        QWEN2_CAUSAL_LM => Family::Qwen2,
+        GEMMA_CAUSAL_LM => Family::Gemma,
+        _ => Family::Qwen3,
     };
     let sigmoid = Scoring::SingleLogit(Activation::Sigmoid);
-    let (head, scoring, prompt) = if architecture == QWEN2_CAUSAL_LM {
+    let (head, scoring, prompt) = if architecture == GEMMA_CAUSAL_LM {
+        // FlagEmbedding scores the logit of the first token of "Yes" alone.
+        let positive = first_token_id(dir, "Yes")?;
+        let head = ScoreHead::TokenLogits {
+            positive,
+            negative: None,
+        };
+        (head, sigmoid, bge_reranker_gemma_prompt())
+    } else if architecture == QWEN2_CAUSAL_LM {
         // mxbai reads its ids by tokenizing "1" and "0" (their first id).
         let (positive, negative) = (first_token_id(dir, "1")?, first_token_id(dir, "0")?);
         let head = ScoreHead::TokenLogits {
@@ -131,7 +170,11 @@ pub fn load_reranker(
         pad_token_id: 0,
         attention_span: attention_span(&config),
         prompt: Some(prompt),
-        default_max_length: Some(DEFAULT_MAX_LENGTH),
+        default_max_length: Some(if family == Family::Gemma {
+            GEMMA_DEFAULT_MAX_LENGTH
+        } else {
+            DEFAULT_MAX_LENGTH
+        }),
     })
 }
 

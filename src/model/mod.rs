@@ -154,6 +154,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     decoder_rerankers::CAUSAL_LM,
     decoder_rerankers::SEQUENCE_CLASSIFICATION,
     decoder_rerankers::QWEN2_CAUSAL_LM,
+    decoder_rerankers::GEMMA_CAUSAL_LM,
 ];
 
 /// Loads the model of a local Hugging Face model directory onto `device`, converting the weights to `dtype`.

@@ -37,6 +37,9 @@ pub struct Qwen3Config {
     pub attention_bias: bool,
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Gemma checkpoints may name the MLP activation here instead (it wins where set).
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,7 +54,43 @@ fn default_act() -> String {
     "silu".into()
 }
 
+/// The gate's activation of the gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpActivation {
+    /// SwiGLU (Qwen).
+    Silu,
+    /// GeGLU with exact GELU.
+    GeluErf,
+    /// GeGLU with the tanh approximation (Gemma).
+    GeluTanh,
+}
+
+impl MlpActivation {
+    fn from_config(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu" => Some(Self::GeluErf),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => candle_nn::ops::silu(x),
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+        }
+    }
+}
+
 impl Qwen3Config {
+    fn mlp_activation(&self) -> &str {
+        self.hidden_activation
+            .as_deref()
+            .unwrap_or(&self.hidden_act)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
@@ -76,10 +115,10 @@ impl Qwen3Config {
             Some("rope scaling other than the default".into())
         } else if self.use_sliding_window {
             Some("sliding-window attention (use_sliding_window)".into())
-        } else if self.hidden_act != "silu" {
+        } else if MlpActivation::from_config(self.mlp_activation()).is_none() {
             Some(format!(
-                "hidden_act {:?} (Qwen3 uses silu)",
-                self.hidden_act
+                "hidden_act {:?} (silu, gelu or gelu_pytorch_tanh)",
+                self.mlp_activation()
             ))
         } else if self.num_key_value_heads == 0
             || !self
@@ -117,15 +156,20 @@ pub struct Qwen3Reranker {
     kv_heads: usize,
     head_dim: usize,
     rope_theta: f64,
+    activation: MlpActivation,
+    /// Gemma scales embeddings by √hidden.
+    embedding_scale: Option<f64>,
     device: Device,
     dtype: DType,
 }
 
-/// The decoder generation: Qwen2 has q/k/v biases and no q/k norms; Qwen3 the other way round.
+/// The decoder generation: Qwen2 has q/k/v biases and no q/k norms, Qwen3 the other way round; Gemma has
+/// neither, norms that scale by 1 + weight, and embeddings scaled by √hidden.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Qwen2,
     Qwen3,
+    Gemma,
 }
 
 /// Which row(s) of the output projection make the score.
@@ -151,6 +195,10 @@ impl Qwen3Reranker {
         let (h, head_dim) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
         let eps = config.rms_norm_eps;
+        let norm = |vb: &VarBuilder, dim: usize| match family {
+            Family::Gemma => RmsNorm::load_plus_one(vb, dim, eps),
+            Family::Qwen2 | Family::Qwen3 => RmsNorm::load(vb, dim, eps),
+        };
         let embeddings = body
             .pp("embed_tokens")
             .get((config.vocab_size, h), "weight")?;
@@ -178,18 +226,18 @@ impl Qwen3Reranker {
                     projection(mlp.pp("up_proj"), h, inner, false)?,
                 ])?;
                 Ok(Layer {
-                    input_norm: RmsNorm::load(&layer.pp("input_layernorm"), h, eps)?,
+                    input_norm: norm(&layer.pp("input_layernorm"), h)?,
                     qkv: qkv.with_precision(precision)?,
                     qk_norms: match family {
                         Family::Qwen3 => Some((
                             RmsNorm::load(&attn.pp("q_norm"), head_dim, eps)?,
                             RmsNorm::load(&attn.pp("k_norm"), head_dim, eps)?,
                         )),
-                        Family::Qwen2 => None,
+                        Family::Qwen2 | Family::Gemma => None,
                     },
                     o: projection(attn.pp("o_proj"), heads * head_dim, h, false)?
                         .with_precision(precision)?,
-                    post_norm: RmsNorm::load(&layer.pp("post_attention_layernorm"), h, eps)?,
+                    post_norm: norm(&layer.pp("post_attention_layernorm"), h)?,
                     gate_up: gate_up.with_precision(precision)?,
                     down: projection(mlp.pp("down_proj"), inner, h, false)?
                         .with_precision(precision)?,
@@ -200,7 +248,8 @@ impl Qwen3Reranker {
             ScoreHead::Stored => vb.pp("score").set_dtype(DType::F32).get((1, h), "weight")?,
             ScoreHead::TokenLogits { positive, negative } => {
                 // Tied checkpoints store no lm_head: the output projection is the embedding table.
-                let table = if config.tie_word_embeddings {
+                // (Gemma configs leave the tie implicit: no stored output projection means the tie.)
+                let table = if config.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
                     embeddings.clone()
                 } else {
                     vb.pp("lm_head").get((config.vocab_size, h), "weight")?
@@ -215,12 +264,16 @@ impl Qwen3Reranker {
         Ok(Self {
             embeddings,
             layers,
-            final_norm: RmsNorm::load(&body.pp("norm"), h, eps)?,
+            final_norm: norm(&body.pp("norm"), h)?,
             head,
             heads,
             kv_heads,
             head_dim,
             rope_theta: config.rope_theta(),
+            activation: MlpActivation::from_config(config.mlp_activation()).ok_or_else(|| {
+                candle_core::Error::Msg(format!("activation {:?}", config.mlp_activation()))
+            })?,
+            embedding_scale: (family == Family::Gemma).then(|| (h as f64).sqrt()),
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -264,7 +317,7 @@ impl Qwen3Reranker {
         let normed = layer.post_norm.forward(&x)?.to_dtype(self.dtype)?;
         let gate_up = ops::linear(&layer.gate_up, &normed)?;
         let inner = gate_up.dim(1)? / 2;
-        let gated = (candle_nn::ops::silu(&gate_up.narrow(1, 0, inner)?)?
+        let gated = (self.activation.apply(&gate_up.narrow(1, 0, inner)?)?
             * gate_up.narrow(1, inner, inner)?)?;
         x + ops::linear(&layer.down, &gated)?.to_dtype(DType::F32)?
     }
@@ -277,6 +330,9 @@ impl CrossEncoder for Qwen3Reranker {
             .embeddings
             .index_select(&ids, 0)?
             .to_dtype(DType::F32)?;
+        if let Some(scale) = self.embedding_scale {
+            x = (x * scale)?;
+        }
         let rotary = ops::rotary_tables(
             batch.lengths(),
             self.head_dim,

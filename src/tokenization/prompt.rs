@@ -35,6 +35,17 @@ pub enum PromptLayout {
         separator: String,
         suffix_parts: Vec<String>,
     },
+    /// FlagEmbedding's LLM rerankers (bge-reranker-v2-gemma): `lead` (BOS) and the query part, then the
+    /// separator and the document part, the pair cut from the document's end, then the separator and `task`.
+    /// With S the separator and task tokens, the query part keeps 3/4 of max_length - 2·S, the document part
+    /// max_length - 2·S, and the pair max_length - S, as that code's limits come out in a whole prompt.
+    Flag {
+        lead: String,
+        query: String,
+        document: String,
+        separator: String,
+        task: String,
+    },
 }
 
 /// The body of one pair split around the document: the text before it (instruction and query filled in) and
@@ -46,6 +57,15 @@ pub struct PromptBody {
 }
 
 impl PromptTemplate {
+    /// Whether a request's instruction has a place in this prompt.
+    pub fn takes_instruction(&self) -> bool {
+        match &self.layout {
+            PromptLayout::WholeBody => self.body.contains("{instruction}"),
+            PromptLayout::QueryThenDocument { .. } => true,
+            PromptLayout::Flag { .. } => false,
+        }
+    }
+
     /// The body for a query with the request's instruction (or the default). An instruction given to a template
     /// without one is an error, as is a body without `{document}`.
     pub fn body_for(&self, query: &str, instruction: Option<&str>) -> Result<PromptBody, String> {
@@ -95,6 +115,13 @@ impl PromptEncoder {
         let prefix = encode(tokenizer, &template.prefix)?;
         let (suffix, separator) = match &template.layout {
             PromptLayout::WholeBody => (encode(tokenizer, &template.suffix)?, Vec::new()),
+            PromptLayout::Flag {
+                separator, task, ..
+            } => {
+                let separator = encode(tokenizer, separator)?;
+                let task = encode(tokenizer, task)?;
+                ([separator.as_slice(), &task].concat(), separator)
+            }
             PromptLayout::QueryThenDocument {
                 separator,
                 suffix_parts,
@@ -119,7 +146,11 @@ impl PromptEncoder {
     /// Tokens every pair carries besides its query and document parts (the separator between them is part of
     /// the room, as in mxbai's code).
     pub(super) fn fixed_tokens(&self) -> usize {
-        self.prefix.len() + self.suffix.len()
+        match self.template.layout {
+            // The query and document limits of FlagEmbedding's code leave the suffix's length twice.
+            PromptLayout::Flag { .. } => self.prefix.len() + 2 * self.suffix.len(),
+            _ => self.prefix.len() + self.suffix.len(),
+        }
     }
 
     /// The query's part of every pair, and its length in tokens (for estimates before the documents).
@@ -141,6 +172,18 @@ impl PromptEncoder {
                     .map_err(failed)?
                     .len();
                 Ok((PromptedQuery::WholeBody(body), len))
+            }
+            PromptLayout::Flag {
+                lead,
+                query: template,
+                ..
+            } => {
+                let text = fill(template, &[("{query}", query)]);
+                let mut ids = encode(tokenizer, &text).map_err(failed)?;
+                ids.truncate(room * 3 / 4);
+                let ids = [encode(tokenizer, lead).map_err(failed)?, ids].concat();
+                let len = ids.len();
+                Ok((PromptedQuery::QueryThenDocument(ids), len))
             }
             PromptLayout::QueryThenDocument {
                 instruction: line,
@@ -216,6 +259,20 @@ impl PromptEncoder {
                 second.truncate(room.saturating_sub(query_ids.len()));
                 (query_ids.clone(), second, whole)
             }
+            (
+                PromptedQuery::QueryThenDocument(query_ids),
+                PromptLayout::Flag {
+                    document: template, ..
+                },
+            ) => {
+                let text = fill(template, &[("{document}", document)]);
+                let mut doc = encode(tokenizer, &text).map_err(failed)?;
+                let whole = query_ids.len() + self.separator.len() + doc.len();
+                doc.truncate(room);
+                let mut second = [self.separator.as_slice(), &doc].concat();
+                second.truncate((room + self.suffix.len()).saturating_sub(query_ids.len()));
+                (query_ids.clone(), second, whole)
+            }
             (PromptedQuery::QueryThenDocument(_), PromptLayout::WholeBody) => {
                 return Err(RerankError::internal(
                     "a query prepared for another prompt layout",
@@ -254,6 +311,11 @@ pub(super) fn check_options(
         };
     };
     let family = &prompt.template.family;
+    if instruction.is_some() && !prompt.template.takes_instruction() {
+        return Err(RerankError::invalid(format!(
+            "{family} models take no instruction"
+        )));
+    }
     if matches!(truncation, Truncation::ChunkMax { .. }) {
         return Err(RerankError::invalid(format!(
             "chunk-max truncation is not available for {family} models"

@@ -22,6 +22,15 @@ impl RmsNorm {
         })
     }
 
+    /// Gemma's norm, which scales by 1 + weight: the weight is stored less one.
+    pub fn load_plus_one(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let norm = Self::load(vb, dim, eps)?;
+        Ok(Self {
+            weight: (norm.weight + 1.0)?,
+            eps: norm.eps,
+        })
+    }
+
     /// fp32 out.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(
