@@ -294,3 +294,46 @@ async fn http_apis_take_the_instruction() {
     .await;
     assert_eq!(status, 400, "{json}");
 }
+
+#[test]
+fn a_shared_prompt_prefix_computed_once_gives_each_pair_its_own_score() {
+    for name in FIXTURES {
+        let (model, _) = load(name);
+        for case in expected(name).cases {
+            let rows: Vec<&[u32]> = case.input_ids.iter().map(Vec::as_slice).collect();
+            let shared = rows
+                .iter()
+                .map(|ids| rows[0].iter().zip(*ids).take_while(|(a, b)| a == b).count())
+                .min()
+                .unwrap_or(0);
+            // Gemma's prompt puts only BOS and the query before the document: often too short to share.
+            if !name.contains("gemma") {
+                assert!(
+                    shared >= 16,
+                    "{name} {}: the prompt prefix is shared",
+                    case.name
+                );
+            }
+            let together = model
+                .logits(&rerank_server::model::PackedBatch::from_sequences(
+                    rows.iter().map(|ids| (*ids, &[][..])),
+                ))
+                .expect("forward");
+            for (ids, logit) in rows.iter().zip(&together) {
+                let alone = model
+                    .logits(&rerank_server::model::PackedBatch::from_sequences([(
+                        *ids,
+                        &[][..],
+                    )]))
+                    .expect("forward");
+                assert!(
+                    (alone[0][0] - logit[0]).abs() < 1e-5,
+                    "{name} {}: {} vs {}",
+                    case.name,
+                    alone[0][0],
+                    logit[0]
+                );
+            }
+        }
+    }
+}

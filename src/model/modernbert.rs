@@ -275,8 +275,18 @@ impl CrossEncoder for ModernBert {
             .forward(&self.embeddings.index_select(&ids, 0)?)?;
         let head_dim = x.dim(1)? / self.heads;
         let (global_theta, local_theta) = self.thetas;
-        let global = ops::rotary_tables(batch.lengths(), head_dim, global_theta, &self.device)?;
-        let local = ops::rotary_tables(batch.lengths(), head_dim, local_theta, &self.device)?;
+        let global = ops::rotary_tables(
+            batch.lengths().map(|l| 0..l),
+            head_dim,
+            global_theta,
+            &self.device,
+        )?;
+        let local = ops::rotary_tables(
+            batch.lengths().map(|l| 0..l),
+            head_dim,
+            local_theta,
+            &self.device,
+        )?;
         for layer in &self.layers {
             let rotary = if layer.global { &global } else { &local };
             x = self.layer(layer, &x, rotary, &batch.cu_seqlens)?;

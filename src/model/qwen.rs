@@ -288,7 +288,8 @@ impl Qwen3Reranker {
         rotary: &(Tensor, Tensor),
         cu_seqlens: &[usize],
         last_rows: Option<&Tensor>,
-    ) -> Result<Tensor> {
+        prefix: Option<&KeysValues>,
+    ) -> Result<(Tensor, KeysValues)> {
         let tokens = x.dim(0)?;
         let (q_width, kv_width) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let normed = layer.input_norm.forward(x)?.to_dtype(self.dtype)?;
@@ -307,7 +308,8 @@ impl Qwen3Reranker {
         };
         let (q, k) = (ops::rotate(&q, rotary)?, ops::rotate(&k, rotary)?);
         let v = part(q_width + kv_width, kv_width, self.kv_heads)?.to_dtype(DType::F32)?;
-        let context = ops::causal_attention(&q, &k, &v, cu_seqlens, last_rows.is_some())?;
+        let cached = prefix.map(|kv| (&kv.0, &kv.1));
+        let context = ops::causal_attention(&q, &k, &v, cu_seqlens, last_rows.is_some(), cached)?;
         let x = match last_rows {
             Some(rows) => x.index_select(rows, 0)?,
             None => x.clone(),
@@ -319,12 +321,20 @@ impl Qwen3Reranker {
         let inner = gate_up.dim(1)? / 2;
         let gated = (self.activation.apply(&gate_up.narrow(1, 0, inner)?)?
             * gate_up.narrow(1, inner, inner)?)?;
-        x + ops::linear(&layer.down, &gated)?.to_dtype(DType::F32)?
+        let x = (x + ops::linear(&layer.down, &gated)?.to_dtype(DType::F32)?)?;
+        Ok((x, (k, v)))
     }
-}
 
-impl CrossEncoder for Qwen3Reranker {
-    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+    /// The layers over `batch`, whose sequences sit at positions `offset..` after the cached keys and values of
+    /// a prefix they all share (one pair per layer). Returns each sequence's score; with `capture`, instead of
+    /// scores (None), every layer's keys and values, for the sequences that follow.
+    fn run(
+        &self,
+        batch: &PackedBatch,
+        offset: usize,
+        prefix: Option<&[KeysValues]>,
+        capture: bool,
+    ) -> Result<(Option<Tensor>, Vec<KeysValues>)> {
         let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
         let mut x = self
             .embeddings
@@ -333,31 +343,89 @@ impl CrossEncoder for Qwen3Reranker {
         if let Some(scale) = self.embedding_scale {
             x = (x * scale)?;
         }
-        let rotary = ops::rotary_tables(
-            batch.lengths(),
-            self.head_dim,
-            self.rope_theta,
-            &self.device,
-        )?;
+        let spans = batch.lengths().map(|len| offset..offset + len);
+        let rotary = ops::rotary_tables(spans, self.head_dim, self.rope_theta, &self.device)?;
         let last: Vec<u32> = batch.cu_seqlens[1..]
             .iter()
             .map(|&end| end as u32 - 1)
             .collect();
         let last = Tensor::new(last.as_slice(), &self.device)?;
+        let mut captured = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let final_layer = i + 1 == self.layers.len();
-            x = self.layer(
-                layer,
-                &x,
-                &rotary,
-                &batch.cu_seqlens,
-                final_layer.then_some(&last),
-            )?;
+            // Past the last layer's attention only the last token of each sequence matters for its score.
+            let final_layer = i + 1 == self.layers.len() && !capture;
+            let cached = prefix.and_then(|kvs| kvs.get(i));
+            let rows = final_layer.then_some(&last);
+            let (next, kv) = self.layer(layer, &x, &rotary, &batch.cu_seqlens, rows, cached)?;
+            x = next;
+            if capture {
+                captured.push(kv);
+            }
+        }
+        if capture {
+            return Ok((None, captured));
         }
         if self.layers.is_empty() {
             x = x.index_select(&last, 0)?;
         }
         let h = self.final_norm.forward(&x)?;
-        h.matmul(&self.head.t()?)?.reshape((batch.size(), 1))
+        Ok((
+            Some(h.matmul(&self.head.t()?)?.reshape((batch.size(), 1))?),
+            captured,
+        ))
     }
+}
+
+/// A layer's keys (after norm and rotary) and values, [tokens, kv_heads, head_dim], fp32.
+type KeysValues = (Tensor, Tensor);
+
+/// The fewest tokens a batch's sequences must share before they are computed once for all.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// The longest run of leading tokens every sequence of the batch shares, keeping at least one token of each
+/// sequence apart (its last token gives its score); None when shorter than MIN_SHARED_PREFIX or fewer than
+/// two sequences share it.
+fn shared_prefix(batch: &PackedBatch) -> Option<usize> {
+    let mut rows = batch.rows().map(|(ids, _)| ids);
+    let first = rows.next()?;
+    let mut shared = first.len().saturating_sub(1);
+    let mut others = 0;
+    for ids in rows {
+        let common = first.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        shared = shared.min(common).min(ids.len().saturating_sub(1));
+        others += 1;
+    }
+    (others > 0 && shared >= MIN_SHARED_PREFIX).then_some(shared)
+}
+
+impl CrossEncoder for Qwen3Reranker {
+    /// A prompt prefix every pair of the batch shares (the prompt, the instruction, usually the query) is
+    /// computed once, and each pair's own tokens attend to its cached keys and values: causal attention makes
+    /// the result the same as computing every pair whole.
+    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let scores = match shared_prefix(batch) {
+            Some(shared) => {
+                let (prefix, suffixes) = split_prefix(batch, shared);
+                let (_, cached) = self.run(&prefix, 0, None, true)?;
+                self.run(&suffixes, shared, Some(&cached), false)?.0
+            }
+            None => self.run(batch, 0, None, false)?.0,
+        };
+        scores.ok_or_else(|| candle_core::Error::Msg("no scores from the decoder".into()))
+    }
+}
+
+/// The shared prefix as a batch of one sequence, and every sequence's tokens after it.
+fn split_prefix(batch: &PackedBatch, shared: usize) -> (PackedBatch, PackedBatch) {
+    let rows: Vec<(&[u32], &[u32])> = batch.rows().collect();
+    let prefix = PackedBatch::from_sequences(
+        rows.iter()
+            .take(1)
+            .map(|(ids, types)| (&ids[..shared], &types[..shared])),
+    );
+    let suffixes = PackedBatch::from_sequences(
+        rows.iter()
+            .map(|(ids, types)| (&ids[shared..], &types[shared..])),
+    );
+    (prefix, suffixes)
 }
