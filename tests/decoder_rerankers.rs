@@ -337,3 +337,33 @@ fn a_shared_prompt_prefix_computed_once_gives_each_pair_its_own_score() {
         }
     }
 }
+
+/// The half-precision layout a GPU runs (fp16 GEMM operands and cached keys, fp32 norms, residual stream,
+/// attention and head), here on the CPU: a wrong dtype at any step of the decoders shows without a GPU.
+#[test]
+fn half_precision_decoders_stay_close_to_the_reference() {
+    for name in FIXTURES {
+        let model = rerank_server::model::load(
+            &fixture(name),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F16,
+        )
+        .expect("model loads in f16");
+        let mut worst = 0.0f32;
+        for case in expected(name).cases {
+            let batch = rerank_server::model::PackedBatch::from_sequences(
+                case.input_ids.iter().map(|ids| (&ids[..], &[][..])),
+            );
+            for (row, want) in model
+                .logits(&batch)
+                .expect("forward")
+                .iter()
+                .zip(&case.logits)
+            {
+                worst = worst.max((row[0] - want[0]).abs());
+            }
+        }
+        println!("{name}: f16 max |logit diff| {worst:.2e}");
+        assert!(worst < 2e-2, "{name}: f16 logits differ by {worst}");
+    }
+}
