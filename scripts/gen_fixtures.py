@@ -5,7 +5,8 @@ Qwen3-Reranker decoder (byte-level BPE) as its Qwen3ForCausalLM checkpoint and a
 Qwen3ForSequenceClassification ("seq-cls") checkpoint of the same weights, and mxbai-rerank-v2 (Qwen2ForCausalLM)
 with the same tokenizer, scored by the mxbai-rerank package's own code; bge-reranker-v2-gemma (GemmaForCausalLM) with it
 plus a BOS token, scored by FlagEmbedding's LLM reranker code reproduced with transformers; ModernBERT (cls and mean pooling, byte-level
-BPE) scored by CrossEncoder.
+BPE) scored by CrossEncoder; GTE multilingual (NewForSequenceClassification, XLM-R tokenizer) scored by CrossEncoder
+through the published remote-code architecture written out in scripts/gte_reference.py.
 
 Deterministic: the same inputs give byte-identical files. Run by hand (not in CI):
 
@@ -15,6 +16,7 @@ Deterministic: the same inputs give byte-identical files. Run by hand (not in CI
     python3 scripts/gen_fixtures.py mxbai     # only mxbai-rerank-v2 (needs mxbai-rerank and batched)
     python3 scripts/gen_fixtures.py modernbert
     python3 scripts/gen_fixtures.py gemma     # bge-reranker-v2-gemma
+    python3 scripts/gen_fixtures.py gte       # GTE multilingual (NewForSequenceClassification)
 
 The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
 every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
@@ -675,8 +677,81 @@ def modernbert_fixtures():
         print(f"{name}: logits in [{min(spread):.2f}, {max(spread):.2f}]")
 
 
+GTE_AUTO_MAP = {
+    "AutoConfig": "Alibaba-NLP/new-impl--configuration.NewConfig",
+    "AutoModel": "Alibaba-NLP/new-impl--modeling.NewModel",
+    "AutoModelForSequenceClassification": "Alibaba-NLP/new-impl--modeling.NewForSequenceClassification",
+}
+
+
+def gte_config(vocab_size: int, **choices) -> dict:
+    """config.json with the keys and values gte-multilingual-reranker-base ships (as transformers 4 wrote it), at a
+    tiny shape; `choices` override the architecture options."""
+    config = {
+        "architectures": ["NewForSequenceClassification"], "attention_probs_dropout_prob": 0.0,
+        "auto_map": GTE_AUTO_MAP, "classifier_dropout": 0.0, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "hidden_size": 32, "id2label": {"0": "LABEL_0"}, "initializer_range": 0.02, "intermediate_size": 48,
+        "label2id": {"LABEL_0": 0}, "layer_norm_eps": 1e-12, "layer_norm_type": "layer_norm",
+        "logn_attention_clip1": False, "logn_attention_scale": False, "max_position_embeddings": 512,
+        "model_type": "new", "num_attention_heads": 4, "num_hidden_layers": 3, "pack_qkv": True, "pad_token_id": 1,
+        "position_embedding_type": "rope", "rope_scaling": {"factor": 8.0, "type": "ntk"}, "rope_theta": 20000,
+        "torch_dtype": "float32", "type_vocab_size": 1, "unpad_inputs": False,
+        "use_memory_efficient_attention": False, "vocab_size": vocab_size,
+    }
+    config.update(choices)
+    return config
+
+
+def seeded_gte(config: dict, seed: int):
+    from gte_reference import NewConfig, NewForSequenceClassification
+    torch.manual_seed(seed)
+    model = NewForSequenceClassification(NewConfig(**config)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("_ln.weight", "LayerNorm.weight")):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+            elif name.startswith("classifier"):
+                param.copy_(0.8 * torch.randn_like(param))
+            else:
+                param.copy_(0.15 * torch.randn_like(param))
+    return model
+
+
+def gte_fixtures():
+    """GTE multilingual (NewForSequenceClassification) with the XLM-R tokenizer the real model uses: one fixture with
+    gte-multilingual-reranker-base's options (packed QKV, NTK-scaled rotary, one token type) and one with the other
+    options of the published code (separate Q/K/V, mixed NTK scaling, no token types); scored by CrossEncoder through
+    the architecture of scripts/gte_reference.py."""
+    import sys
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gte_reference
+    gte_reference.register()
+    tokenizer = make_xlmr_tokenizer()
+    variants = [
+        ("gte-multilingual-tiny", {}, 9),
+        ("gte-multilingual-tiny-unpacked", {"pack_qkv": False, "type_vocab_size": 0, "rope_theta": 10000.0,
+                                            "rope_scaling": {"factor": 4.0, "type": "ntk", "mixed_b": 0.8}}, 10),
+    ]
+    for name, choices, seed in variants:
+        out = FIXTURES / name
+        config = gte_config(len(tokenizer), **choices)
+        save_model(seeded_gte(config, seed), tokenizer, out)
+        (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        expected = {"model": name, "max_length": MAX_LENGTH, "num_labels": 1,
+                    "cases": reference_outputs(out, 1, XLMR_CASES)}
+        (FIXTURES / "expected" / f"{name}.json").write_text(
+            json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
+        print(f"{name}: logits in [{min(spread):.2f}, {max(spread):.2f}]")
+
+
 def main():
     import sys
+    if sys.argv[1:] == ["gte"]:
+        gte_fixtures()
+        return
     if sys.argv[1:] == ["gemma"]:
         gemma_fixtures()
         return
@@ -714,6 +789,7 @@ def main():
     mxbai_fixtures()
     gemma_fixtures()
     modernbert_fixtures()
+    gte_fixtures()
 
 
 if __name__ == "__main__":

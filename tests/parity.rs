@@ -1,10 +1,11 @@
-//! Parity with sentence-transformers' CrossEncoder on the seeded fixtures (BERT, XLM-R, ModernBERT): token ids,
-//! logits and scores.
+//! Parity with sentence-transformers' CrossEncoder on the seeded fixtures (BERT, XLM-R, ModernBERT, GTE
+//! multilingual): token ids, logits and scores, in the model, through the rerank path, and over gRPC and HTTP.
 
 mod common;
 
 use common::{expected, fixture, test_config, CROSS_ENCODERS};
 use rerank_server::model::{self, PackedBatch};
+use rerank_server::proto::{InfoRequest, RerankRequest};
 use rerank_server::rerank::RerankOptions;
 use rerank_server::server::build_reranker;
 use rerank_server::tokenization::{PairTokenizer, Truncation};
@@ -236,5 +237,62 @@ fn half_precision_model_stays_close_to_the_reference() {
         }
         println!("{name}: f16 max |logit diff| {worst:.2e}");
         assert!(worst < 2e-2, "{name}: f16 logits differ by {worst}");
+    }
+}
+
+/// Every architecture scores over gRPC and HTTP as its reference does, and Info names it.
+#[tokio::test]
+async fn every_architecture_scores_over_grpc_and_http() {
+    for name in CROSS_ENCODERS {
+        let expected = expected(name);
+        let server = common::start(test_config(name)).await;
+        let mut client = common::client(&server).await;
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(name).join("config.json")).expect("config.json"),
+        )
+        .expect("config parses");
+        let info = client
+            .info(InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner();
+        assert_eq!(
+            serde_json::Value::from(info.architecture.clone()),
+            config["architectures"][0],
+            "{name}"
+        );
+        let (over_grpc, over_http) = (&expected.cases[0], &expected.cases[3]);
+        let response = client
+            .rerank(RerankRequest {
+                query: over_grpc.query.clone(),
+                documents: over_grpc.documents.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("rerank")
+            .into_inner();
+        assert_eq!(response.results.len(), over_grpc.documents.len());
+        for result in response.results {
+            let want = over_grpc.scores[result.index as usize];
+            assert!(
+                (result.score - want).abs() <= TOLERANCE,
+                "{name} gRPC: {} vs {want}",
+                result.score
+            );
+        }
+        let body = serde_json::json!({"query": over_http.query, "documents": over_http.documents});
+        let (status, json) = common::post_json(&server, "/v2/rerank", &body).await;
+        assert_eq!(status, 200, "{name}: {json}");
+        let results = json["results"].as_array().expect("results");
+        assert_eq!(results.len(), over_http.documents.len());
+        for result in results {
+            let index = result["index"].as_u64().expect("index") as usize;
+            let score = result["relevance_score"].as_f64().expect("score") as f32;
+            let want = over_http.scores[index];
+            assert!(
+                (score - want).abs() <= TOLERANCE,
+                "{name} HTTP: {score} vs {want}"
+            );
+        }
     }
 }

@@ -3,6 +3,7 @@
 pub mod bert;
 pub mod decoder_rerankers;
 mod encoder;
+pub mod gte;
 pub mod hf_config;
 pub mod modernbert;
 pub mod ops;
@@ -151,6 +152,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     xlm_roberta::ARCHITECTURES[0],
     xlm_roberta::ARCHITECTURES[1],
     modernbert::ARCHITECTURE,
+    gte::ARCHITECTURE,
     decoder_rerankers::CAUSAL_LM,
     decoder_rerankers::SEQUENCE_CLASSIFICATION,
     decoder_rerankers::QWEN2_CAUSAL_LM,
@@ -170,8 +172,12 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
     {
         return decoder_rerankers::load_reranker(dir, name, device, dtype);
     }
-    if architectures.first() == Some(modernbert::ARCHITECTURE) {
-        return load_modernbert(dir, device, dtype);
+    match architectures.first() {
+        Some(modernbert::ARCHITECTURE) => {
+            return load_own_config::<modernbert::ModernBert>(dir, device, dtype)
+        }
+        Some(gte::ARCHITECTURE) => return load_own_config::<gte::Gte>(dir, device, dtype),
+        _ => {}
     }
     let config: ModelConfig = hf_config::read_json(
         &config_path,
@@ -225,13 +231,40 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
     })
 }
 
-/// Loads a ModernBertForSequenceClassification directory (its config keys differ from BERT's: `norm_eps`,
-/// `hidden_activation`, rotary thetas).
-fn load_modernbert(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, StartupError> {
+/// An encoder whose config.json has keys of its own (ModernBERT's `norm_eps`, GTE's rotary scaling): how the
+/// loader reads, checks and builds it.
+pub(crate) trait OwnConfigEncoder: CrossEncoder + Sized + 'static {
+    type Config: serde::de::DeserializeOwned;
+    const ARCHITECTURE: &'static str;
+    /// What the implementation cannot follow in this config, if anything.
+    fn unsupported(config: &Self::Config) -> Option<String>;
+    fn load(
+        vb: VarBuilder,
+        config: &Self::Config,
+        num_labels: usize,
+        precision: ops::GemmPrecision,
+    ) -> candle_core::Result<Self>;
+    fn facts(config: &Self::Config) -> EncoderFacts;
+}
+
+/// What the server needs to know of an encoder's shape (see `LoadedModel`).
+pub(crate) struct EncoderFacts {
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    pub pad_token_id: Option<u32>,
+    pub attention_span: usize,
+}
+
+/// Loads a directory of an `OwnConfigEncoder` architecture; labels and activation are read as for BERT.
+fn load_own_config<M: OwnConfigEncoder>(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, StartupError> {
     let config_path = dir.join("config.json");
     let expected = "the model's config.json (architecture and shapes)";
-    let config: modernbert::ModernBertConfig = hf_config::read_json(&config_path, expected)?;
-    if let Some(reason) = config.unsupported() {
+    let config: M::Config = hf_config::read_json(&config_path, expected)?;
+    if let Some(reason) = M::unsupported(&config) {
         return Err(StartupError::Unsupported(format!(
             "{reason} in {}",
             config_path.display()
@@ -245,18 +278,17 @@ fn load_modernbert(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedMo
     let (weights_dtype, precision, dtype) = cpu_precision(device, dtype);
     // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
-    let model = modernbert::ModernBert::load(vb, &config, scoring.num_labels(), precision)?;
+    let model = M::load(vb, &config, scoring.num_labels(), precision)?;
+    let facts = M::facts(&config);
     Ok(LoadedModel {
         model: Box::new(model),
-        architecture: modernbert::ARCHITECTURE.to_string(),
-        max_positions: config.max_position_embeddings,
-        vocab_size: config.vocab_size,
+        architecture: M::ARCHITECTURE.to_string(),
+        max_positions: facts.max_positions,
+        vocab_size: facts.vocab_size,
         scoring,
         dtype,
-        pad_token_id: config.pad_token_id.unwrap_or(0),
-        // Per layer and token: 2·h·(4·h + 3·intermediate) FLOPs of GEMMs (GeGLU's Wi is 2·intermediate wide)
-        // against 4·h per token of context.
-        attention_span: 2 * config.hidden_size + 3 * config.intermediate_size / 2,
+        pad_token_id: facts.pad_token_id.unwrap_or(0),
+        attention_span: facts.attention_span,
         prompt: None,
         default_max_length: None,
     })

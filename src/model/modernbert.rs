@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::ops::{self, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
-use super::{CrossEncoder, PackedBatch};
+use super::{CrossEncoder, EncoderFacts, OwnConfigEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "ModernBertForSequenceClassification";
 
@@ -236,7 +236,7 @@ impl ModernBert {
         let normed = layer.mlp_norm.forward(&x)?.to_dtype(self.dtype)?;
         let input_gate = ops::linear(&layer.wi, &normed)?;
         let inner = input_gate.dim(1)? / 2;
-        let activated = activate(&input_gate.narrow(1, 0, inner)?, self.activation)?;
+        let activated = self.activation.apply(&input_gate.narrow(1, 0, inner)?)?;
         let gated = (activated * input_gate.narrow(1, inner, inner)?)?;
         x + ops::linear(&layer.wo, &gated)?.to_dtype(DType::F32)?
     }
@@ -259,11 +259,32 @@ impl ModernBert {
     }
 }
 
-fn activate(x: &Tensor, activation: FeedForwardActivation) -> Result<Tensor> {
-    match activation {
-        FeedForwardActivation::GeluErf => x.gelu_erf(),
-        FeedForwardActivation::GeluTanh => x.gelu(),
-        FeedForwardActivation::Relu => x.relu(),
+impl OwnConfigEncoder for ModernBert {
+    type Config = ModernBertConfig;
+    const ARCHITECTURE: &'static str = ARCHITECTURE;
+
+    fn unsupported(config: &ModernBertConfig) -> Option<String> {
+        config.unsupported()
+    }
+
+    fn load(
+        vb: VarBuilder,
+        config: &ModernBertConfig,
+        num_labels: usize,
+        precision: GemmPrecision,
+    ) -> Result<Self> {
+        Self::load(vb, config, num_labels, precision)
+    }
+
+    fn facts(config: &ModernBertConfig) -> EncoderFacts {
+        EncoderFacts {
+            max_positions: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
+            pad_token_id: config.pad_token_id,
+            // Per layer and token: 2·h·(4·h + 3·intermediate) FLOPs of GEMMs (GeGLU's Wi is 2·intermediate wide)
+            // against 4·h per token of context.
+            attention_span: 2 * config.hidden_size + 3 * config.intermediate_size / 2,
+        }
     }
 }
 
@@ -292,7 +313,9 @@ impl CrossEncoder for ModernBert {
             x = self.layer(layer, &x, rotary, &batch.cu_seqlens)?;
         }
         let pooled = self.pool(&self.final_norm.forward(&x)?, batch)?;
-        let dense = activate(&self.head_dense.forward(&pooled)?, self.head_activation)?;
+        let dense = self
+            .head_activation
+            .apply(&self.head_dense.forward(&pooled)?)?;
         self.classifier.forward(&self.head_norm.forward(&dense)?)
     }
 }

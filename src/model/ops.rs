@@ -163,6 +163,15 @@ impl FeedForwardActivation {
             _ => None,
         }
     }
+
+    /// act(x) elementwise, in candle's device-generic ops.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+        }
+    }
 }
 
 /// act(x + bias), the first feed-forward projection's epilogue. x: [rows, n], bias: [n].
@@ -300,7 +309,10 @@ mod cpu;
 mod cuda;
 mod decoder;
 mod sequences;
-pub use decoder::{causal_attention, linear, rotary_tables, rotate, windowed_attention, RmsNorm};
+pub use decoder::{
+    causal_attention, inverse_frequencies, linear, rotary_tables, rotary_tables_from, rotate,
+    windowed_attention, RmsNorm,
+};
 pub use sequences::{self_attention, Sequences};
 
 /// The instruction set the CPU kernels run with on this machine ("avx512", "avx2+fma" or "baseline").

@@ -15,13 +15,16 @@ pub const TWO_LABEL: &str = "bert-tiny-2label";
 pub const XLMR: &str = "xlmr-tiny-1label";
 /// Every fixture model, one per architecture and label count.
 pub const ALL_MODELS: [&str; 3] = [ONE_LABEL, TWO_LABEL, XLMR];
-/// The cross-encoder fixtures that CrossEncoder scores: ALL_MODELS and ModernBERT with either pooling.
-pub const CROSS_ENCODERS: [&str; 5] = [
+/// The cross-encoder fixtures that CrossEncoder scores: ALL_MODELS, ModernBERT with either pooling, and GTE
+/// multilingual with the real reranker's options and with the others.
+pub const CROSS_ENCODERS: [&str; 7] = [
     ONE_LABEL,
     TWO_LABEL,
     XLMR,
     "modernbert-tiny-mean",
     "modernbert-tiny-cls",
+    "gte-multilingual-tiny",
+    "gte-multilingual-tiny-unpacked",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

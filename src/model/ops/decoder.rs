@@ -294,14 +294,28 @@ pub fn rotary_tables(
     theta: f64,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let inverse: Vec<f32> = (0..half)
+    rotary_tables_from(spans, &inverse_frequencies(head_dim, theta), device)
+}
+
+/// The unscaled rotary inverse frequencies 1/θ^(2i/d), i < d/2.
+pub fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
         .map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64) as f32))
-        .collect();
+        .collect()
+}
+
+/// Rotary cos and sin tables [tokens, d/2] for the positions in `spans`, from given inverse frequencies (a model
+/// that scales its frequencies computes its own).
+pub fn rotary_tables_from(
+    spans: impl Iterator<Item = std::ops::Range<usize>>,
+    inverse: &[f32],
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inverse.len();
     let (mut cos, mut sin) = (Vec::new(), Vec::new());
     for span in spans {
         for position in span {
-            for &frequency in &inverse {
+            for &frequency in inverse {
                 let angle = position as f32 * frequency;
                 cos.push(angle.cos());
                 sin.push(angle.sin());

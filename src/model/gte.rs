@@ -1,0 +1,398 @@
+//! GTE's multilingual encoder, NewForSequenceClassification (model_type "new", e.g.
+//! Alibaba-NLP/gte-multilingual-reranker-base), as its published remote code computes it: word (+ token type)
+//! embeddings and a LayerNorm, rotary positions (NTK-scaled where the config says), post-norm layers of
+//! packed-QKV attention and a GLU MLP, then a tanh pooler on the first token and the classifier.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::ops::{self, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
+use super::{CrossEncoder, EncoderFacts, OwnConfigEncoder, PackedBatch};
+
+pub const ARCHITECTURE: &str = "NewForSequenceClassification";
+
+/// The fields of a `config.json` of model_type "new" (defaults as the published NewConfig's).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GteConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub vocab_size: usize,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_layer_norm")]
+    pub layer_norm_type: String,
+    #[serde(default = "default_rope")]
+    pub position_embedding_type: String,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default = "default_true")]
+    pub pack_qkv: bool,
+    #[serde(default)]
+    pub logn_attention_scale: bool,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+/// `rope_scaling`: transformers 4 writes `type`, transformers 5 adds `rope_type`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeScaling {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    pub factor: f64,
+    #[serde(default)]
+    pub mixed_b: Option<f64>,
+}
+
+fn default_positions() -> usize {
+    2048
+}
+fn default_type_vocab() -> usize {
+    1
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_layer_norm() -> String {
+    "layer_norm".into()
+}
+fn default_rope() -> String {
+    "rope".into()
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_true() -> bool {
+    true
+}
+
+impl GteConfig {
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// What this implementation cannot follow, if anything.
+    pub fn unsupported(&self) -> Option<String> {
+        let scaling = self.rope_scaling.as_ref();
+        let scaling_kind = scaling.and_then(|s| s.kind.as_deref().or(s.rope_type.as_deref()));
+        if FeedForwardActivation::from_config(&self.hidden_act).is_none() {
+            Some(format!("hidden_act {:?}", self.hidden_act))
+        } else if self.position_embedding_type != "rope" {
+            Some(format!(
+                "position_embedding_type {:?} (rotary only)",
+                self.position_embedding_type
+            ))
+        } else if self.layer_norm_type != "layer_norm" {
+            Some(format!("layer_norm_type {:?}", self.layer_norm_type))
+        } else if self.logn_attention_scale {
+            Some("logn_attention_scale".into())
+        } else if scaling.is_some() && scaling_kind != Some("ntk") {
+            Some(format!("rope_scaling type {scaling_kind:?} (ntk only)"))
+        } else if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            Some(format!(
+                "{} heads over a width of {}",
+                self.num_attention_heads, self.hidden_size
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// The rotary inverse frequencies the published code ends up with. With NTK scaling it builds its cos/sin cache
+    /// for max_position_embeddings·factor positions when the model is made, which selects the scaled frequencies
+    /// for every length: 1/(θ·f)^(2i/d) / f^(2/d), or with `mixed_b` b, 1/θ^(2i/d) / exp(a·(i+1)^b) where
+    /// a = ln f / (d/2)^b.
+    pub fn inverse_frequencies(&self) -> Vec<f32> {
+        let dim = self.head_dim();
+        let Some(scaling) = &self.rope_scaling else {
+            return ops::inverse_frequencies(dim, self.rope_theta);
+        };
+        let factor = scaling.factor;
+        match scaling.mixed_b {
+            None => {
+                let shrink = factor.powf(2.0 / dim as f64) as f32;
+                ops::inverse_frequencies(dim, self.rope_theta * factor)
+                    .into_iter()
+                    .map(|f| f / shrink)
+                    .collect()
+            }
+            Some(b) => {
+                let a = factor.ln() / (dim as f64 / 2.0).powf(b);
+                ops::inverse_frequencies(dim, self.rope_theta)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, f)| f / (a * ((i + 1) as f64).powf(b)).exp() as f32)
+                    .collect()
+            }
+        }
+    }
+}
+
+struct Layer {
+    qkv: Linear,
+    out: Linear,
+    attn_norm: LayerNorm,
+    /// [up | gate] in one GEMM.
+    up_gate: Linear,
+    down: Linear,
+    mlp_norm: LayerNorm,
+}
+
+pub struct Gte {
+    word_embeddings: Tensor,
+    /// Row 0 of the token-type table when there is one row (the tokenizer's type ids are not used, as CrossEncoder
+    /// passes none for the XLM-R tokenizer); the whole table when there are several.
+    token_types: Option<Tensor>,
+    embedding_norm: LayerNorm,
+    layers: Vec<Layer>,
+    pooler: Linear,
+    classifier: Linear,
+    activation: FeedForwardActivation,
+    heads: usize,
+    inverse_frequencies: Vec<f32>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Gte {
+    pub fn load(
+        vb: VarBuilder,
+        config: &GteConfig,
+        num_labels: usize,
+        precision: GemmPrecision,
+    ) -> Result<Self> {
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let body = vb.pp("new");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| load_layer(&body.pp("encoder").pp("layer").pp(i), config, precision))
+            .collect::<Result<Vec<_>>>()?;
+        let embeddings = body.pp("embeddings");
+        let token_types = match config.type_vocab_size {
+            0 => None,
+            rows => Some(
+                embeddings
+                    .pp("token_type_embeddings")
+                    .set_dtype(DType::F32)
+                    .get((rows, h), "weight")?,
+            ),
+        };
+        let activation =
+            FeedForwardActivation::from_config(&config.hidden_act).ok_or_else(|| {
+                candle_core::Error::Msg(format!("activation {:?}", config.hidden_act))
+            })?;
+        // The head is tiny and sits right before the score: fp32, as the other encoders' heads.
+        Ok(Self {
+            word_embeddings: embeddings
+                .pp("word_embeddings")
+                .get((config.vocab_size, h), "weight")?,
+            token_types,
+            embedding_norm: LayerNorm::load(&embeddings.pp("LayerNorm"), h, eps)?,
+            layers,
+            pooler: Linear::load(&body.pp("pooler").pp("dense").set_dtype(DType::F32), h, h)?,
+            classifier: Linear::load(&vb.pp("classifier").set_dtype(DType::F32), h, num_labels)?,
+            activation,
+            heads: config.num_attention_heads,
+            inverse_frequencies: config.inverse_frequencies(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Word plus token-type embeddings, normalised: the fp32 residual stream [tokens, hidden].
+    fn embed(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
+        let words = self
+            .word_embeddings
+            .index_select(&ids, 0)?
+            .to_dtype(DType::F32)?;
+        let summed = match &self.token_types {
+            None => words,
+            Some(table) if table.dim(0)? == 1 => words.broadcast_add(&table.get(0)?)?,
+            Some(table) => {
+                let types = Tensor::new(batch.type_ids.as_slice(), &self.device)?;
+                (words + table.index_select(&types, 0)?)?
+            }
+        };
+        self.embedding_norm.forward(&summed)
+    }
+
+    /// One post-norm layer on x [tokens, hidden] (fp32). With `rows`, only those tokens leave the layer: their
+    /// attention still reads every token, but the output projection and the MLP run on them alone.
+    fn layer(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        rotary: &(Tensor, Tensor),
+        cu_seqlens: &[usize],
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (tokens, hidden) = x.dims2()?;
+        let head_dim = hidden / self.heads;
+        let qkv = ops::linear(&layer.qkv, &x.to_dtype(self.dtype)?)?;
+        let part = |i: usize| {
+            qkv.narrow(1, i * hidden, hidden)?
+                .reshape((tokens, self.heads, head_dim))
+        };
+        let (q, k) = (
+            ops::rotate(&part(0)?, rotary)?,
+            ops::rotate(&part(1)?, rotary)?,
+        );
+        let v = part(2)?.to_dtype(DType::F32)?;
+        let mut context = ops::windowed_attention(&q, &k, &v, cu_seqlens, None)?;
+        let mut x = x.clone();
+        if let Some(rows) = rows {
+            context = context.index_select(rows, 0)?;
+            x = x.index_select(rows, 0)?;
+        }
+        let attended = ops::linear(&layer.out, &context.to_dtype(self.dtype)?)?;
+        let x = layer
+            .attn_norm
+            .forward(&(x + attended.to_dtype(DType::F32)?)?)?;
+        let up_gate = ops::linear(&layer.up_gate, &x.to_dtype(self.dtype)?)?;
+        let inner = up_gate.dim(1)? / 2;
+        let gate = self.activation.apply(&up_gate.narrow(1, inner, inner)?)?;
+        let gated = (gate * up_gate.narrow(1, 0, inner)?)?;
+        let down = ops::linear(&layer.down, &gated)?;
+        layer.mlp_norm.forward(&(x + down.to_dtype(DType::F32)?)?)
+    }
+}
+
+fn load_layer(vb: &VarBuilder, config: &GteConfig, precision: GemmPrecision) -> Result<Layer> {
+    let (h, inner, eps) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.layer_norm_eps,
+    );
+    let attention = vb.pp("attention");
+    let qkv = if config.pack_qkv {
+        Linear::load(&attention.pp("qkv_proj"), h, 3 * h)?
+    } else {
+        let part = |name: &str| Linear::load(&attention.pp(name), h, h);
+        Linear::concat(&[part("q_proj")?, part("k_proj")?, part("v_proj")?])?
+    };
+    Ok(Layer {
+        qkv: qkv.with_precision(precision)?,
+        out: Linear::load(&attention.pp("o_proj"), h, h)?.with_precision(precision)?,
+        attn_norm: LayerNorm::load(&vb.pp("attn_ln"), h, eps)?,
+        up_gate: Linear::load_without_bias(&vb.pp("mlp").pp("up_gate_proj"), h, 2 * inner)?
+            .with_precision(precision)?,
+        down: Linear::load(&vb.pp("mlp").pp("down_proj"), inner, h)?.with_precision(precision)?,
+        mlp_norm: LayerNorm::load(&vb.pp("mlp_ln"), h, eps)?,
+    })
+}
+
+impl OwnConfigEncoder for Gte {
+    type Config = GteConfig;
+    const ARCHITECTURE: &'static str = ARCHITECTURE;
+
+    fn unsupported(config: &GteConfig) -> Option<String> {
+        config.unsupported()
+    }
+
+    fn load(
+        vb: VarBuilder,
+        config: &GteConfig,
+        num_labels: usize,
+        precision: GemmPrecision,
+    ) -> Result<Self> {
+        Self::load(vb, config, num_labels, precision)
+    }
+
+    fn facts(config: &GteConfig) -> EncoderFacts {
+        EncoderFacts {
+            // Rotary positions have no table: the published code extends its cache to any length, and
+            // max_position_embeddings is the length the model was trained for.
+            max_positions: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
+            pad_token_id: config.pad_token_id,
+            // Per layer and token: 2·h·(4·h + 3·intermediate) FLOPs of GEMMs ([up | gate] is 2·intermediate wide)
+            // against 4·h per token of context.
+            attention_span: 2 * config.hidden_size + 3 * config.intermediate_size / 2,
+        }
+    }
+}
+
+impl CrossEncoder for Gte {
+    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let mut x = self.embed(batch)?;
+        let rotary = ops::rotary_tables_from(
+            batch.lengths().map(|l| 0..l),
+            &self.inverse_frequencies,
+            &self.device,
+        )?;
+        let first: Vec<u32> = batch.cu_seqlens[..batch.size()]
+            .iter()
+            .map(|&s| s as u32)
+            .collect();
+        let first = Tensor::new(first.as_slice(), &self.device)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            // Past the last layer's attention only each sequence's first token reaches the pooler.
+            let rows = (i + 1 == self.layers.len()).then_some(&first);
+            x = self.layer(layer, &x, &rotary, &batch.cu_seqlens, rows)?;
+        }
+        let pooled = ops::dense_tanh(&self.pooler, &x)?;
+        self.classifier.forward(&pooled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> GteConfig {
+        let base = r#"{"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 10, "rope_theta": 20000"#;
+        serde_json::from_str(&format!("{base}{extra}}}")).expect("config parses")
+    }
+
+    #[test]
+    fn ntk_scaling_gives_the_frequencies_of_the_published_cache() {
+        // head_dim 8, θ 20000, factor 8: 1/160000^(2i/8) / 8^(1/4).
+        let scaled = config(r#", "rope_scaling": {"factor": 8.0, "type": "ntk"}"#);
+        let expected = [0.594_603_6, 0.029_730_18, 0.001_486_509, 7.432_545e-5];
+        for (got, want) in scaled.inverse_frequencies().iter().zip(expected) {
+            assert!((got - want).abs() <= want * 1e-5, "{got} vs {want}");
+        }
+        // Mixed: θ unscaled, each frequency divided by exp(a·(i+1)^b).
+        let mixed =
+            config(r#", "rope_scaling": {"factor": 4.0, "rope_type": "ntk", "mixed_b": 0.8}"#);
+        let a = 4f64.ln() / 4f64.powf(0.8);
+        let first = mixed.inverse_frequencies()[0];
+        assert!((first as f64 - 1.0 / a.exp()).abs() < 1e-6, "{first}");
+        assert_eq!(
+            config("").inverse_frequencies(),
+            ops::inverse_frequencies(8, 20000.0)
+        );
+    }
+
+    #[test]
+    fn options_the_published_code_has_but_this_model_lacks_are_refused() {
+        assert!(config("").unsupported().is_none());
+        for extra in [
+            r#", "position_embedding_type": "absolute""#,
+            r#", "layer_norm_type": "rms_norm""#,
+            r#", "logn_attention_scale": true"#,
+            r#", "rope_scaling": {"factor": 2.0, "type": "linear"}"#,
+            r#", "hidden_act": "silu""#,
+        ] {
+            assert!(config(extra).unsupported().is_some(), "{extra}");
+        }
+    }
+}
