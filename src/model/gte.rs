@@ -7,7 +7,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::ops::{self, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
+use super::ops::{
+    self, ActivatedHalf, FeedForwardActivation, GemmPrecision, Hidden, LayerNorm, Linear, Sequences,
+};
 use super::{CrossEncoder, EncoderFacts, OwnConfigEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "NewForSequenceClassification";
@@ -103,6 +105,10 @@ impl GteConfig {
             Some("logn_attention_scale".into())
         } else if scaling.is_some() && scaling_kind != Some("ntk") {
             Some(format!("rope_scaling type {scaling_kind:?} (ntk only)"))
+        } else if scaling.is_some_and(|s| s.factor <= 1.0) {
+            // The published code keeps unscaled frequencies at load for such factors and switches once a longer
+            // sequence arrives: scores would depend on what the process saw before.
+            Some("rope_scaling factor of 1 or less".into())
         } else if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
@@ -167,6 +173,8 @@ pub struct Gte {
     activation: FeedForwardActivation,
     heads: usize,
     inverse_frequencies: Vec<f32>,
+    /// The attention kernels add a QKV bias; here it was added before the rotation, so they get zeros.
+    zero_qkv_bias: Tensor,
     device: Device,
     dtype: DType,
 }
@@ -210,6 +218,7 @@ impl Gte {
             activation,
             heads: config.num_attention_heads,
             inverse_frequencies: config.inverse_frequencies(),
+            zero_qkv_bias: Tensor::zeros(3 * h, vb.dtype(), vb.device())?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -233,44 +242,29 @@ impl Gte {
         self.embedding_norm.forward(&summed)
     }
 
-    /// One post-norm layer on x [tokens, hidden] (fp32). With `rows`, only those tokens leave the layer: their
-    /// attention still reads every token, but the output projection and the MLP run on them alone.
+    /// One post-norm layer over the packed tokens. With `first_only`, only each sequence's first token leaves
+    /// the layer: its attention still reads every token, but the output projection and the MLP run on it alone.
     fn layer(
         &self,
         layer: &Layer,
-        x: &Tensor,
+        x: &Hidden,
         rotary: &(Tensor, Tensor),
-        cu_seqlens: &[usize],
-        rows: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (tokens, hidden) = x.dims2()?;
-        let head_dim = hidden / self.heads;
-        let qkv = ops::linear(&layer.qkv, &x.to_dtype(self.dtype)?)?;
-        let part = |i: usize| {
-            qkv.narrow(1, i * hidden, hidden)?
-                .reshape((tokens, self.heads, head_dim))
+        sequences: &Sequences,
+        first_only: bool,
+    ) -> Result<Hidden> {
+        let qkv = ops::rotate_qk(&ops::linear(&layer.qkv, &x.input)?, self.heads, rotary)?;
+        let context =
+            ops::self_attention(&qkv, &self.zero_qkv_bias, sequences, self.heads, first_only)?;
+        let residual = if first_only {
+            x.first_tokens(sequences)?.residual
+        } else {
+            x.residual.clone()
         };
-        let (q, k) = (
-            ops::rotate(&part(0)?, rotary)?,
-            ops::rotate(&part(1)?, rotary)?,
-        );
-        let v = part(2)?.to_dtype(DType::F32)?;
-        let mut context = ops::windowed_attention(&q, &k, &v, cu_seqlens, None)?;
-        let mut x = x.clone();
-        if let Some(rows) = rows {
-            context = context.index_select(rows, 0)?;
-            x = x.index_select(rows, 0)?;
-        }
-        let attended = ops::linear(&layer.out, &context.to_dtype(self.dtype)?)?;
-        let x = layer
-            .attn_norm
-            .forward(&(x + attended.to_dtype(DType::F32)?)?)?;
-        let up_gate = ops::linear(&layer.up_gate, &x.to_dtype(self.dtype)?)?;
-        let inner = up_gate.dim(1)? / 2;
-        let gate = self.activation.apply(&up_gate.narrow(1, inner, inner)?)?;
-        let gated = (gate * up_gate.narrow(1, 0, inner)?)?;
-        let down = ops::linear(&layer.down, &gated)?;
-        layer.mlp_norm.forward(&(x + down.to_dtype(DType::F32)?)?)
+        let attended =
+            ops::linear_residual_norm(&layer.out, &context, &residual, &layer.attn_norm)?;
+        let up_gate = ops::linear(&layer.up_gate, &attended.input)?;
+        let gated = ops::gated_activation(&up_gate, ActivatedHalf::Second, self.activation)?;
+        ops::linear_residual_norm(&layer.down, &gated, &attended.residual, &layer.mlp_norm)
     }
 }
 
@@ -331,23 +325,19 @@ impl OwnConfigEncoder for Gte {
 
 impl CrossEncoder for Gte {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let mut x = self.embed(batch)?;
+        let mut x = Hidden::from_residual(self.embed(batch)?, self.dtype)?;
         let rotary = ops::rotary_tables_from(
             batch.lengths().map(|l| 0..l),
             &self.inverse_frequencies,
             &self.device,
         )?;
-        let first: Vec<u32> = batch.cu_seqlens[..batch.size()]
-            .iter()
-            .map(|&s| s as u32)
-            .collect();
-        let first = Tensor::new(first.as_slice(), &self.device)?;
+        let sequences = Sequences::new(&batch.cu_seqlens, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // Past the last layer's attention only each sequence's first token reaches the pooler.
-            let rows = (i + 1 == self.layers.len()).then_some(&first);
-            x = self.layer(layer, &x, &rotary, &batch.cu_seqlens, rows)?;
+            let first_only = i + 1 == self.layers.len();
+            x = self.layer(layer, &x, &rotary, &sequences, first_only)?;
         }
-        let pooled = ops::dense_tanh(&self.pooler, &x)?;
+        let pooled = ops::dense_tanh(&self.pooler, &x.residual)?;
         self.classifier.forward(&pooled)
     }
 }
@@ -390,6 +380,7 @@ mod tests {
             r#", "layer_norm_type": "rms_norm""#,
             r#", "logn_attention_scale": true"#,
             r#", "rope_scaling": {"factor": 2.0, "type": "linear"}"#,
+            r#", "rope_scaling": {"factor": 1.0, "type": "ntk"}"#,
             r#", "hidden_act": "silu""#,
         ] {
             assert!(config(extra).unsupported().is_some(), "{extra}");

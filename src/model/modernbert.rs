@@ -235,9 +235,7 @@ impl ModernBert {
         let x = (x + attended.to_dtype(DType::F32)?)?;
         let normed = layer.mlp_norm.forward(&x)?.to_dtype(self.dtype)?;
         let input_gate = ops::linear(&layer.wi, &normed)?;
-        let inner = input_gate.dim(1)? / 2;
-        let activated = self.activation.apply(&input_gate.narrow(1, 0, inner)?)?;
-        let gated = (activated * input_gate.narrow(1, inner, inner)?)?;
+        let gated = ops::gated_activation(&input_gate, ops::ActivatedHalf::First, self.activation)?;
         x + ops::linear(&layer.wo, &gated)?.to_dtype(DType::F32)?
     }
 

@@ -310,8 +310,8 @@ mod cuda;
 mod decoder;
 mod sequences;
 pub use decoder::{
-    causal_attention, inverse_frequencies, linear, rotary_tables, rotary_tables_from, rotate,
-    windowed_attention, RmsNorm,
+    causal_attention, gated_activation, inverse_frequencies, linear, rotary_tables,
+    rotary_tables_from, rotate, rotate_qk, windowed_attention, ActivatedHalf, RmsNorm,
 };
 pub use sequences::{self_attention, Sequences};
 

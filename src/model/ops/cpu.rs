@@ -5,6 +5,7 @@
 
 pub mod amx;
 mod attention;
+mod rows;
 pub mod vector;
 
 use candle_core::{CpuStorage, Result, Storage, StorageRef, Tensor};
@@ -325,4 +326,53 @@ pub fn self_attention(
         first_only,
         qkv.device(),
     ))
+}
+
+/// Q and K of a fused [tokens, 3·hidden] projection rotated by [tokens, head_dim/2] cos and sin tables.
+pub fn rotate_qk(
+    qkv: &Tensor,
+    head_dim: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Option<Result<Tensor>> {
+    if !is_cpu_f32(&[qkv, cos, sin]) {
+        return None;
+    }
+    let (tokens, width) = qkv.dims2().ok()?;
+    let (cos, sin) = (cos.contiguous().ok()?, sin.contiguous().ok()?);
+    let qkv = qkv.contiguous().ok()?;
+    let views = [&qkv, &cos, &sin].map(F32View::of);
+    let [Some(values), Some(c), Some(s)] = &views else {
+        return None;
+    };
+    let half = head_dim / 2;
+    if !width.is_multiple_of(3)
+        || c.data().len() != tokens * half
+        || s.data().len() != tokens * half
+    {
+        return None;
+    }
+    let mut rotated = values.data().to_vec();
+    rows::rotate_qk(&mut rotated, width / 3, head_dim, c.data(), s.data());
+    Some(Tensor::from_vec(rotated, (tokens, width), qkv.device()))
+}
+
+/// act(one half) · the other half of each row of x [rows, 2·n].
+pub fn gated_activation(
+    x: &Tensor,
+    activated_first: bool,
+    activation: FeedForwardActivation,
+) -> Option<Result<Tensor>> {
+    if !is_cpu_f32(&[x]) {
+        return None;
+    }
+    let (rows, width) = x.dims2().ok()?;
+    let x = x.contiguous().ok()?;
+    let values = F32View::of(&x)?;
+    let n = width / 2;
+    if width != 2 * n || n == 0 {
+        return None;
+    }
+    let out = rows::gated_activation(values.data(), n, activated_first, activation);
+    Some(Tensor::from_vec(out, (rows, n), x.device()))
 }

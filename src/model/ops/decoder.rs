@@ -329,6 +329,53 @@ pub fn rotary_tables_from(
     ))
 }
 
+/// Rotary positions on the Q and K blocks of a fused projection qkv [tokens, 3·hidden] (V passes through), in
+/// the dtype of qkv; rotary: cos and sin [tokens, head_dim/2].
+pub fn rotate_qk(qkv: &Tensor, heads: usize, rotary: &(Tensor, Tensor)) -> Result<Tensor> {
+    let (tokens, width) = qkv.dims2()?;
+    let hidden = width / 3;
+    let head_dim = hidden / heads.max(1);
+    if let Some(rotated) = super::cpu::rotate_qk(qkv, head_dim, &rotary.0, &rotary.1) {
+        return rotated;
+    }
+    let part = |i: usize| qkv.narrow(1, i * hidden, hidden);
+    let rotated = |i: usize| {
+        rotate(&part(i)?.reshape((tokens, heads, head_dim))?, rotary)?
+            .reshape((tokens, hidden))?
+            .to_dtype(qkv.dtype())
+    };
+    Tensor::cat(&[rotated(0)?, rotated(1)?, part(2)?], 1)
+}
+
+/// Which half of a GLU projection's output goes through the activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivatedHalf {
+    /// act(first) · second (ModernBERT's input | gate).
+    First,
+    /// act(second) · first (GTE's up | gate).
+    Second,
+}
+
+/// The GLU product of x [rows, 2·n]: act(one half) · the other, [rows, n], in the dtype of x.
+pub fn gated_activation(
+    x: &Tensor,
+    half: ActivatedHalf,
+    activation: super::FeedForwardActivation,
+) -> Result<Tensor> {
+    let activated_first = half == ActivatedHalf::First;
+    if let Some(result) = super::cpu::gated_activation(x, activated_first, activation) {
+        return result;
+    }
+    let n = x.dim(1)? / 2;
+    let (first, second) = (x.narrow(1, 0, n)?, x.narrow(1, n, n)?);
+    let (activated, other) = if activated_first {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    activation.apply(&activated)? * other
+}
+
 /// Rotary positions on [tokens, heads, head_dim] (the rotate-half form), computed in fp32.
 pub fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
     let x = x
@@ -346,6 +393,69 @@ pub fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The CPU kernel (f32) and the composed path (taken for f64) against the rotation written out.
+    #[test]
+    fn rotating_fused_qkv_turns_q_and_k_and_leaves_v() -> Result<()> {
+        let (tokens, heads, head_dim) = (3, 2, 4);
+        let hidden = heads * head_dim;
+        let qkv = Tensor::randn(0f32, 1.0, (tokens, 3 * hidden), &Device::Cpu)?;
+        let rotary = rotary_tables_from([0..1, 0..2].into_iter(), &[0.7, 0.05], &Device::Cpu)?;
+        let values: Vec<Vec<f32>> = qkv.to_vec2()?;
+        let (cos, sin): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (rotary.0.to_vec2()?, rotary.1.to_vec2()?);
+        let mut expected = values.clone();
+        for (t, row) in expected.iter_mut().enumerate() {
+            for head in row[..2 * hidden].chunks_exact_mut(head_dim) {
+                let original = head.to_vec();
+                for i in 0..head_dim / 2 {
+                    let (a, b) = (original[i], original[i + head_dim / 2]);
+                    head[i] = a * cos[t][i] - b * sin[t][i];
+                    head[i + head_dim / 2] = b * cos[t][i] + a * sin[t][i];
+                }
+            }
+        }
+        for input in [qkv.clone(), qkv.to_dtype(DType::F64)?] {
+            let got: Vec<Vec<f32>> = rotate_qk(&input, heads, &rotary)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            for (g, e) in got.iter().flatten().zip(expected.iter().flatten()) {
+                assert!((g - e).abs() < 1e-6, "{g} vs {e} ({:?})", input.dtype());
+            }
+        }
+        Ok(())
+    }
+
+    /// Both halves orders, the CPU kernel (f32) and the composed path (f64), against act(a)·b written out.
+    #[test]
+    fn gated_activation_multiplies_the_activated_half_by_the_other() -> Result<()> {
+        let n = 5;
+        let x = Tensor::randn(0f32, 1.5, (4, 2 * n), &Device::Cpu)?;
+        let rows: Vec<Vec<f32>> = x.to_vec2()?;
+        let relu = super::super::FeedForwardActivation::Relu;
+        for half in [ActivatedHalf::First, ActivatedHalf::Second] {
+            for input in [x.clone(), x.to_dtype(DType::F64)?] {
+                let got: Vec<Vec<f32>> = gated_activation(&input, half, relu)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2()?;
+                for (row, out) in rows.iter().zip(&got) {
+                    let (first, second) = row.split_at(n);
+                    let (activated, other) = match half {
+                        ActivatedHalf::First => (first, second),
+                        ActivatedHalf::Second => (second, first),
+                    };
+                    for i in 0..n {
+                        let want = activated[i].max(0.0) * other[i];
+                        assert!(
+                            (out[i] - want).abs() < 1e-6,
+                            "{half:?}: {} vs {want}",
+                            out[i]
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 
     /// Attention of one sequence written out directly: softmax over the visible keys of each position.
     fn naive(
