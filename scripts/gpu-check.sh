@@ -3,7 +3,8 @@
 #   1. each CUDA kernel against candle's reference op (gpu-check kernels);
 #   2. score parity of the server on the GPU (fp16) against sentence-transformers fp32: seeded MiniLM-L6 and
 #      XLM-R-base shaped models built here (scripts/gpu_reference.py; unit-scale logits, 2e-3 absolute), and
-#      the committed tiny fixtures (hidden size 32, logits up to 5: 5e-3 of their largest logit);
+#      the committed tiny fixtures of every architecture (hidden size 32, logits up to 5: 5e-3 of their largest
+#      logit);
 #   3. throughput and latency of the server through gRPC (loadgen), and torch fp16 model-only on the same
 #      shapes and card for the ratio. loadgen builds texts from one-token words of the model's tokenizer, so
 #      "mixed" is 16 query tokens + 32..480 document tokens, and "fixed256" 256 tokens per pair, as in the
@@ -61,7 +62,10 @@ gpu_check() { if [ "$DEVICE" = cpu ]; then return 0; fi; "$BIN/gpu-check" "$@"; 
 echo "== 2. parity"
 "$PYTHON" scripts/gpu_reference.py models "$WORK/models" > "$WORK/reference.log" 2>&1 || { tail -20 "$WORK/reference.log"; failed=1; }
 port=50100
-for fixture in bert-tiny-1label bert-tiny-2label xlmr-tiny-1label; do
+# Every architecture's fixture: the encoders, and the decoder rerankers (raw score = their logit difference).
+for fixture in bert-tiny-1label bert-tiny-2label xlmr-tiny-1label modernbert-tiny-cls modernbert-tiny-mean \
+    gte-multilingual-tiny gte-multilingual-tiny-unpacked qwen3-reranker-tiny qwen3-reranker-tiny-seq-cls \
+    mxbai-rerank-v2-tiny bge-reranker-v2-gemma-tiny; do
   port=$((port + 1))
   if serve "tests/fixtures/$fixture" $port; then
     gpu_check parity --addr "http://127.0.0.1:$port" --expected "tests/fixtures/expected/$fixture.json" \

@@ -336,6 +336,9 @@ struct Case {
     name: String,
     query: String,
     documents: Vec<String>,
+    /// A decoder reranker's case may carry its own instruction.
+    #[serde(default)]
+    instruction: Option<String>,
     logits: Vec<Vec<f32>>,
 }
 
@@ -349,6 +352,7 @@ async fn parity(addr: &str, path: &std::path::Path, tolerance: f32, relative: bo
         let request = RerankRequest {
             query: case.query.clone(),
             documents: case.documents.clone(),
+            instruction: case.instruction.clone(),
             raw_scores: true,
             ..Default::default()
         };

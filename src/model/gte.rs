@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::ops::{
     self, ActivatedHalf, FeedForwardActivation, GemmPrecision, Hidden, LayerNorm, Linear, Sequences,
 };
-use super::{CrossEncoder, EncoderFacts, OwnConfigEncoder, PackedBatch};
+use super::{CrossEncoder, EncoderConfig, EncoderFacts, OwnConfigEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "NewForSequenceClassification";
 
@@ -83,13 +83,20 @@ fn default_true() -> bool {
     true
 }
 
-impl GteConfig {
-    fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads.max(1)
+impl EncoderConfig for GteConfig {
+    fn facts(&self) -> EncoderFacts {
+        // Rotary positions have no table: the published code extends its cache to any length, and
+        // max_position_embeddings is the length the model was trained for.
+        EncoderFacts::gated(
+            (self.hidden_size, self.intermediate_size),
+            self.max_position_embeddings,
+            self.vocab_size,
+            self.pad_token_id,
+        )
     }
 
     /// What this implementation cannot follow, if anything.
-    pub fn unsupported(&self) -> Option<String> {
+    fn unsupported(&self) -> Option<String> {
         let scaling = self.rope_scaling.as_ref();
         let scaling_kind = scaling.and_then(|s| s.kind.as_deref().or(s.rope_type.as_deref()));
         if FeedForwardActivation::from_config(&self.hidden_act).is_none() {
@@ -119,6 +126,12 @@ impl GteConfig {
         } else {
             None
         }
+    }
+}
+
+impl GteConfig {
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
     }
 
     /// The rotary inverse frequencies the published code ends up with. With NTK scaling it builds its cos/sin cache
@@ -179,8 +192,11 @@ pub struct Gte {
     dtype: DType,
 }
 
-impl Gte {
-    pub fn load(
+impl OwnConfigEncoder for Gte {
+    type Config = GteConfig;
+    const ARCHITECTURE: &'static str = ARCHITECTURE;
+
+    fn load(
         vb: VarBuilder,
         config: &GteConfig,
         num_labels: usize,
@@ -223,7 +239,9 @@ impl Gte {
             dtype: vb.dtype(),
         })
     }
+}
 
+impl Gte {
     /// Word plus token-type embeddings, normalised: the fp32 residual stream [tokens, hidden].
     fn embed(&self, batch: &PackedBatch) -> Result<Tensor> {
         let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
@@ -290,37 +308,6 @@ fn load_layer(vb: &VarBuilder, config: &GteConfig, precision: GemmPrecision) -> 
         down: Linear::load(&vb.pp("mlp").pp("down_proj"), inner, h)?.with_precision(precision)?,
         mlp_norm: LayerNorm::load(&vb.pp("mlp_ln"), h, eps)?,
     })
-}
-
-impl OwnConfigEncoder for Gte {
-    type Config = GteConfig;
-    const ARCHITECTURE: &'static str = ARCHITECTURE;
-
-    fn unsupported(config: &GteConfig) -> Option<String> {
-        config.unsupported()
-    }
-
-    fn load(
-        vb: VarBuilder,
-        config: &GteConfig,
-        num_labels: usize,
-        precision: GemmPrecision,
-    ) -> Result<Self> {
-        Self::load(vb, config, num_labels, precision)
-    }
-
-    fn facts(config: &GteConfig) -> EncoderFacts {
-        EncoderFacts {
-            // Rotary positions have no table: the published code extends its cache to any length, and
-            // max_position_embeddings is the length the model was trained for.
-            max_positions: config.max_position_embeddings,
-            vocab_size: config.vocab_size,
-            pad_token_id: config.pad_token_id,
-            // Per layer and token: 2·h·(4·h + 3·intermediate) FLOPs of GEMMs ([up | gate] is 2·intermediate wide)
-            // against 4·h per token of context.
-            attention_span: 2 * config.hidden_size + 3 * config.intermediate_size / 2,
-        }
-    }
 }
 
 impl CrossEncoder for Gte {

@@ -234,17 +234,21 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
 /// An encoder whose config.json has keys of its own (ModernBERT's `norm_eps`, GTE's rotary scaling): how the
 /// loader reads, checks and builds it.
 pub(crate) trait OwnConfigEncoder: CrossEncoder + Sized + 'static {
-    type Config: serde::de::DeserializeOwned;
+    type Config: EncoderConfig;
     const ARCHITECTURE: &'static str;
-    /// What the implementation cannot follow in this config, if anything.
-    fn unsupported(config: &Self::Config) -> Option<String>;
     fn load(
         vb: VarBuilder,
         config: &Self::Config,
         num_labels: usize,
         precision: ops::GemmPrecision,
     ) -> candle_core::Result<Self>;
-    fn facts(config: &Self::Config) -> EncoderFacts;
+}
+
+/// The config.json of an `OwnConfigEncoder`.
+pub(crate) trait EncoderConfig: serde::de::DeserializeOwned {
+    /// What the implementation cannot follow in this config, if anything.
+    fn unsupported(&self) -> Option<String>;
+    fn facts(&self) -> EncoderFacts;
 }
 
 /// What the server needs to know of an encoder's shape (see `LoadedModel`).
@@ -253,6 +257,24 @@ pub(crate) struct EncoderFacts {
     pub vocab_size: usize,
     pub pad_token_id: Option<u32>,
     pub attention_span: usize,
+}
+
+impl EncoderFacts {
+    /// An encoder whose MLP is gated (one projection to 2·intermediate, then intermediate back): per layer and
+    /// token, 2·h·(4·h + 3·intermediate) FLOPs of GEMMs against 4·h per token of context.
+    fn gated(
+        (hidden, intermediate): (usize, usize),
+        max_positions: usize,
+        vocab_size: usize,
+        pad_token_id: Option<u32>,
+    ) -> Self {
+        Self {
+            max_positions,
+            vocab_size,
+            pad_token_id,
+            attention_span: 2 * hidden + 3 * intermediate / 2,
+        }
+    }
 }
 
 /// Loads a directory of an `OwnConfigEncoder` architecture; labels and activation are read as for BERT.
@@ -264,7 +286,7 @@ fn load_own_config<M: OwnConfigEncoder>(
     let config_path = dir.join("config.json");
     let expected = "the model's config.json (architecture and shapes)";
     let config: M::Config = hf_config::read_json(&config_path, expected)?;
-    if let Some(reason) = M::unsupported(&config) {
+    if let Some(reason) = config.unsupported() {
         return Err(StartupError::Unsupported(format!(
             "{reason} in {}",
             config_path.display()
@@ -279,7 +301,7 @@ fn load_own_config<M: OwnConfigEncoder>(
     // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
     let model = M::load(vb, &config, scoring.num_labels(), precision)?;
-    let facts = M::facts(&config);
+    let facts = config.facts();
     Ok(LoadedModel {
         model: Box::new(model),
         architecture: M::ARCHITECTURE.to_string(),

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::ops::{self, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
-use super::{CrossEncoder, EncoderFacts, OwnConfigEncoder, PackedBatch};
+use super::{CrossEncoder, EncoderConfig, EncoderFacts, OwnConfigEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "ModernBertForSequenceClassification";
 
@@ -69,6 +69,32 @@ fn default_pooling() -> String {
     "cls".into()
 }
 
+impl EncoderConfig for ModernBertConfig {
+    fn facts(&self) -> EncoderFacts {
+        EncoderFacts::gated(
+            (self.hidden_size, self.intermediate_size),
+            self.max_position_embeddings,
+            self.vocab_size,
+            self.pad_token_id,
+        )
+    }
+
+    /// What this implementation cannot follow, if anything.
+    fn unsupported(&self) -> Option<String> {
+        let known = |name: &str| FeedForwardActivation::from_config(name).is_some();
+        if !known(&self.hidden_activation) || !known(&self.classifier_activation) {
+            Some(format!(
+                "activations {:?} / {:?}",
+                self.hidden_activation, self.classifier_activation
+            ))
+        } else if !matches!(self.classifier_pooling.as_str(), "cls" | "mean") {
+            Some(format!("classifier_pooling {:?}", self.classifier_pooling))
+        } else {
+            None
+        }
+    }
+}
+
 impl ModernBertConfig {
     /// Whether layer i attends globally (else in the sliding window).
     fn is_global(&self, layer: usize) -> bool {
@@ -90,21 +116,6 @@ impl ModernBertConfig {
             from_types("sliding_attention")
                 .or(self.local_rope_theta)
                 .unwrap_or(global_theta)
-        }
-    }
-
-    /// What this implementation cannot follow, if anything.
-    pub fn unsupported(&self) -> Option<String> {
-        let known = |name: &str| FeedForwardActivation::from_config(name).is_some();
-        if !known(&self.hidden_activation) || !known(&self.classifier_activation) {
-            Some(format!(
-                "activations {:?} / {:?}",
-                self.hidden_activation, self.classifier_activation
-            ))
-        } else if !matches!(self.classifier_pooling.as_str(), "cls" | "mean") {
-            Some(format!("classifier_pooling {:?}", self.classifier_pooling))
-        } else {
-            None
         }
     }
 }
@@ -139,8 +150,11 @@ pub struct ModernBert {
     dtype: DType,
 }
 
-impl ModernBert {
-    pub fn load(
+impl OwnConfigEncoder for ModernBert {
+    type Config = ModernBertConfig;
+    const ARCHITECTURE: &'static str = ARCHITECTURE;
+
+    fn load(
         vb: VarBuilder,
         config: &ModernBertConfig,
         num_labels: usize,
@@ -204,7 +218,9 @@ impl ModernBert {
             dtype: vb.dtype(),
         })
     }
+}
 
+impl ModernBert {
     /// One pre-norm layer on the fp32 residual stream x [tokens, hidden].
     fn layer(
         &self,
@@ -254,35 +270,6 @@ impl ModernBert {
             .map(|w| h.narrow(0, w[0], w[1] - w[0])?.mean_keepdim(0))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&means, 0)
-    }
-}
-
-impl OwnConfigEncoder for ModernBert {
-    type Config = ModernBertConfig;
-    const ARCHITECTURE: &'static str = ARCHITECTURE;
-
-    fn unsupported(config: &ModernBertConfig) -> Option<String> {
-        config.unsupported()
-    }
-
-    fn load(
-        vb: VarBuilder,
-        config: &ModernBertConfig,
-        num_labels: usize,
-        precision: GemmPrecision,
-    ) -> Result<Self> {
-        Self::load(vb, config, num_labels, precision)
-    }
-
-    fn facts(config: &ModernBertConfig) -> EncoderFacts {
-        EncoderFacts {
-            max_positions: config.max_position_embeddings,
-            vocab_size: config.vocab_size,
-            pad_token_id: config.pad_token_id,
-            // Per layer and token: 2·h·(4·h + 3·intermediate) FLOPs of GEMMs (GeGLU's Wi is 2·intermediate wide)
-            // against 4·h per token of context.
-            attention_span: 2 * config.hidden_size + 3 * config.intermediate_size / 2,
-        }
     }
 }
 
