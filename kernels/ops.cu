@@ -227,7 +227,7 @@ __device__ void add_bias_layer_norm_wide(const T* x, const T* bias, const float*
   layer_norm_block_row(row, n, gamma, beta, eps, out + offset, gemm_out ? gemm_out + offset : nullptr, scratch);
 }
 
-// 3. act(x + bias) over [rows, n]: 0 exact GELU (erf), 1 GELU tanh approximation, 2 ReLU, 3 tanh.
+// 3. act(x + bias) over [rows, n]: 0 exact GELU (erf), 1 GELU tanh approximation, 2 ReLU, 3 tanh, 4 SiLU.
 // Grid: (rows, column blocks), so no per-element division. Each thread takes VEC consecutive columns with one
 // 16-byte load and store when VEC * sizeof(T) == 16 (n a multiple of VEC), one column otherwise.
 __device__ __forceinline__ float activate(float v, int act) {
@@ -235,6 +235,7 @@ __device__ __forceinline__ float activate(float v, int act) {
     case 0: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
     case 1: return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     case 2: return fmaxf(v, 0.0f);
+    case 4: return v / (1.0f + expf(-v));
     default: return tanhf(v);
   }
 }

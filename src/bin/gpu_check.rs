@@ -146,6 +146,11 @@ fn kernels(bound: f32) -> Check {
                     FeedForwardActivation::Relu,
                     x.broadcast_add(&b)?.relu()?,
                 ),
+                (
+                    "bias_silu",
+                    FeedForwardActivation::Silu,
+                    candle_nn::ops::silu(&x.broadcast_add(&b)?)?,
+                ),
             ] {
                 let got = ops::bias_activation(&on_gpu(&x)?, &on_gpu(&b)?, activation)?;
                 let (e, nan) = relative_error(&got, &reference)?;

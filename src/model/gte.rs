@@ -368,7 +368,7 @@ mod tests {
             r#", "logn_attention_scale": true"#,
             r#", "rope_scaling": {"factor": 2.0, "type": "linear"}"#,
             r#", "rope_scaling": {"factor": 1.0, "type": "ntk"}"#,
-            r#", "hidden_act": "silu""#,
+            r#", "hidden_act": "quick_gelu""#,
         ] {
             assert!(config(extra).unsupported().is_some(), "{extra}");
         }

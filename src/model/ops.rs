@@ -152,6 +152,8 @@ pub enum FeedForwardActivation {
     /// The tanh approximation: "gelu_new", "gelu_pytorch_tanh".
     GeluTanh,
     Relu,
+    /// x·sigmoid(x): "silu" / "swish" (the gate of SwiGLU).
+    Silu,
 }
 
 impl FeedForwardActivation {
@@ -160,6 +162,7 @@ impl FeedForwardActivation {
             "gelu" => Some(Self::GeluErf),
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
             "relu" => Some(Self::Relu),
+            "silu" | "swish" => Some(Self::Silu),
             _ => None,
         }
     }
@@ -170,6 +173,7 @@ impl FeedForwardActivation {
             Self::GeluErf => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
             Self::Relu => x.relu(),
+            Self::Silu => candle_nn::ops::silu(x),
         }
     }
 }
@@ -192,6 +196,7 @@ pub fn bias_activation(
         FeedForwardActivation::GeluErf => x.gelu_erf(),
         FeedForwardActivation::GeluTanh => x.gelu(),
         FeedForwardActivation::Relu => x.relu(),
+        FeedForwardActivation::Silu => candle_nn::ops::silu(&x),
     }
 }
 
@@ -522,10 +527,15 @@ mod tests {
         );
         let x = Tensor::randn(0f32, 1.0, (9, 16), &dev)?;
         let composed = layer.forward(&x)?;
-        for activation in [FeedForwardActivation::GeluErf, FeedForwardActivation::Relu] {
+        for activation in [
+            FeedForwardActivation::GeluErf,
+            FeedForwardActivation::Relu,
+            FeedForwardActivation::Silu,
+        ] {
             let fused = linear_activation(&layer, &x, activation)?;
             let reference = match activation {
                 FeedForwardActivation::Relu => composed.relu()?,
+                FeedForwardActivation::Silu => candle_nn::ops::silu(&composed)?,
                 _ => composed.gelu_erf()?,
             };
             assert!(max_abs_diff(&fused, &reference) < 1e-5, "{activation:?}");

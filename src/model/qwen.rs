@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::ops::{self, GemmPrecision, Linear, RmsNorm};
+use super::ops::{self, FeedForwardActivation, GemmPrecision, Linear, RmsNorm};
 use super::{CrossEncoder, PackedBatch};
 
 /// The fields of a Qwen3 `config.json` the decoder needs, as transformers writes them (v4 and v5).
@@ -54,36 +54,6 @@ fn default_act() -> String {
     "silu".into()
 }
 
-/// The gate's activation of the gated MLP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MlpActivation {
-    /// SwiGLU (Qwen).
-    Silu,
-    /// GeGLU with exact GELU.
-    GeluErf,
-    /// GeGLU with the tanh approximation (Gemma).
-    GeluTanh,
-}
-
-impl MlpActivation {
-    fn from_config(name: &str) -> Option<Self> {
-        match name {
-            "silu" | "swish" => Some(Self::Silu),
-            "gelu" => Some(Self::GeluErf),
-            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Self::GeluTanh),
-            _ => None,
-        }
-    }
-
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Silu => candle_nn::ops::silu(x),
-            Self::GeluErf => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-        }
-    }
-}
-
 impl Qwen3Config {
     fn mlp_activation(&self) -> &str {
         self.hidden_activation
@@ -115,7 +85,7 @@ impl Qwen3Config {
             Some("rope scaling other than the default".into())
         } else if self.use_sliding_window {
             Some("sliding-window attention (use_sliding_window)".into())
-        } else if MlpActivation::from_config(self.mlp_activation()).is_none() {
+        } else if FeedForwardActivation::from_config(self.mlp_activation()).is_none() {
             Some(format!(
                 "hidden_act {:?} (silu, gelu or gelu_pytorch_tanh)",
                 self.mlp_activation()
@@ -156,7 +126,8 @@ pub struct Qwen3Reranker {
     kv_heads: usize,
     head_dim: usize,
     rope_theta: f64,
-    activation: MlpActivation,
+    /// The gate's activation: SiLU (SwiGLU, Qwen), GELU tanh (GeGLU, Gemma).
+    activation: FeedForwardActivation,
     /// Gemma scales embeddings by √hidden.
     embedding_scale: Option<f64>,
     device: Device,
@@ -270,9 +241,9 @@ impl Qwen3Reranker {
             kv_heads,
             head_dim,
             rope_theta: config.rope_theta(),
-            activation: MlpActivation::from_config(config.mlp_activation()).ok_or_else(|| {
-                candle_core::Error::Msg(format!("activation {:?}", config.mlp_activation()))
-            })?,
+            activation: FeedForwardActivation::from_config(config.mlp_activation()).ok_or_else(
+                || candle_core::Error::Msg(format!("activation {:?}", config.mlp_activation())),
+            )?,
             embedding_scale: (family == Family::Gemma).then(|| (h as f64).sqrt()),
             device: vb.device().clone(),
             dtype: vb.dtype(),
@@ -318,9 +289,7 @@ impl Qwen3Reranker {
         let x = (x + attended.to_dtype(DType::F32)?)?;
         let normed = layer.post_norm.forward(&x)?.to_dtype(self.dtype)?;
         let gate_up = ops::linear(&layer.gate_up, &normed)?;
-        let inner = gate_up.dim(1)? / 2;
-        let gated = (self.activation.apply(&gate_up.narrow(1, 0, inner)?)?
-            * gate_up.narrow(1, inner, inner)?)?;
+        let gated = ops::gated_activation(&gate_up, ops::ActivatedHalf::First, self.activation)?;
         let x = (x + ops::linear(&layer.down, &gated)?.to_dtype(DType::F32)?)?;
         Ok((x, (k, v)))
     }

@@ -5,6 +5,7 @@
 
 pub mod amx;
 mod attention;
+pub mod causal;
 mod rows;
 pub mod vector;
 

@@ -125,6 +125,11 @@ pub fn causal_attention(
     last_only: bool,
     prefix: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
+    if let Some(result) =
+        super::cpu::causal::causal_attention_tensors((q, k, v), cu_seqlens, last_only, prefix)
+    {
+        return result;
+    }
     attention_in_blocks(
         q,
         k,
@@ -570,6 +575,51 @@ mod tests {
                     (got - want).abs() < 1e-5,
                     "sequence {s} last row: {got} vs {want}"
                 );
+            }
+        }
+    }
+
+    /// The composed path (what other devices run) and the CPU kernel agree after a cached prefix, for every row
+    /// and for the last rows only.
+    #[test]
+    fn composed_causal_attention_after_a_prefix_matches_the_cpu_kernel() {
+        let (heads, kv_heads, d) = (4, 2, 3);
+        let cu = [0usize, 6, 7, 90];
+        let (q, k, v) = (
+            tensor(&values(90, heads, d, 2)),
+            tensor(&values(90, kv_heads, d, 4)),
+            tensor(&values(90, kv_heads, d, 6)),
+        );
+        let (pk, pv) = (
+            tensor(&values(11, kv_heads, d, 8)),
+            tensor(&values(11, kv_heads, d, 3)),
+        );
+        for last_only in [false, true] {
+            let composed = attention_in_blocks(
+                &q,
+                &k,
+                &v,
+                &cu,
+                Blocks {
+                    visibility: Visibility::Causal,
+                    last_only,
+                    score_block: heads * 101 * 8,
+                    prefix: Some((&pk, &pv)),
+                },
+            )
+            .and_then(|t| t.to_vec2::<f32>())
+            .expect("composed");
+            let kernel = super::super::cpu::causal::causal_attention_tensors(
+                (&q, &k, &v),
+                &cu,
+                last_only,
+                Some((&pk, &pv)),
+            )
+            .expect("f32 CPU inputs take the kernel")
+            .and_then(|t| t.to_vec2::<f32>())
+            .expect("kernel");
+            for (a, b) in composed.iter().flatten().zip(kernel.iter().flatten()) {
+                assert!((a - b).abs() < 1e-5, "last_only {last_only}: {a} vs {b}");
             }
         }
     }

@@ -150,6 +150,11 @@ fn bias_activation_body(x: &mut [f32], bias: &[f32], activation: FeedForwardActi
                     *v = (*v + b).max(0.0);
                 }
             }
+            FeedForwardActivation::Silu => {
+                for (v, &b) in row.iter_mut().zip(bias) {
+                    *v = silu(*v + b);
+                }
+            }
         }
     }
 }
@@ -263,6 +268,12 @@ fn lane_max(values: &[f32]) -> f32 {
 #[inline(always)]
 pub fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// x·sigmoid(x) = x / (1 + exp(-x)); exp's clamp keeps both tails finite (→ 0 and → x).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
 }
 
 /// GELU with the tanh approximation, as transformers' "gelu_new": tanh(u) = 1 - 2 / (exp(2u) + 1).

@@ -146,6 +146,7 @@ fn activation_code(activation: FeedForwardActivation) -> i32 {
         FeedForwardActivation::GeluErf => 0,
         FeedForwardActivation::GeluTanh => 1,
         FeedForwardActivation::Relu => 2,
+        FeedForwardActivation::Silu => 4,
     }
 }
 
