@@ -338,6 +338,55 @@ fn a_shared_prompt_prefix_computed_once_gives_each_pair_its_own_score() {
     }
 }
 
+/// Pairs of one request scored in batches of their own (as a CPU runs a 0.6B model) take the keys and values of
+/// the prompt an earlier batch computed (the prefix cache), and still score as the reference.
+#[test]
+fn pairs_in_batches_of_their_own_reuse_the_prompt_an_earlier_batch_computed() {
+    for name in FIXTURES {
+        let (model, _) = load(name);
+        let stats = || {
+            model
+                .model
+                .prefix_cache_stats()
+                .expect("a decoder keeps prompt prefixes")
+        };
+        let mut expected_hits = 0;
+        for case in expected(name).cases {
+            let before = stats();
+            let mut sharing = 0;
+            for (i, (ids, want)) in case.input_ids.iter().zip(&case.logits).enumerate() {
+                let batch =
+                    rerank_server::model::PackedBatch::from_sequences([(&ids[..], &[][..])]);
+                let got = model.logits(&batch).expect("forward")[0][0];
+                assert!(
+                    (got - want[0]).abs() <= TOLERANCE,
+                    "{name} {} pair {i}: {got} vs {}",
+                    case.name,
+                    want[0]
+                );
+                let common = ids
+                    .iter()
+                    .zip(&case.input_ids[0])
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                if i > 0 && common.min(ids.len() - 1) >= 16 {
+                    sharing += 1;
+                }
+            }
+            let hits = stats().hits - before.hits;
+            assert!(
+                hits >= sharing,
+                "{name} {}: {hits} hits for {sharing} pairs sharing the first one's prompt",
+                case.name
+            );
+            expected_hits += sharing;
+        }
+        if !name.contains("gemma") {
+            assert!(expected_hits > 0, "{name}: pairs share their prompt");
+        }
+    }
+}
+
 /// The half-precision layout a GPU runs (fp16 GEMM operands and cached keys, fp32 norms, residual stream,
 /// attention and head), here on the CPU: a wrong dtype at any step of the decoders shows without a GPU.
 #[test]

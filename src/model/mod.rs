@@ -7,6 +7,7 @@ pub mod gte;
 pub mod hf_config;
 pub mod modernbert;
 pub mod ops;
+pub mod prefix_cache;
 pub mod qwen;
 pub mod scoring;
 pub mod xlm_roberta;
@@ -98,6 +99,11 @@ impl PackedBatch {
 /// A sequence-classification model: a packed batch in, logits [sequences, num_labels] out.
 pub trait CrossEncoder: Send + Sync {
     fn forward(&self, batch: &PackedBatch) -> candle_core::Result<Tensor>;
+
+    /// Hits and misses of the prompt prefixes a decoder keeps across batches; None for models without them.
+    fn prefix_cache_stats(&self) -> Option<prefix_cache::PrefixCacheStats> {
+        None
+    }
 }
 
 /// A loaded model with what the rest of the server needs to know about it.

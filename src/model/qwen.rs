@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::ops::{self, FeedForwardActivation, GemmPrecision, Linear, RmsNorm};
+use super::prefix_cache::{self, KeysValues, PrefixCache, PrefixCacheStats, MIN_PREFIX};
 use super::{CrossEncoder, PackedBatch};
 
 /// The fields of a Qwen3 `config.json` the decoder needs, as transformers writes them (v4 and v5).
@@ -130,6 +131,8 @@ pub struct Qwen3Reranker {
     activation: FeedForwardActivation,
     /// Gemma scales embeddings by √hidden.
     embedding_scale: Option<f64>,
+    /// Prompt prefixes computed by earlier batches (see `prefix_cache`).
+    prefix_cache: PrefixCache,
     device: Device,
     dtype: DType,
 }
@@ -245,6 +248,7 @@ impl Qwen3Reranker {
                 || candle_core::Error::Msg(format!("activation {:?}", config.mlp_activation())),
             )?,
             embedding_scale: (family == Family::Gemma).then(|| (h as f64).sqrt()),
+            prefix_cache: PrefixCache::new(prefix_cache::DEFAULT_BUDGET),
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -295,14 +299,14 @@ impl Qwen3Reranker {
     }
 
     /// The layers over `batch`, whose sequences sit at positions `offset..` after the cached keys and values of
-    /// a prefix they all share (one pair per layer). Returns each sequence's score; with `capture`, instead of
-    /// scores (None), every layer's keys and values, for the sequences that follow.
+    /// a prefix they all share (one pair per layer). Returns each sequence's score (unless `scores` is false) and
+    /// every layer's keys and values of the batch's first sequence.
     fn run(
         &self,
         batch: &PackedBatch,
         offset: usize,
         prefix: Option<&[KeysValues]>,
-        capture: bool,
+        scores: bool,
     ) -> Result<(Option<Tensor>, Vec<KeysValues>)> {
         let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
         let mut x = self
@@ -319,19 +323,18 @@ impl Qwen3Reranker {
             .map(|&end| end as u32 - 1)
             .collect();
         let last = Tensor::new(last.as_slice(), &self.device)?;
-        let mut captured = Vec::new();
+        let first_len = batch.lengths().next().unwrap_or(0);
+        let mut captured = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            // Past the last layer's attention only the last token of each sequence matters for its score.
-            let final_layer = i + 1 == self.layers.len() && !capture;
+            // Past the last layer's attention only the last token of each sequence matters for its score (and
+            // the keys and values are complete before it).
+            let rows = (i + 1 == self.layers.len()).then_some(&last);
             let cached = prefix.and_then(|kvs| kvs.get(i));
-            let rows = final_layer.then_some(&last);
-            let (next, kv) = self.layer(layer, &x, &rotary, &batch.cu_seqlens, rows, cached)?;
+            let (next, (k, v)) = self.layer(layer, &x, &rotary, &batch.cu_seqlens, rows, cached)?;
             x = next;
-            if capture {
-                captured.push(kv);
-            }
+            captured.push((k.narrow(0, 0, first_len)?, v.narrow(0, 0, first_len)?));
         }
-        if capture {
+        if !scores {
             return Ok((None, captured));
         }
         if self.layers.is_empty() {
@@ -345,43 +348,76 @@ impl Qwen3Reranker {
     }
 }
 
-/// A layer's keys (after norm and rotary) and values, [tokens, kv_heads, head_dim], fp32.
-type KeysValues = (Tensor, Tensor);
-
-/// The fewest tokens a batch's sequences must share before they are computed once for all.
-const MIN_SHARED_PREFIX: usize = 16;
-
 /// The longest run of leading tokens every sequence of the batch shares, keeping at least one token of each
-/// sequence apart (its last token gives its score); None when shorter than MIN_SHARED_PREFIX or fewer than
-/// two sequences share it.
-fn shared_prefix(batch: &PackedBatch) -> Option<usize> {
+/// sequence apart (its last token gives its score); for one sequence, all but its last token.
+fn common_run(batch: &PackedBatch) -> usize {
     let mut rows = batch.rows().map(|(ids, _)| ids);
-    let first = rows.next()?;
-    let mut shared = first.len().saturating_sub(1);
-    let mut others = 0;
-    for ids in rows {
+    let Some(first) = rows.next() else {
+        return 0;
+    };
+    rows.fold(first.len().saturating_sub(1), |shared, ids| {
         let common = first.iter().zip(ids).take_while(|(a, b)| a == b).count();
-        shared = shared.min(common).min(ids.len().saturating_sub(1));
-        others += 1;
-    }
-    (others > 0 && shared >= MIN_SHARED_PREFIX).then_some(shared)
+        shared.min(common).min(ids.len().saturating_sub(1))
+    })
 }
 
 impl CrossEncoder for Qwen3Reranker {
-    /// A prompt prefix every pair of the batch shares (the prompt, the instruction, usually the query) is
-    /// computed once, and each pair's own tokens attend to its cached keys and values: causal attention makes
-    /// the result the same as computing every pair whole.
+    /// The leading tokens every pair of the batch shares (the prompt, the instruction, usually the query) are
+    /// computed once, or taken from an earlier batch that computed them (the prefix cache), and each pair's own
+    /// tokens attend to their keys and values: causal attention makes the result the same as computing every
+    /// pair whole. What a batch computes from the start is kept for the batches after it.
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let scores = match shared_prefix(batch) {
-            Some(shared) => {
-                let (prefix, suffixes) = split_prefix(batch, shared);
-                let (_, cached) = self.run(&prefix, 0, None, true)?;
-                self.run(&suffixes, shared, Some(&cached), false)?.0
+        let shared = common_run(batch);
+        let first: &[u32] = batch.rows().next().map_or(&[], |(ids, _)| ids);
+        let cached = match shared >= MIN_PREFIX {
+            true => self.prefix_cache.lookup(&first[..shared])?,
+            false => None,
+        };
+        let scores = match cached {
+            Some((len, kvs)) => {
+                let (_, suffixes) = split_prefix(batch, len);
+                let (scores, own) = self.run(&suffixes, len, Some(&kvs), true)?;
+                // The batch shares more than was cached (a new query after a cached prompt): keep the longer run.
+                if shared > len {
+                    let longer = extend(&kvs, &own, shared - len)?;
+                    self.prefix_cache.insert(&first[..shared], longer, false)?;
+                }
+                scores
             }
-            None => self.run(batch, 0, None, false)?.0,
+            None if shared >= MIN_PREFIX && batch.size() > 1 => {
+                let (prefix, suffixes) = split_prefix(batch, shared);
+                let (_, kvs) = self.run(&prefix, 0, None, false)?;
+                self.prefix_cache
+                    .insert(&prefix.input_ids, kvs.clone(), false)?;
+                self.run(&suffixes, shared, Some(&kvs), true)?.0
+            }
+            None => {
+                let (scores, kvs) = self.run(batch, 0, None, true)?;
+                // Another batch of the same request will share this pair's prompt.
+                self.prefix_cache.insert(first, kvs, batch.size() > 1)?;
+                scores
+            }
         };
         scores.ok_or_else(|| candle_core::Error::Msg("no scores from the decoder".into()))
     }
+
+    fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
+        Some(self.prefix_cache.stats())
+    }
+}
+
+/// Each layer's cached keys and values followed by the first `extra` positions computed after them.
+fn extend(cached: &[KeysValues], computed: &[KeysValues], extra: usize) -> Result<Vec<KeysValues>> {
+    cached
+        .iter()
+        .zip(computed)
+        .map(|((ck, cv), (k, v))| {
+            Ok((
+                Tensor::cat(&[ck, &k.narrow(0, 0, extra)?], 0)?,
+                Tensor::cat(&[cv, &v.narrow(0, 0, extra)?], 0)?,
+            ))
+        })
+        .collect()
 }
 
 /// The shared prefix as a batch of one sequence, and every sequence's tokens after it.
