@@ -324,6 +324,9 @@ impl CrossEncoder for Gte {
             let first_only = i + 1 == self.layers.len();
             x = self.layer(layer, &x, &rotary, &sequences, first_only)?;
         }
+        if self.layers.is_empty() {
+            x = x.first_tokens(&sequences)?;
+        }
         let pooled = ops::dense_tanh(&self.pooler, &x.residual)?;
         self.classifier.forward(&pooled)
     }

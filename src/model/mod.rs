@@ -104,6 +104,9 @@ pub trait CrossEncoder: Send + Sync {
     fn prefix_cache_stats(&self) -> Option<prefix_cache::PrefixCacheStats> {
         None
     }
+
+    /// Forgets what earlier batches left for later ones (after warm-up and probe batches).
+    fn clear_prefix_cache(&self) {}
 }
 
 /// A loaded model with what the rest of the server needs to know about it.

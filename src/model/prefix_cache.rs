@@ -57,6 +57,16 @@ impl PrefixCache {
         }
     }
 
+    /// The most tokens one run may keep, for keys and values of `bytes_per_token` (a quarter of the budget).
+    pub fn tokens_within(&self, bytes_per_token: usize) -> usize {
+        (self.budget / 4) / bytes_per_token.max(1)
+    }
+
+    /// Drops every run (after warm-up batches of padding, which no request shares).
+    pub fn clear(&self) {
+        self.lock().list.clear();
+    }
+
     pub fn stats(&self) -> PrefixCacheStats {
         PrefixCacheStats {
             hits: self.hits.load(Ordering::Relaxed),

@@ -133,6 +133,8 @@ pub struct Qwen3Reranker {
     embedding_scale: Option<f64>,
     /// Prompt prefixes computed by earlier batches (see `prefix_cache`).
     prefix_cache: PrefixCache,
+    /// The most leading tokens of one sequence the cache keeps.
+    cacheable_tokens: usize,
     device: Device,
     dtype: DType,
 }
@@ -249,6 +251,10 @@ impl Qwen3Reranker {
             )?,
             embedding_scale: (family == Family::Gemma).then(|| (h as f64).sqrt()),
             prefix_cache: PrefixCache::new(prefix_cache::DEFAULT_BUDGET),
+            cacheable_tokens: PrefixCache::new(prefix_cache::DEFAULT_BUDGET).tokens_within(
+                // fp32 keys and values of every layer.
+                config.num_hidden_layers * 2 * kv_heads * head_dim * 4,
+            ),
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -299,14 +305,15 @@ impl Qwen3Reranker {
     }
 
     /// The layers over `batch`, whose sequences sit at positions `offset..` after the cached keys and values of
-    /// a prefix they all share (one pair per layer). Returns each sequence's score (unless `scores` is false) and
-    /// every layer's keys and values of the batch's first sequence.
+    /// a prefix they all share (one pair per layer). Returns each sequence's score (unless `scores` is false) and,
+    /// for each layer, the keys and values of the first `capture` tokens of the batch's first sequence (copied out
+    /// of the batch's tensors unless they are all of them, so those are freed layer by layer).
     fn run(
         &self,
         batch: &PackedBatch,
         offset: usize,
         prefix: Option<&[KeysValues]>,
-        scores: bool,
+        (scores, capture): (bool, usize),
     ) -> Result<(Option<Tensor>, Vec<KeysValues>)> {
         let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
         let mut x = self
@@ -320,11 +327,11 @@ impl Qwen3Reranker {
         let rotary = ops::rotary_tables(spans, self.head_dim, self.rope_theta, &self.device)?;
         let last: Vec<u32> = batch.cu_seqlens[1..]
             .iter()
-            .map(|&end| end as u32 - 1)
+            .map(|&end| (end as u32).saturating_sub(1))
             .collect();
         let last = Tensor::new(last.as_slice(), &self.device)?;
-        let first_len = batch.lengths().next().unwrap_or(0);
-        let mut captured = Vec::with_capacity(self.layers.len());
+        let capture = capture.min(batch.lengths().next().unwrap_or(0));
+        let mut captured = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             // Past the last layer's attention only the last token of each sequence matters for its score (and
             // the keys and values are complete before it).
@@ -332,7 +339,15 @@ impl Qwen3Reranker {
             let cached = prefix.and_then(|kvs| kvs.get(i));
             let (next, (k, v)) = self.layer(layer, &x, &rotary, &batch.cu_seqlens, rows, cached)?;
             x = next;
-            captured.push((k.narrow(0, 0, first_len)?, v.narrow(0, 0, first_len)?));
+            if capture > 0 {
+                captured.push(match capture < k.dim(0)? {
+                    true => (
+                        k.narrow(0, 0, capture)?.copy()?,
+                        v.narrow(0, 0, capture)?.copy()?,
+                    ),
+                    false => (k, v),
+                });
+            }
         }
         if !scores {
             return Ok((None, captured));
@@ -345,6 +360,23 @@ impl Qwen3Reranker {
             Some(h.matmul(&self.head.t()?)?.reshape((batch.size(), 1))?),
             captured,
         ))
+    }
+}
+
+impl Qwen3Reranker {
+    /// A cached run `ids` start with; a cache that fails (a device out of memory) costs only the reuse.
+    fn lookup(&self, ids: &[u32]) -> Option<(usize, Vec<KeysValues>)> {
+        self.prefix_cache.lookup(ids).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "prefix cache lookup failed; computing the whole prompt");
+            None
+        })
+    }
+
+    /// Keeps a computed run for later batches; a failure to keep it costs only the reuse.
+    fn keep(&self, ids: &[u32], layers: Vec<KeysValues>) {
+        if let Err(e) = self.prefix_cache.insert(ids, layers, false) {
+            tracing::warn!(error = %e, "prefix cache insert failed");
+        }
     }
 }
 
@@ -370,35 +402,51 @@ impl CrossEncoder for Qwen3Reranker {
         let shared = common_run(batch);
         let first: &[u32] = batch.rows().next().map_or(&[], |(ids, _)| ids);
         let cached = match shared >= MIN_PREFIX {
-            true => self.prefix_cache.lookup(&first[..shared])?,
+            true => self.lookup(&first[..shared]),
             false => None,
         };
         let scores = match cached {
+            // Pairs that share more than was cached (a new query after a cached prompt): that part once, kept.
+            Some((len, kvs)) if batch.size() > 1 && shared > len => {
+                let (part, _) = split_prefix(&split_prefix(batch, len).1, shared - len);
+                let (_, more) = self.run(&part, len, Some(&kvs), (false, shared - len))?;
+                let longer = extend(&kvs, &more)?;
+                self.keep(&first[..shared], longer.clone());
+                let (_, suffixes) = split_prefix(batch, shared);
+                self.run(&suffixes, shared, Some(&longer), (true, 0))?.0
+            }
             Some((len, kvs)) => {
+                // One pair: what it computes after the cached run is kept as far as the cache takes it.
+                let capture = shared.min(self.cacheable_tokens).saturating_sub(len);
                 let (_, suffixes) = split_prefix(batch, len);
-                let (scores, own) = self.run(&suffixes, len, Some(&kvs), true)?;
-                // The batch shares more than was cached (a new query after a cached prompt): keep the longer run.
-                if shared > len {
-                    let longer = extend(&kvs, &own, shared - len)?;
-                    self.prefix_cache.insert(&first[..shared], longer, false)?;
+                let (scores, own) = self.run(&suffixes, len, Some(&kvs), (true, capture))?;
+                if capture > 0 {
+                    self.keep(&first[..len + capture], extend(&kvs, &own)?);
                 }
                 scores
             }
             None if shared >= MIN_PREFIX && batch.size() > 1 => {
                 let (prefix, suffixes) = split_prefix(batch, shared);
-                let (_, kvs) = self.run(&prefix, 0, None, false)?;
-                self.prefix_cache
-                    .insert(&prefix.input_ids, kvs.clone(), false)?;
-                self.run(&suffixes, shared, Some(&kvs), true)?.0
+                let (_, kvs) = self.run(&prefix, 0, None, (false, shared))?;
+                self.keep(&prefix.input_ids, kvs.clone());
+                self.run(&suffixes, shared, Some(&kvs), (true, 0))?.0
             }
             None => {
-                let (scores, kvs) = self.run(batch, 0, None, true)?;
                 // Another batch of the same request will share this pair's prompt.
-                self.prefix_cache.insert(first, kvs, batch.size() > 1)?;
+                let capture = first.len().min(self.cacheable_tokens);
+                let capture = if capture >= MIN_PREFIX { capture } else { 0 };
+                let (scores, kvs) = self.run(batch, 0, None, (true, capture))?;
+                if capture > 0 {
+                    self.keep(&first[..capture], kvs);
+                }
                 scores
             }
         };
         scores.ok_or_else(|| candle_core::Error::Msg("no scores from the decoder".into()))
+    }
+
+    fn clear_prefix_cache(&self) {
+        self.prefix_cache.clear();
     }
 
     fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
@@ -406,17 +454,12 @@ impl CrossEncoder for Qwen3Reranker {
     }
 }
 
-/// Each layer's cached keys and values followed by the first `extra` positions computed after them.
-fn extend(cached: &[KeysValues], computed: &[KeysValues], extra: usize) -> Result<Vec<KeysValues>> {
+/// Each layer's cached keys and values followed by those computed after them.
+fn extend(cached: &[KeysValues], computed: &[KeysValues]) -> Result<Vec<KeysValues>> {
     cached
         .iter()
         .zip(computed)
-        .map(|((ck, cv), (k, v))| {
-            Ok((
-                Tensor::cat(&[ck, &k.narrow(0, 0, extra)?], 0)?,
-                Tensor::cat(&[cv, &v.narrow(0, 0, extra)?], 0)?,
-            ))
-        })
+        .map(|((ck, cv), (k, v))| Ok((Tensor::cat(&[ck, k], 0)?, Tensor::cat(&[cv, v], 0)?)))
         .collect()
 }
 

@@ -257,21 +257,38 @@ fn warm_up(
     };
     let rows = (policy.max_batch_tokens / shape.pair_cost(max_length))
         .clamp(1, policy.max_batch_size.min(row_cap));
-    let ids = vec![model.pad_token_id; max_length];
+    // Rows differ from their first token, so a decoder computes every row whole (no shared prompt to reuse).
+    let rows_ids: Vec<Vec<u32>> = (0..rows)
+        .map(|row| {
+            let mut ids = vec![model.pad_token_id; max_length];
+            if let Some(first) = ids.first_mut() {
+                *first = (row % model.vocab_size.max(1)) as u32;
+            }
+            ids
+        })
+        .collect();
     let types = vec![0; max_length];
-    let batch = PackedBatch::from_sequences((0..rows).map(|_| (&ids[..], &types[..])));
+    let batch = PackedBatch::from_sequences(rows_ids.iter().map(|ids| (&ids[..], &types[..])));
     let started = Instant::now();
     engine::run_batch(model, &batch)
         .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
     let cold = started.elapsed();
+    // What the warm-up left for later batches would make the timed run (and requests) reuse padding.
+    model.model.clear_prefix_cache();
     // The first run pays one-time costs (allocations, kernel loading on a GPU): a second, smaller run of the
     // same length gives the first speed estimate.
     let timed_rows = (rows / 4).max(1);
-    let timed = PackedBatch::from_sequences((0..timed_rows).map(|_| (&ids[..], &types[..])));
+    let timed = PackedBatch::from_sequences(
+        rows_ids
+            .iter()
+            .take(timed_rows)
+            .map(|ids| (&ids[..], &types[..])),
+    );
     let started = Instant::now();
     engine::run_batch(model, &timed)
         .map_err(|e| StartupError::Config(format!("warm-up batch failed: {e}")))?;
     let warm = started.elapsed();
+    model.model.clear_prefix_cache();
     tracing::info!(
         rows,
         max_length,
@@ -285,4 +302,42 @@ fn warm_up(
         shape.batch_cost(&timed),
         warm,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A decoder's warm-up computes every row whole (its rows share no prompt to reuse) and leaves nothing in the
+    /// prefix cache for requests to reuse.
+    #[test]
+    fn warm_up_computes_decoder_rows_whole_and_leaves_no_prefix() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/qwen3-reranker-tiny");
+        let model = crate::model::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)
+            .expect("fixture loads");
+        let policy = BatchPolicy {
+            max_batch_tokens: 4096,
+            max_batch_size: 8,
+            max_wait: Duration::from_millis(1),
+        };
+        let shape = BatchShape::Packed {
+            attention_span: model.attention_span,
+        };
+        warm_up(&model, &policy, shape, 64).expect("warm-up runs");
+        let stats = || model.model.prefix_cache_stats().expect("a decoder");
+        // Rows sharing a prompt would make the largest batch look one up (a miss): only the one-row timed batch
+        // may, and it finds nothing of the first batch.
+        assert_eq!(
+            (stats().hits, stats().misses),
+            (0, 1),
+            "warm-up rows share nothing"
+        );
+        // A request's pair afterwards finds nothing cached, even one that starts as a warm-up row did.
+        let mut ids = [model.pad_token_id; 40];
+        ids[0] = 0;
+        let pair = PackedBatch::from_sequences([(&ids[..], &[][..])]);
+        engine::run_batch(&model, &pair).expect("scores");
+        assert_eq!(stats().hits, 0, "nothing was left to reuse");
+    }
 }

@@ -346,11 +346,14 @@ pub fn rotate_qk(
     let [Some(values), Some(c), Some(s)] = &views else {
         return None;
     };
-    let half = head_dim / 2;
-    if !width.is_multiple_of(3)
-        || c.data().len() != tokens * half
-        || s.data().len() != tokens * half
-    {
+    let (half, hidden) = (head_dim / 2, width / 3);
+    let shapes_agree = width.is_multiple_of(3)
+        && half > 0
+        && head_dim.is_multiple_of(2)
+        && hidden.is_multiple_of(head_dim)
+        && c.data().len() == tokens * half
+        && s.data().len() == tokens * half;
+    if !shapes_agree {
         return None;
     }
     let mut rotated = values.data().to_vec();

@@ -149,7 +149,9 @@ fn check(inputs: CausalInputs<'_>, shape: CausalShape<'_>, out_len: usize) -> Re
     let consistent = kv_heads > 0
         && heads.is_multiple_of(kv_heads)
         && cu_seqlens.first() == Some(&0)
-        && cu_seqlens.windows(2).all(|w| w[0] <= w[1])
+        && cu_seqlens
+            .windows(2)
+            .all(|w| w[0] < w[1] || (w[0] == w[1] && !last_only))
         && inputs.q.len() == tokens * heads * head_dim
         && inputs.k.len() == tokens * kv_width
         && inputs.v.len() == tokens * kv_width
