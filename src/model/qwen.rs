@@ -400,7 +400,15 @@ impl CrossEncoder for Qwen3Reranker {
     /// pair whole. What a batch computes from the start is kept for the batches after it.
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
         let shared = common_run(batch);
-        let first: &[u32] = batch.rows().next().map_or(&[], |(ids, _)| ids);
+        let (first, first_types) = batch.rows().next().unwrap_or((&[], &[]));
+        // What is worth keeping for the request's other pairs: the first segment (prompt, instruction, query) where
+        // the tokenizer marks it with type id 1, else the whole first sequence.
+        let segment = first_types.iter().take_while(|&&t| t == 1).count();
+        let worth_keeping = match segment >= MIN_PREFIX {
+            true => segment,
+            false => first.len(),
+        }
+        .min(self.cacheable_tokens);
         let cached = match shared >= MIN_PREFIX {
             true => self.lookup(&first[..shared]),
             false => None,
@@ -417,7 +425,7 @@ impl CrossEncoder for Qwen3Reranker {
             }
             Some((len, kvs)) => {
                 // One pair: what it computes after the cached run is kept as far as the cache takes it.
-                let capture = shared.min(self.cacheable_tokens).saturating_sub(len);
+                let capture = shared.min(worth_keeping).saturating_sub(len);
                 let (_, suffixes) = split_prefix(batch, len);
                 let (scores, own) = self.run(&suffixes, len, Some(&kvs), (true, capture))?;
                 if capture > 0 {
@@ -433,8 +441,10 @@ impl CrossEncoder for Qwen3Reranker {
             }
             None => {
                 // Another batch of the same request will share this pair's prompt.
-                let capture = first.len().min(self.cacheable_tokens);
-                let capture = if capture >= MIN_PREFIX { capture } else { 0 };
+                let capture = match worth_keeping >= MIN_PREFIX {
+                    true => worth_keeping,
+                    false => 0,
+                };
                 let (scores, kvs) = self.run(batch, 0, None, (true, capture))?;
                 if capture > 0 {
                     self.keep(&first[..capture], kvs);

@@ -97,7 +97,8 @@ pub(super) struct PromptEncoder {
 /// A query under a prompt, ready for its pairs.
 #[derive(Debug, Clone)]
 pub(super) enum PromptedQuery {
-    WholeBody(PromptBody),
+    /// The body around the document, and how many tokens come before the document.
+    WholeBody(PromptBody, usize),
     /// The query part's ids, already cut to 3/4 of the room.
     QueryThenDocument(Vec<u32>),
 }
@@ -171,7 +172,7 @@ impl PromptEncoder {
                 let len = encode(tokenizer, &body.before_document)
                     .map_err(failed)?
                     .len();
-                Ok((PromptedQuery::WholeBody(body), len))
+                Ok((PromptedQuery::WholeBody(body, len), len))
             }
             PromptLayout::Flag {
                 lead,
@@ -210,7 +211,10 @@ impl PromptEncoder {
         }
     }
 
-    /// One pair's ids. `room` is max_length less `fixed_tokens`.
+    /// One pair's ids. `room` is max_length less `fixed_tokens`. Type id 1 marks the pair's first segment: the
+    /// prompt, instruction and query every pair of the request shares (where the document begins in a body
+    /// tokenized whole, as the body before it tokenizes alone); the model ignores type ids otherwise, and keeps
+    /// that run's keys and values for the request's other pairs.
     pub(super) fn pair(
         &self,
         tokenizer: &Tokenizer,
@@ -224,7 +228,7 @@ impl PromptEncoder {
             RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
         };
         let (first, second, whole) = match (query, &self.template.layout) {
-            (PromptedQuery::WholeBody(body), _) => {
+            (PromptedQuery::WholeBody(body, _), _) => {
                 let text = [
                     body.before_document.as_str(),
                     document,
@@ -286,9 +290,16 @@ impl PromptEncoder {
                 room + self.fixed_tokens()
             )));
         }
+        let before_document = match query {
+            PromptedQuery::WholeBody(_, len) => (*len).min(first.len()),
+            PromptedQuery::QueryThenDocument(_) => first.len(),
+        };
         let input_ids = [self.prefix.as_slice(), &first, &second, &self.suffix].concat();
+        let shared = self.prefix.len() + before_document;
+        let mut type_ids = vec![0; input_ids.len()];
+        type_ids[..shared.min(input_ids.len())].fill(1);
         Ok(PairTokens {
-            type_ids: vec![0; input_ids.len()],
+            type_ids,
             input_ids,
         })
     }
