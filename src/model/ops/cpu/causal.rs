@@ -189,85 +189,66 @@ fn one_block(inputs: CausalInputs<'_>, shape: CausalShape<'_>, block: QueryBlock
     let keys = prefix + own_keys;
     let scale = 1.0 / (d as f32).sqrt();
     let q = &inputs.q[(block.start + block.from) * q_width + block.head * d..];
-    let own_k = &inputs.k[block.start * kv_width + kv_column..];
-    let own_v = &inputs.v[block.start * kv_width + kv_column..];
+    let own_k = &inputs.k[block.start * kv_width..];
+    let own_v = &inputs.v[block.start * kv_width..];
     SCORES.with_borrow_mut(|buffer| {
         let needed = block.rows * keys + block.rows;
         if buffer.len() < needed {
             buffer.resize(needed, 0.0);
         }
         let (scores, sums) = buffer[..needed].split_at_mut(block.rows * keys);
-        let operand = |data: &[f32], column: usize| Strided {
-            ptr: data[column..].as_ptr(),
+        // This head's key/value columns of a [rows, kv_width] buffer (an empty prefix's pointer is never read).
+        let operand = |data: &[f32]| Strided {
+            ptr: data.as_ptr().wrapping_add(kv_column),
             row_stride: kv_width,
         };
-        if prefix > 0 {
-            let prefix_k = operand(inputs.prefix_k, kv_column);
-            // SAFETY: scores is [rows, keys]; the first `prefix` columns of each row take Q·Kpᵀ.
+        // The prefix's keys and values, then the sequence's own: (keys, values, first score column, count).
+        let segments = [
+            (
+                operand(inputs.prefix_k),
+                operand(inputs.prefix_v),
+                0,
+                prefix,
+            ),
+            (operand(own_k), operand(own_v), prefix, own_keys),
+        ];
+        let segments = segments.iter().filter(|segment| segment.3 > 0);
+        for &(keys_of, _, column, count) in segments.clone() {
+            // SAFETY: scores is [rows, keys]; columns column..column + count of each row take Q·Kᵀ over this
+            // segment's `count` keys, which lie in its buffer (prefix rows, or the sequence's rows).
             unsafe {
                 scores_into(
-                    scores.as_mut_ptr(),
+                    scores[column..].as_mut_ptr(),
                     keys,
                     q,
                     q_width,
-                    prefix_k,
-                    (block.rows, prefix, d),
+                    keys_of,
+                    (block.rows, count, d),
                     scale,
                 )
             };
         }
-        let own = Strided {
-            ptr: own_k.as_ptr(),
-            row_stride: kv_width,
-        };
-        // SAFETY: columns prefix..keys of each score row take Q·Kᵀ over the sequence's own keys 0..own_keys.
-        unsafe {
-            scores_into(
-                scores[prefix..].as_mut_ptr(),
-                keys,
-                q,
-                q_width,
-                own,
-                (block.rows, own_keys, d),
-                scale,
-            )
-        };
         for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
             // Query at own position from + i sees own keys 0..=from + i.
             row[prefix + block.from + i + 1..].fill(f32::NEG_INFINITY);
         }
         vector::softmax_numerators(scores, keys, sums);
         let dst = out.at(block.out_row * q_width + block.head * d);
-        if prefix > 0 {
-            // SAFETY: dst rows are this block's, the head's d columns, row stride q_width.
+        for (n, &(_, values_of, column, count)) in segments.enumerate() {
+            // SAFETY: dst rows are this block's, the head's d columns at row stride q_width; P's columns for this
+            // segment start at `column`. The first segment writes, the next adds.
             unsafe {
                 values_into(
                     dst,
                     q_width,
-                    scores.as_ptr(),
+                    scores[column..].as_ptr(),
                     keys,
-                    operand(inputs.prefix_v, kv_column),
-                    (block.rows, prefix, d),
-                    false,
+                    values_of,
+                    (block.rows, count, d),
+                    n > 0,
                 )
             };
         }
-        let own_v = Strided {
-            ptr: own_v.as_ptr(),
-            row_stride: kv_width,
-        };
-        // SAFETY: as above; P's own-key columns start at `prefix`.
-        unsafe {
-            values_into(
-                dst,
-                q_width,
-                scores[prefix..].as_ptr(),
-                keys,
-                own_v,
-                (block.rows, own_keys, d),
-                prefix > 0,
-            )
-        };
         for (i, &sum) in sums.iter().enumerate() {
             // SAFETY: row i < rows of this block's region.
             let row = unsafe { std::slice::from_raw_parts_mut(dst.wrapping_add(i * q_width), d) };
