@@ -100,9 +100,43 @@ pub struct Config {
     /// PEM certificate chain and private key: when both are set, the listener speaks TLS only.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the server exits.
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish, after `drain_delay`, before the server
+    /// ends those still open with UNAVAILABLE and exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long the server keeps taking calls with health already NOT_SERVING, so that work
+    /// a load balancer routes here before it notices still succeeds; then connections are closed gracefully.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Connections are closed gracefully (HTTP/2 GOAWAY) after about this age (±10%), with `drain_timeout` for
+    /// their calls to finish, so that clients balancing over DNS reach new replicas. "0s" = never.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// Connections open at once; past it a new connection is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// A request must arrive whole within this time of its headers: an HTTP body, a gRPC request message, a
+    /// RerankStream's `start` message. Until then it holds no call slot.
+    #[serde(with = "humantime_serde")]
+    pub request_read_timeout: Duration,
+    /// HTTP/1.1 request headers (and the first bytes of a new connection) must arrive within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no call in progress (HTTP/1.1 keep-alive between requests, HTTP/2 without streams) is
+    /// closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Header fields of one request (HTTP/1.1).
+    pub max_headers: usize,
+    /// Bytes of one request's headers (HTTP/1.1 request line and headers; HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// The share (0 to 1] of call slots and of admission's pairs, tokens and bytes one client may hold. A client
+    /// is the peer's IP address, or the address a trusted proxy names in `x-forwarded-for`.
+    pub max_client_share: f64,
+    /// Addresses or CIDR ranges of proxies (load balancers) whose `x-forwarded-for` header names the client.
+    pub trusted_proxies: Vec<IpRange>,
+    /// When not 0: a second, plaintext listener on this port serving only health (gRPC health and GET
+    /// /health), for probes when the main port speaks TLS.
+    pub health_port: u16,
 }
 
 impl Default for Config {
@@ -131,7 +165,7 @@ impl Default for Config {
             max_pending_pairs: 200_000,
             max_pending_tokens: 20_000_000,
             max_stream_pending_pairs: 2048,
-            max_concurrent_streams: 1024,
+            max_concurrent_streams: 100,
             max_queue_time: Duration::from_secs(10),
             target_batch_time: Duration::ZERO,
             max_concurrent_calls: 512,
@@ -144,7 +178,53 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             drain_timeout: Duration::from_secs(30),
+            drain_delay: Duration::from_secs(5),
+            max_connection_age: Duration::from_secs(300),
+            max_connections: 10_000,
+            request_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_headers: 100,
+            max_header_bytes: 16 * 1024,
+            max_client_share: 0.5,
+            trusted_proxies: Vec::new(),
+            health_port: 0,
         }
+    }
+}
+
+/// An address or CIDR range (`10.0.0.7`, `10.0.0.0/24`, `fd00::/8`), as written in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange(pub ipnet::IpNet);
+
+impl IpRange {
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        self.0.contains(ip)
+    }
+}
+
+impl std::str::FromStr for IpRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        text.parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(Self)
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))
+    }
+}
+
+impl Serialize for IpRange {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -289,12 +369,17 @@ impl Config {
             ("max_concurrent_calls", self.max_concurrent_calls),
             ("max_inflight_bytes", self.max_inflight_bytes),
             ("max_consecutive_failures", self.max_consecutive_failures),
+            ("max_connections", self.max_connections),
+            ("max_headers", self.max_headers),
         ];
         let positive_times = [
             ("max_queue_time", self.max_queue_time),
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
             ("stream_idle_timeout", self.stream_idle_timeout),
+            ("request_read_timeout", self.request_read_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
         ];
         if let Some((key, _)) = positive_times.iter().find(|(_, value)| value.is_zero()) {
             return Err(StartupError::Config(format!(
@@ -318,6 +403,22 @@ impl Config {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(StartupError::Config(
                 "tls_cert and tls_key must be set together".into(),
+            ));
+        }
+        if !(self.max_client_share > 0.0 && self.max_client_share <= 1.0) {
+            return Err(StartupError::Config(
+                "max_client_share must be greater than 0 and at most 1".into(),
+            ));
+        }
+        // hyper reads an HTTP/1.1 head into a buffer of at least 8 KiB.
+        if self.max_header_bytes < 8192 {
+            return Err(StartupError::Config(
+                "max_header_bytes must be at least 8192".into(),
+            ));
+        }
+        if self.health_port != 0 && self.health_port == self.port {
+            return Err(StartupError::Config(
+                "health_port must differ from port".into(),
             ));
         }
         if self.max_length == Some(0) {

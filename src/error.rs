@@ -22,6 +22,9 @@ pub enum StartupError {
     /// The background model load failed; the reason is the original error's text.
     #[error("model failed to load: {0}")]
     Load(String),
+    /// A second SIGTERM/SIGINT ended the drain before the calls in flight had finished.
+    #[error("a second signal ended the drain; calls still in flight were cut off")]
+    Interrupted,
 }
 
 /// Why one rerank call failed. Each variant maps to exactly one gRPC status code and one HTTP status.
@@ -54,6 +57,9 @@ pub enum RerankError {
     /// The client went away (CANCELLED).
     #[error("{0}")]
     Cancelled(String),
+    /// The request did not arrive whole within request_read_timeout (DEADLINE_EXCEEDED; HTTP 408).
+    #[error("{0}")]
+    RequestTimeout(String),
 }
 
 /// Which admission limit refused work: the `reason` label of `rerank_admission_refusals_total`.
@@ -73,10 +79,12 @@ pub enum Refusal {
     Deadline,
     /// The work would make admitted calls miss their deadlines.
     OthersDeadlines,
+    /// The calling client already holds its share (max_client_share) of slots or admission.
+    ClientShare,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 8] = [
         Self::Calls,
         Self::Pairs,
         Self::Tokens,
@@ -84,6 +92,7 @@ impl Refusal {
         Self::QueueTime,
         Self::Deadline,
         Self::OthersDeadlines,
+        Self::ClientShare,
     ];
 
     pub fn label(self) -> &'static str {
@@ -95,6 +104,7 @@ impl Refusal {
             Self::QueueTime => "queue_time",
             Self::Deadline => "deadline",
             Self::OthersDeadlines => "others_deadlines",
+            Self::ClientShare => "client_share",
         }
     }
 }
@@ -131,6 +141,7 @@ impl RerankError {
             Self::DeadlineExceeded(_) => "deadline_exceeded",
             Self::Aborted(_) => "aborted",
             Self::Cancelled(_) => "cancelled",
+            Self::RequestTimeout(_) => "request_timeout",
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The server's lifecycle — loading, serving, draining or failed — in one place that health, the transports
-//! and shutdown all read.
+//! The server's lifecycle — loading, serving, draining, stopped or failed — in one place that health, the
+//! transports and shutdown all read.
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,8 +16,11 @@ pub enum State {
     Loading,
     /// The model is ready and calls are taken.
     Serving,
-    /// Shutting down: new calls are refused, calls in flight finish.
+    /// Shutting down: health is NOT_SERVING so that balancers and clients go elsewhere, while calls that still
+    /// arrive are taken and those in flight finish.
     Draining,
+    /// The drain is over: new calls are refused and those still running end with UNAVAILABLE.
+    Stopped,
     /// The model failed to load or the engine stopped; the reason says which.
     Failed(String),
 }
@@ -57,15 +60,25 @@ impl Lifecycle {
         self.move_to(State::Serving, |state| *state == State::Loading);
     }
 
-    /// Any state but Draining → Failed; a failure while draining does not matter any more.
+    /// Any state but Draining or Stopped → Failed; a failure while shutting down does not matter any more.
     pub fn fail(&self, reason: impl Into<String>) {
         let reason = reason.into();
-        self.move_to(State::Failed(reason), |state| *state != State::Draining);
+        self.move_to(State::Failed(reason), |state| {
+            !matches!(state, State::Draining | State::Stopped)
+        });
     }
 
-    /// → Draining, from any state.
+    /// → Draining, from any state but Stopped.
     pub fn drain(&self) {
-        self.move_to(State::Draining, |_| true);
+        self.move_to(State::Draining, |state| *state != State::Stopped);
+    }
+
+    /// → Stopped: new calls are refused, and calls still in flight end with UNAVAILABLE.
+    pub fn stop(&self) {
+        self.move_to(State::Stopped, |_| true);
+        if let Some(reranker) = self.reranker.get() {
+            reranker.stop_calls();
+        }
     }
 
     fn move_to(&self, next: State, allowed: impl Fn(&State) -> bool) {
@@ -83,13 +96,13 @@ impl Lifecycle {
         }
     }
 
-    /// The reranker while serving; otherwise UNAVAILABLE, saying why.
+    /// The reranker while serving or draining; otherwise UNAVAILABLE, saying why.
     pub fn reranker(&self) -> Result<&Reranker, RerankError> {
         let unavailable = |why: &str| Err(RerankError::Unavailable(why.into()));
         match &*self.state.borrow() {
-            State::Serving => {}
+            State::Serving | State::Draining => {}
             State::Loading => return unavailable("the model is still loading"),
-            State::Draining => return unavailable("the server is shutting down"),
+            State::Stopped => return unavailable(crate::rerank::SHUTTING_DOWN),
             State::Failed(reason) => {
                 return Err(RerankError::Unavailable(format!(
                     "the server cannot score: {reason}; retry at another replica"
@@ -107,13 +120,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn draining_is_final_and_failures_while_draining_are_ignored() {
+    fn stopped_is_final_and_failures_while_shutting_down_are_ignored() {
         let lifecycle = Lifecycle::new(Arc::new(Metrics::new()));
         assert_eq!(lifecycle.state(), State::Loading);
         assert!(lifecycle.reranker().is_err());
         lifecycle.drain();
         lifecycle.fail("engine stopped");
         assert_eq!(lifecycle.state(), State::Draining);
+        assert!(
+            matches!(lifecycle.reranker(), Err(RerankError::Unavailable(m)) if m.contains("loading")),
+            "draining before the model loaded still has no model"
+        );
+        lifecycle.stop();
+        lifecycle.drain();
+        lifecycle.fail("engine stopped");
+        assert_eq!(lifecycle.state(), State::Stopped);
         assert!(
             matches!(lifecycle.reranker(), Err(RerankError::Unavailable(m)) if m.contains("shutting down"))
         );

@@ -32,12 +32,23 @@ async fn run(cli: Cli) -> Result<(), rerank_server::error::StartupError> {
     let mut running = server::start(config).await?;
     tokio::select! {
         ready = running.ready() => ready?,
-        _ = shutdown_signal() => return running.shutdown().await,
+        _ = shutdown_signal() => return drain(running).await,
     }
     tracing::info!(addr = %running.local_addr, "serving rerank.v1.RerankerService");
     shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight calls");
-    running.shutdown().await
+    tracing::info!("shutting down");
+    drain(running).await
+}
+
+/// The drain, unless a second signal asks to end at once.
+async fn drain(running: server::RunningServer) -> Result<(), rerank_server::error::StartupError> {
+    tokio::select! {
+        drained = running.shutdown() => drained,
+        _ = shutdown_signal() => {
+            tracing::warn!("second signal: exiting without finishing the calls in flight");
+            Err(rerank_server::error::StartupError::Interrupted)
+        }
+    }
 }
 
 /// Exit status for container health checks: success only when the server reports SERVING.

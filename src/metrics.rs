@@ -69,6 +69,12 @@ pub struct Metrics {
     pub token_cache_misses: IntCounter,
     /// 1 while the server serves, else 0.
     pub serving: IntGauge,
+    /// Rerank calls holding a slot among max_concurrent_calls.
+    pub calls_in_progress: IntGauge,
+    /// Connections open now, refused at accept (max_connections), and closed by reason.
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounter,
+    pub connections_closed: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -127,6 +133,19 @@ impl Metrics {
         );
         for reason in Refusal::ALL {
             refusals.with_label_values(&[reason.label()]);
+        }
+        let connections_closed = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "rerank_connections_closed_total",
+                    "Connections ended, by why: the peer closed or failed, header_timeout, idle, age (max_connection_age) or drain.",
+                ),
+                &["reason"],
+            ),
+        );
+        for reason in ["peer", "header_timeout", "idle", "age", "drain"] {
+            connections_closed.with_label_values(&[reason]);
         }
         let tokens_per_second = registered(
             &registry,
@@ -188,6 +207,16 @@ impl Metrics {
                 "Documents looked up in the document cache and tokenized.",
             ),
             serving: gauge("rerank_serving", "1 while the server serves (model loaded, not draining), else 0."),
+            calls_in_progress: gauge(
+                "rerank_calls_in_progress",
+                "Rerank calls holding a slot among max_concurrent_calls (requests arrived, work not done).",
+            ),
+            connections_open: gauge("rerank_connections_open", "Client connections open now."),
+            connections_refused: counter(
+                "rerank_connections_refused_total",
+                "Connections closed as soon as they were accepted because max_connections were open.",
+            ),
+            connections_closed,
             registry,
         }
     }

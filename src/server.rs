@@ -1,5 +1,6 @@
 //! Assembles the server: one listener serving gRPC (rerank, health, reflection) and HTTP/JSON through one
-//! router, the lifecycle that health and shutdown read, and the model loading in the background.
+//! router (and optionally a plaintext health listener), the lifecycle that health and the drain read, and the
+//! model loading in the background.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,12 +9,10 @@ use std::time::Duration;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::config::Config;
+use crate::config::{Config, IpRange};
 use crate::error::StartupError;
 use crate::lifecycle::{Lifecycle, State};
 use crate::metrics::Metrics;
@@ -22,6 +21,7 @@ use crate::rerank::access::ApiKey;
 use crate::rerank::limits::CallSlots;
 use crate::rerank::loading::build_reranker_with;
 pub use crate::rerank::loading::{build_reranker, ModelWrapper};
+use crate::transport::connections::{self, ConnectionLimits, Listener};
 use crate::transport::grpc::GrpcReranker;
 use crate::transport::grpc_gate::GrpcGate;
 use crate::transport::http::{self, HttpState};
@@ -30,29 +30,20 @@ use crate::transport::tls;
 /// The gRPC service name health reports on, besides the overall "" entry.
 const SERVICE_NAME: &str = "rerank.v1.RerankerService";
 
-/// Accepted connections with Nagle's algorithm off (as tonic sets on the listeners it binds itself): a
-/// response's last small HTTP/2 frames (the trailers) must not wait for the client's delayed ACK, which costs
-/// about 40 ms per call on Linux.
-fn accept_without_delay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-        }
-        Ok(stream)
-    })
-}
+/// How long connections get, after drain_timeout has ended their calls with UNAVAILABLE, to carry those
+/// answers to their clients before they are dropped.
+const FLUSH_TIME: Duration = Duration::from_secs(1);
 
 /// A started server: listening at once (health answers NOT_SERVING) while the model loads.
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// The plaintext health listener's address, when `health_port` is set.
+    pub health_addr: Option<SocketAddr>,
     lifecycle: Arc<Lifecycle>,
-    shutdown: Option<oneshot::Sender<()>>,
-    serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    listener: Listener,
+    health_listener: Option<Listener>,
     health: HealthReporter,
+    drain_delay: Duration,
     drain_timeout: Duration,
 }
 
@@ -64,7 +55,7 @@ impl RunningServer {
             match &*states.borrow_and_update() {
                 State::Serving => return Ok(()),
                 State::Failed(reason) => return Err(StartupError::Load(reason.clone())),
-                State::Draining => {
+                State::Draining | State::Stopped => {
                     return Err(StartupError::Load("the server is shutting down".into()))
                 }
                 State::Loading => {}
@@ -79,25 +70,47 @@ impl RunningServer {
         &self.lifecycle
     }
 
-    /// Graceful shutdown: health turns NOT_SERVING, new rerank calls are refused with UNAVAILABLE (503), the
-    /// listener stops, and in-flight calls get `drain_timeout` to finish; then it returns.
-    pub async fn shutdown(mut self) -> Result<(), StartupError> {
-        // Refuse new calls before health says so, so that a client that sees NOT_SERVING is also refused.
+    /// The drain a load balancer expects: health turns NOT_SERVING at once while calls are still taken for
+    /// `drain_delay`; then every connection is closed gracefully (HTTP/2 GOAWAY, HTTP/1.1 after its current
+    /// response) and the listener stops; calls in flight get `drain_timeout`, after which those still open end
+    /// with UNAVAILABLE. Returns once every connection has ended.
+    pub async fn shutdown(self) -> Result<(), StartupError> {
+        let delay = tokio::time::sleep(self.drain_delay);
+        self.shutdown_after(delay).await
+    }
+
+    /// `shutdown`, with the time calls are still taken ended by `lame_duck_over` instead of `drain_delay`.
+    pub async fn shutdown_after(
+        self,
+        lame_duck_over: impl std::future::Future<Output = ()>,
+    ) -> Result<(), StartupError> {
         self.lifecycle.drain();
         set_health(&self.health, ServingStatus::NotServing).await;
-        if let Some(signal) = self.shutdown.take() {
-            let _ = signal.send(());
+        tracing::info!(
+            drain_delay = ?self.drain_delay,
+            "draining: health is NOT_SERVING; calls are still taken until the balancers have noticed"
+        );
+        lame_duck_over.await;
+        tracing::info!(
+            drain_timeout = ?self.drain_timeout,
+            "closing connections (GOAWAY); calls in flight may finish"
+        );
+        self.listener.close_gracefully();
+        let finished = tokio::time::timeout(self.drain_timeout, self.listener.closed()).await;
+        self.lifecycle.stop();
+        if finished.is_err() {
+            tracing::warn!(
+                drain_timeout = ?self.drain_timeout,
+                "calls still open after drain_timeout end with UNAVAILABLE"
+            );
+            let _ = tokio::time::timeout(FLUSH_TIME, self.listener.closed()).await;
+            self.listener.close_now();
         }
-        match tokio::time::timeout(self.drain_timeout, &mut self.serve).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(StartupError::Config(format!("server error: {e}"))),
-            Ok(Err(e)) => Err(StartupError::Config(format!("server task failed: {e}"))),
-            Err(_) => {
-                tracing::warn!(timeout = ?self.drain_timeout, "in-flight calls did not finish within drain_timeout");
-                self.serve.abort();
-                Ok(())
-            }
+        if let Some(health) = &self.health_listener {
+            health.close_now();
         }
+        tracing::info!("drained");
+        Ok(())
     }
 }
 
@@ -135,74 +148,97 @@ pub async fn start_with(
 ) -> Result<RunningServer, StartupError> {
     let listener = TcpListener::bind(config.listen_addr()?).await?;
     let local_addr = listener.local_addr()?;
+    connections::raise_open_files_limit(config.max_connections);
     let metrics = Arc::new(Metrics::new());
     let lifecycle = Lifecycle::new(Arc::clone(&metrics));
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     follow_lifecycle(&lifecycle, health.clone());
     let api_key = ApiKey::new(config.api_key.as_ref().map(|key| key.expose()));
-    let slots = CallSlots::new(config.max_concurrent_calls, Arc::clone(&metrics));
-    let rerank_service = RerankerServiceServer::new(GrpcReranker::new(Arc::clone(&lifecycle)))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let slots = CallSlots::new(
+        config.max_concurrent_calls,
+        config.max_client_share,
+        Arc::clone(&metrics),
+    );
+    let rerank_service =
+        RerankerServiceServer::new(GrpcReranker::new(Arc::clone(&lifecycle), slots.clone()))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
     let rerank_service = GrpcGate::new(
         rerank_service,
         api_key.clone(),
-        slots.clone(),
+        config.request_read_timeout,
         Arc::clone(&metrics),
     );
     let reflection = reflection_services()?;
-    let grpc = tonic::service::Routes::new(health_service)
+    let grpc = tonic::service::Routes::new(health_service.clone())
         .add_service(reflection.0)
         .add_service(reflection.1)
         .add_service(rerank_service);
-    let http = http::router(HttpState {
+    let http_state = HttpState {
         lifecycle: Arc::clone(&lifecycle),
         api_key,
         slots,
         max_body_bytes: config.max_message_bytes,
-    });
-    let router = grpc
+        read_timeout: config.request_read_timeout,
+    };
+    let trusted: Arc<[IpRange]> = config.trusted_proxies.clone().into();
+    let app = grpc
         .into_axum_router()
-        .merge(http)
+        .merge(http::router(http_state.clone()))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            trusted,
+            crate::transport::with_client,
+        ))
         .layer(axum::middleware::from_fn(crate::transport::with_request_id));
-    let (shutdown, shutdown_signal) = oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder()
-        .accept_http1(true)
-        .max_concurrent_streams(Some(config.max_concurrent_streams))
-        .http2_keepalive_interval(Some(config.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.keepalive_timeout));
-    let routes = tonic::service::Routes::from(router);
-    let stopped = async {
-        let _ = shutdown_signal.await;
+    let limits = connection_limits(&config);
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
     };
-    let serve = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => {
-            let tls = tls::server_config(cert, key)?;
-            let incoming = tls::incoming(listener, tls);
-            tokio::spawn(
-                builder
-                    .add_routes(routes)
-                    .serve_with_incoming_shutdown(incoming, stopped),
-            )
-        }
-        _ => tokio::spawn(
-            builder
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(accept_without_delay(listener), stopped),
-        ),
-    };
+    let listener = Listener::serve(listener, tls, app, limits.clone(), Arc::clone(&metrics));
     tracing::info!(%local_addr, "listening for gRPC and HTTP (not serving until the model is loaded)");
+    let (health_listener, health_addr) = match config.health_port {
+        0 => (None, None),
+        port => {
+            let bound =
+                TcpListener::bind(SocketAddr::new(config.listen_addr()?.ip(), port)).await?;
+            let addr = bound.local_addr()?;
+            let app = tonic::service::Routes::new(health_service)
+                .into_axum_router()
+                .merge(http::health_router(http_state));
+            tracing::info!(%addr, "health (gRPC and GET /health, plaintext) listening");
+            let served = Listener::serve(bound, None, app, limits, Arc::clone(&metrics));
+            (Some(served), Some(addr))
+        }
+    };
     load_in_background(config.clone(), wrapper, Arc::clone(&lifecycle));
     Ok(RunningServer {
         local_addr,
+        health_addr,
         lifecycle,
-        shutdown: Some(shutdown),
-        serve,
+        listener,
+        health_listener,
         health,
+        drain_delay: config.drain_delay,
         drain_timeout: config.drain_timeout,
     })
+}
+
+fn connection_limits(config: &Config) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: config.max_connections,
+        max_connection_age: Some(config.max_connection_age).filter(|age| !age.is_zero()),
+        age_grace: config.drain_timeout,
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        max_headers: config.max_headers,
+        max_header_bytes: config.max_header_bytes,
+        max_concurrent_streams: config.max_concurrent_streams,
+        keepalive_interval: config.keepalive_interval,
+        keepalive_timeout: config.keepalive_timeout,
+    }
 }
 
 /// Loads the model; the lifecycle then serves it, or fails with why. A stopped engine fails it later.

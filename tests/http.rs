@@ -213,6 +213,8 @@ async fn admission_refusals_are_429_and_passed_deadlines_504() {
     let mut config = test_config(ONE_LABEL);
     config.max_batch_size = 1;
     config.max_pending_pairs = 20;
+    // Both calls come from one client: the global limit, not the client's share, is under test here.
+    config.max_client_share = 1.0;
     let gate = Gate::closed();
     let server = start_wrapped(config, gate.wrapper()).await;
     let docs: Vec<String> = (0..19).map(|i| format!("document {i}")).collect();
@@ -228,9 +230,12 @@ async fn admission_refusals_are_429_and_passed_deadlines_504() {
     )
     .await;
     assert_eq!(status, 429, "{reply}");
-    assert!(reply["message"]
-        .as_str()
-        .is_some_and(|m| m.contains("max_pending_pairs")));
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_pending_pairs")),
+        "{reply}"
+    );
     let metrics = scrape(&server).await;
     assert_eq!(
         metrics.get(r#"rerank_admission_refusals_total{reason="pairs"}"#),
@@ -255,15 +260,11 @@ async fn admission_refusals_are_429_and_passed_deadlines_504() {
 }
 
 #[tokio::test]
-async fn health_follows_the_lifecycle_and_draining_refuses_with_503() {
+async fn health_follows_the_lifecycle_and_a_draining_server_serves_until_it_stops() {
     let server = start(test_config(ONE_LABEL)).await;
     let http = reqwest::Client::new();
-    let health = http
-        .get(http_url(&server, "/health"))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(health.status(), 200);
+    let health = |http: &reqwest::Client| http.get(http_url(&server, "/health")).send();
+    assert_eq!(health(&http).await.expect("sent").status(), 200);
     let info: Value = http
         .get(http_url(&server, "/info"))
         .send()
@@ -276,16 +277,27 @@ async fn health_follows_the_lifecycle_and_draining_refuses_with_503() {
         .as_str()
         .is_some_and(|m| m.ends_with(ONE_LABEL)));
     assert_eq!(info["max_concurrent_calls"], 512);
+    let call = json!({"query": "q", "texts": ["a"]});
     server.lifecycle().drain();
-    let health = http
-        .get(http_url(&server, "/health"))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(health.status(), 503);
-    let (status, reply) =
-        post_json(&server, "/rerank", &json!({"query": "q", "texts": ["a"]})).await;
+    let draining = health(&http).await.expect("sent");
+    assert_eq!(draining.status(), 503);
+    let body: Value = draining.json().await.expect("json");
+    assert_eq!(body["status"], "draining");
+    let (status, reply) = post_json(&server, "/rerank", &call).await;
+    assert_eq!(
+        status, 200,
+        "calls are still served while balancers notice: {reply}"
+    );
+    server.lifecycle().stop();
+    assert_eq!(health(&http).await.expect("sent").status(), 503);
+    let (status, reply) = post_json(&server, "/rerank", &call).await;
     assert_eq!(status, 503, "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shutting down")),
+        "{reply}"
+    );
 }
 
 #[tokio::test]

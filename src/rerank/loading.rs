@@ -151,6 +151,7 @@ pub async fn build_reranker_with(
         max_query_bytes: config.max_query_bytes,
         max_stream_pending_pairs: config.max_stream_pending_pairs,
         stream_idle_timeout: config.stream_idle_timeout,
+        request_read_timeout: config.request_read_timeout,
         max_chunks_per_doc: config.max_chunks_per_doc,
         chunk_overlap_tokens: config.chunk_overlap_tokens,
         max_concurrent_calls: config.max_concurrent_calls,
@@ -169,6 +170,7 @@ pub async fn build_reranker_with(
             max_inflight_bytes: config.max_inflight_bytes,
             max_queue_time: config.max_queue_time,
             batches_in_flight: batch_time * if on_gpu { 2 } else { 1 },
+            max_client_share: config.max_client_share,
         },
         throughput,
     );

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod clients;
 mod documents;
 pub mod limits;
 pub mod loading;
@@ -38,6 +39,8 @@ pub struct RerankOptions {
     pub deadline: Option<Instant>,
     /// For instruction-following rerankers (Qwen3-Reranker): the task instruction instead of the model's default.
     pub instruction: Option<String>,
+    /// Who calls: admission holds each client to its share (max_client_share). None: the global limits only.
+    pub client: Option<clients::ClientId>,
 }
 
 /// A scored document, by its global index.
@@ -105,6 +108,10 @@ pub struct Pending {
     pub bytes: usize,
 }
 
+/// Why calls end when the server stops: the scores a stream has sent stand, the rest can go to another replica.
+pub const SHUTTING_DOWN: &str =
+    "the server is shutting down; scores already sent stand, send the rest to another replica";
+
 /// Cheap-to-clone entry point of the rerank path.
 #[derive(Clone)]
 pub struct Reranker {
@@ -119,6 +126,8 @@ struct Inner {
     policy: BatchPolicy,
     description: ModelDescription,
     metrics: Arc<Metrics>,
+    /// Set when the server stops: calls still in flight end with UNAVAILABLE.
+    stopped: tokio::sync::watch::Sender<bool>,
 }
 
 impl Reranker {
@@ -139,6 +148,7 @@ impl Reranker {
             policy,
             description,
             metrics,
+            stopped: tokio::sync::watch::Sender::new(false),
         };
         Self {
             inner: Arc::new(inner),
@@ -192,6 +202,30 @@ impl Reranker {
             .set(self.tokens_per_second());
     }
 
+    /// Ends every call in flight with UNAVAILABLE (the server is stopping); their queued pairs are dropped.
+    pub fn stop_calls(&self) {
+        self.inner.stopped.send_replace(true);
+    }
+
+    /// Runs a call within its deadline and the server's life: DeadlineExceeded once the deadline passes,
+    /// Unavailable once the server stops. Either drops the call, and with it its queued pairs.
+    pub(crate) async fn bounded<T>(
+        &self,
+        deadline: Option<Instant>,
+        call: impl std::future::Future<Output = Result<T, RerankError>>,
+    ) -> Result<T, RerankError> {
+        let mut stopped = self.inner.stopped.subscribe();
+        let stop = async move {
+            if stopped.wait_for(|stopped| *stopped).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = within_deadline(deadline, call) => result,
+            () = stop => Err(RerankError::Unavailable(SHUTTING_DOWN.into())),
+        }
+    }
+
     /// Resolves once the engine has stopped: every later request fails, so health must say so.
     pub async fn engine_stopped(&self) {
         self.inner.scheduler.engine_stopped().await
@@ -216,7 +250,7 @@ impl Reranker {
             session.finish().await
         };
         // Past the deadline the call future is dropped, and with it the session and its queued pairs.
-        let result = within_deadline(deadline, call).await;
+        let result = self.bounded(deadline, call).await;
         self.record_call(endpoint, &result, started);
         result
     }

@@ -131,14 +131,16 @@ impl RerankSession {
         // Work that could not be admitted even at a low estimate of its tokens is refused before tokenizing,
         // so a flood of retries costs the engine little.
         let (call, deadline) = (self.request.id, self.options.deadline);
+        let client = self.options.client.clone();
+        let client = client.as_ref();
         self.admit_or_wait(|admission| {
             admission.precheck(call, at_least, deadline, Instant::now())
         })
         .await?;
-        self.admit_or_wait(|admission| admission.admit_bytes(bytes))
+        self.admit_or_wait(|admission| admission.admit_bytes(client, bytes))
             .await?;
         self.documents.held_bytes += bytes;
-        self.admit_or_wait(|admission| admission.admit_pairs(count))
+        self.admit_or_wait(|admission| admission.admit_pairs(client, count))
             .await?;
         self.admitted.0 += count;
         let tokenizing = tracing::debug_span!("tokenize", documents = count);
@@ -165,13 +167,13 @@ impl RerankSession {
         // Windows beyond one per document are more pairs than admitted above.
         let extra = pairs.len() - count;
         if extra > 0 {
-            self.admit_or_wait(|admission| admission.admit_pairs(extra))
+            self.admit_or_wait(|admission| admission.admit_pairs(client, extra))
                 .await?;
             self.admitted.0 += extra;
         }
         let token_count: usize = pairs.iter().map(PairTokens::len).sum();
         self.admit_or_wait(|admission| {
-            admission.admit_tokens(call, token_count, deadline, Instant::now())
+            admission.admit_tokens(call, client, token_count, deadline, Instant::now())
         })
         .await?;
         self.admitted.1 += token_count;
@@ -315,7 +317,9 @@ impl RerankSession {
                     .scored(doc.index, doc.score, self.options.top_n);
             }
             let copied = self.documents.held_bytes - held_before;
-            inner.admission.hold_bytes(copied);
+            inner
+                .admission
+                .hold_bytes(self.options.client.as_ref(), copied);
             self.release_bytes(freed);
         }
         chunk
@@ -375,16 +379,21 @@ impl RerankSession {
     /// Returns admitted work to the global counts as it is scored (or dropped).
     fn release(&mut self, pairs: usize, tokens: usize) {
         let (pairs, tokens) = (pairs.min(self.admitted.0), tokens.min(self.admitted.1));
-        self.reranker
-            .inner
-            .admission
-            .release(self.request.id, pairs, tokens);
+        self.reranker.inner.admission.release(
+            self.request.id,
+            self.options.client.as_ref(),
+            pairs,
+            tokens,
+        );
         self.admitted = (self.admitted.0 - pairs, self.admitted.1 - tokens);
     }
 
     fn release_bytes(&mut self, bytes: usize) {
         let bytes = bytes.min(self.documents.held_bytes);
-        self.reranker.inner.admission.release_bytes(bytes);
+        self.reranker
+            .inner
+            .admission
+            .release_bytes(self.options.client.as_ref(), bytes);
         self.documents.held_bytes -= bytes;
     }
 }

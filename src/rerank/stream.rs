@@ -8,9 +8,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::{
-    within_deadline, RankedDocument, RerankOptions, RerankOutcome, RerankSession, Reranker,
-};
+use super::{RankedDocument, RerankOptions, RerankOutcome, RerankSession, Reranker};
 use crate::error::RerankError;
 
 /// A decoded message of a streaming call.
@@ -40,17 +38,19 @@ const OUTBOX: usize = 16;
 type Outbox = mpsc::Sender<StreamEvent>;
 
 impl Reranker {
-    /// Runs a streaming call on a task of its own. `hold` (the call's slot) lives as long as the call's work,
-    /// not its last messages: a call that ended frees it even while those wait for a client that does not read.
-    pub fn rerank_stream<S, H>(
+    /// Runs a streaming call on a task of its own. `admit` is called once the `start` message has arrived (it
+    /// takes the call's slot); what it returns lives as long as the call's work, not its last messages: a call
+    /// that ended frees it even while those wait for a client that does not read.
+    pub fn rerank_stream<S, A, H>(
         &self,
         endpoint: &'static str,
         inbound: S,
         deadline: Option<Instant>,
-        hold: H,
+        admit: A,
     ) -> EventStream
     where
         S: Stream<Item = Result<StreamRequest, RerankError>> + Send + Unpin + 'static,
+        A: FnOnce() -> Result<H, RerankError> + Send + 'static,
         H: Send + 'static,
     {
         let (outbox, events) = mpsc::channel(OUTBOX);
@@ -58,10 +58,9 @@ impl Reranker {
         let (error_sender, error) = oneshot::channel::<RerankError>();
         let reranker = self.clone();
         let task = async move {
-            let _hold = hold;
             let started = Instant::now();
-            let run = run_stream(&reranker, inbound, deadline, &outbox);
-            let result = within_deadline(deadline, run).await;
+            let run = run_stream(&reranker, inbound, deadline, admit, &outbox);
+            let result = reranker.bounded(deadline, run).await;
             reranker.record_call(endpoint, &result, started);
             if let Err(error) = result {
                 if matches!(error, RerankError::Aborted(_)) {
@@ -78,32 +77,41 @@ impl Reranker {
     }
 }
 
-/// Reads `start`, then documents until the client half-closes; partial scores go out as batches finish and
-/// the final ranking last. Returning (or the client going away) drops the session, which cancels its pairs
-/// still queued.
-async fn run_stream<S>(
+/// Reads `start` (within request_read_timeout: until then the stream holds nothing shared), then documents
+/// until the client half-closes; partial scores go out as batches finish and the final ranking last.
+/// Returning (or the client going away) drops the session, which cancels its pairs still queued.
+async fn run_stream<S, A, H>(
     reranker: &Reranker,
     mut inbound: S,
     deadline: Option<Instant>,
+    admit: A,
     outbox: &Outbox,
 ) -> Result<(), RerankError>
 where
     S: Stream<Item = Result<StreamRequest, RerankError>> + Unpin,
+    A: FnOnce() -> Result<H, RerankError>,
 {
     let idle = reranker.limits().stream_idle_timeout;
-    let first = tokio::time::timeout(idle, inbound.next())
+    let read_timeout = reranker.limits().request_read_timeout;
+    let first = tokio::time::timeout(read_timeout, inbound.next())
         .await
-        .map_err(|_| idle_error(idle))?;
-    let mut session = match first {
+        .map_err(|_| {
+            RerankError::RequestTimeout(format!(
+                "the stream's `start` message did not arrive within {read_timeout:?} (request_read_timeout)"
+            ))
+        })?;
+    let (_hold, mut session) = match first {
         Some(Ok(StreamRequest::Start { query, options })) => {
+            let hold = admit()?;
             // Admission judges each chunk against the stream's deadline, as it does a unary call's.
-            reranker.start(
+            let session = reranker.start(
                 &query,
                 RerankOptions {
                     deadline,
                     ..options
                 },
-            )?
+            )?;
+            (hold, session)
         }
         Some(Ok(StreamRequest::Documents(_))) => {
             return Err(RerankError::invalid(

@@ -11,7 +11,8 @@ use crate::error::RerankError;
 use crate::lifecycle::Lifecycle;
 use crate::proto::reranker_service_server::RerankerService as RerankerRpc;
 use crate::proto::{self, rerank_stream_request, rerank_stream_response};
-use crate::rerank::limits::{CallSlot, Limits};
+use crate::rerank::clients::ClientId;
+use crate::rerank::limits::{CallSlots, Limits};
 use crate::rerank::{
     EventStream, RankedDocument, RerankOptions, RerankOutcome, Reranker, StreamEvent,
     StreamRequest, Usage,
@@ -30,7 +31,9 @@ impl From<RerankError> for Status {
             RerankError::Unavailable(message) => Status::unavailable(message),
             RerankError::Internal(message) => Status::internal(message),
             RerankError::ResourceExhausted { message, .. } => Status::resource_exhausted(message),
-            RerankError::DeadlineExceeded(message) => Status::deadline_exceeded(message),
+            RerankError::DeadlineExceeded(message) | RerankError::RequestTimeout(message) => {
+                Status::deadline_exceeded(message)
+            }
             RerankError::Aborted(message) => Status::aborted(message),
             RerankError::Cancelled(message) => Status::cancelled(message),
         }
@@ -49,11 +52,12 @@ fn inbound_error(status: Status) -> RerankError {
 #[derive(Clone)]
 pub struct GrpcReranker {
     lifecycle: Arc<Lifecycle>,
+    slots: CallSlots,
 }
 
 impl GrpcReranker {
-    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
-        Self { lifecycle }
+    pub fn new(lifecycle: Arc<Lifecycle>, slots: CallSlots) -> Self {
+        Self { lifecycle, slots }
     }
 
     /// A failure before the call reaches the core, counted for `endpoint` like the core counts its own.
@@ -124,6 +128,7 @@ fn request_options(limits: &Limits, requested: Requested) -> Result<RerankOption
         max_document_tokens: None,
         deadline: None,
         instruction: requested.instruction,
+        client: None,
     })
 }
 
@@ -226,11 +231,14 @@ impl RerankerRpc for GrpcReranker {
         let early = self.early("grpc");
         let reranker = self.lifecycle.reranker().map_err(&early)?;
         let deadline = parse_deadline(request.metadata()).map_err(&early)?;
-        // The call's slot among max_concurrent_calls is held until its work is done, not its response sent.
-        let _slot = request.extensions().get::<CallSlot>().cloned();
+        let client = request.extensions().get::<ClientId>().cloned();
+        // The request has arrived whole (tonic decoded it): now the call takes its slot among
+        // max_concurrent_calls, held until its work is done, not its response sent.
+        let _slot = self.slots.try_acquire(client.as_ref()).map_err(&early)?;
         let request = request.into_inner();
         let options = RerankOptions {
             deadline,
+            client,
             ..unary_options(reranker.limits(), &request).map_err(&early)?
         };
         let outcome = reranker
@@ -251,12 +259,25 @@ impl RerankerRpc for GrpcReranker {
         let early = self.early("grpc_stream");
         let reranker = self.lifecycle.reranker().map_err(&early)?.clone();
         let deadline = parse_deadline(request.metadata()).map_err(&early)?;
-        let slot = request.extensions().get::<CallSlot>().cloned();
+        let client = request.extensions().get::<ClientId>().cloned();
         let limits = *reranker.limits();
-        let inbound = request
-            .into_inner()
-            .map(move |message| decode_stream_message(&limits, message));
-        let events: EventStream = reranker.rerank_stream("grpc_stream", inbound, deadline, slot);
+        let caller = client.clone();
+        let inbound = request.into_inner().map(move |message| {
+            decode_stream_message(&limits, message).map(|decoded| match decoded {
+                StreamRequest::Start { query, options } => StreamRequest::Start {
+                    query,
+                    options: RerankOptions {
+                        client: caller.clone(),
+                        ..options
+                    },
+                },
+                documents => documents,
+            })
+        });
+        // The stream takes its slot once its `start` message has arrived.
+        let slots = self.slots.clone();
+        let admit = move || slots.try_acquire(client.as_ref());
+        let events: EventStream = reranker.rerank_stream("grpc_stream", inbound, deadline, admit);
         let model = reranker.description().model_id.clone();
         let messages = events.map(move |event| {
             event

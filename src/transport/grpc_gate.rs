@@ -1,37 +1,39 @@
-//! What a gRPC rerank call passes before its handler, in the order HTTP applies it too: the API key, then a
-//! slot among max_concurrent_calls (taken before the request is read, held until the call's work is done).
-//! A call refused here is counted in `rerank_requests_total` like any other.
+//! What a gRPC rerank call passes before its handler, as HTTP does: the API key first; then, for unary calls,
+//! a time limit on the arrival of the request message. Call slots are taken by the handlers, once a call's
+//! request has arrived. A call refused here is counted in `rerank_requests_total` like any other.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::body::Body;
-use tonic::codegen::{http, BoxFuture, Service};
+use tonic::codegen::{http, BoxFuture, Service, StdError};
 use tonic::server::NamedService;
 use tonic::Status;
 
 use crate::error::RerankError;
 use crate::metrics::Metrics;
 use crate::rerank::access::ApiKey;
-use crate::rerank::limits::CallSlots;
 
-/// Wraps the RerankerService. A call's slot travels in its request extensions; the handler keeps it for as
-/// long as it works on the call (a stream's task until the stream ends). Info needs the key but no slot.
+/// Wraps the RerankerService: checks the API key (Info too), and bounds how long a unary call's request may
+/// take to arrive (request_read_timeout).
 #[derive(Clone)]
 pub struct GrpcGate<S> {
     inner: S,
     api_key: ApiKey,
-    slots: CallSlots,
+    read_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl<S> GrpcGate<S> {
-    pub fn new(inner: S, api_key: ApiKey, slots: CallSlots, metrics: Arc<Metrics>) -> Self {
+    pub fn new(inner: S, api_key: ApiKey, read_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             inner,
             api_key,
-            slots,
+            read_timeout,
             metrics,
         }
     }
@@ -50,16 +52,12 @@ pub fn endpoint_of(path: &str) -> Option<&'static str> {
     }
 }
 
-impl<S, RequestBody, ResponseBody> Service<http::Request<RequestBody>> for GrpcGate<S>
+impl<S, ResponseBody> Service<http::Request<Body>> for GrpcGate<S>
 where
-    S: Service<
-        http::Request<RequestBody>,
-        Response = http::Response<ResponseBody>,
-        Error = Infallible,
-    >,
+    S: Service<http::Request<Body>, Response = http::Response<ResponseBody>, Error = Infallible>,
     S::Future: Send + 'static,
     ResponseBody: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    ResponseBody::Error: Into<tonic::codegen::StdError>,
+    ResponseBody::Error: Into<StdError>,
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
@@ -69,29 +67,25 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let endpoint = endpoint_of(request.uri().path());
         let key = request.headers().get("authorization").map(|v| v.as_bytes());
-        let admitted = self.api_key.check(key).and_then(|()| match endpoint {
-            Some(_) => self.slots.try_acquire().map(Some),
-            None => Ok(None),
-        });
-        match admitted {
-            Ok(slot) => {
-                if let Some(slot) = slot {
-                    request.extensions_mut().insert(slot);
-                }
-                boxed(self.inner.call(request))
+        if let Err(refused) = self.api_key.check(key) {
+            if let Some(endpoint) = endpoint {
+                self.metrics
+                    .record_call::<()>(endpoint, &Err(refused.clone()), 0.0);
             }
-            Err(refused) => {
-                if let Some(endpoint) = endpoint {
-                    self.metrics
-                        .record_call::<()>(endpoint, &Err(refused.clone()), 0.0);
-                }
-                let status = Status::from(refused);
-                Box::pin(async move { Ok(status.into_http()) })
-            }
+            let status = Status::from(refused);
+            return Box::pin(async move { Ok(status.into_http()) });
         }
+        // A stream's first message has its own limit (the core's); a unary call's message must arrive whole.
+        let request = if endpoint == Some("grpc_stream") {
+            request
+        } else {
+            let timed = ReadWithin::new(self.read_timeout, endpoint, Arc::clone(&self.metrics));
+            request.map(|body| Body::new(timed.wrap(body)))
+        };
+        boxed(self.inner.call(request))
     }
 }
 
@@ -103,7 +97,7 @@ fn boxed<ResponseBody>(
 ) -> BoxFuture<http::Response<Body>, Infallible>
 where
     ResponseBody: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    ResponseBody::Error: Into<tonic::codegen::StdError>,
+    ResponseBody::Error: Into<StdError>,
 {
     Box::pin(async move { Ok(response.await?.map(Body::new)) })
 }
@@ -111,4 +105,122 @@ where
 /// Records a call that failed in its handler before reaching the core (not serving yet, bad options).
 pub fn record_early(metrics: &Metrics, endpoint: &str, error: &RerankError) {
     metrics.record_call::<()>(endpoint, &Err(error.clone()), 0.0);
+}
+
+/// A time limit on a request body's arrival, counted from its headers.
+struct ReadWithin {
+    timeout: Duration,
+    endpoint: Option<&'static str>,
+    metrics: Arc<Metrics>,
+}
+
+impl ReadWithin {
+    fn new(timeout: Duration, endpoint: Option<&'static str>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            timeout,
+            endpoint,
+            metrics,
+        }
+    }
+
+    fn wrap(self, body: Body) -> TimedBody {
+        TimedBody {
+            inner: body,
+            due: Some(Box::pin(tokio::time::sleep(self.timeout))),
+            limit: self,
+        }
+    }
+}
+
+/// A request body that fails with DEADLINE_EXCEEDED when it has not ended by its due time.
+struct TimedBody {
+    inner: Body,
+    /// None once the body has ended.
+    due: Option<Pin<Box<tokio::time::Sleep>>>,
+    limit: ReadWithin,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = tonic::codegen::Bytes;
+    type Error = StdError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.due = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
+            Poll::Pending => match self.due.as_mut().map(|due| due.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => {
+                    self.due = None;
+                    let error = RerankError::RequestTimeout(format!(
+                        "the request did not arrive within {:?} (request_read_timeout)",
+                        self.limit.timeout
+                    ));
+                    if let Some(endpoint) = self.limit.endpoint {
+                        record_early(&self.limit.metrics, endpoint, &error);
+                    }
+                    Poll::Ready(Some(Err(Box::new(Status::from(error)))))
+                }
+                _ => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_request_body_that_does_not_end_in_time_fails_with_deadline_exceeded() {
+        let metrics = Arc::new(Metrics::new());
+        let never_ends = http_body_util::StreamBody::new(futures::stream::pending::<
+            Result<http_body::Frame<tonic::codegen::Bytes>, Status>,
+        >());
+        let limit = ReadWithin::new(
+            Duration::from_millis(20),
+            Some("grpc"),
+            Arc::clone(&metrics),
+        );
+        let mut body = limit.wrap(Body::new(never_ends));
+        let error = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect_err("the body timed out");
+        let status = error.downcast::<Status>().expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(
+            metrics
+                .requests
+                .with_label_values(&["grpc", "request_timeout"])
+                .get(),
+            1
+        );
+
+        let whole = Body::new(http_body_util::Full::new(
+            tonic::codegen::Bytes::from_static(b"x"),
+        ));
+        let limit = ReadWithin::new(Duration::from_millis(20), None, metrics);
+        let collected = limit
+            .wrap(whole)
+            .collect()
+            .await
+            .expect("a body that ends in time");
+        assert_eq!(collected.to_bytes().as_ref(), b"x");
+    }
 }

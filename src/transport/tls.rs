@@ -1,25 +1,21 @@
 //! TLS for the one listener: ALPN offers h2 and http/1.1, so gRPC clients and HTTP/1.1 JSON clients both
-//! connect; handshakes run concurrently, off the accept loop, each bounded in time.
+//! connect. Handshakes run on each connection's own task, bounded by header_read_timeout
+//! (transport/connections.rs).
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::StartupError;
 
-/// A client that has not finished its handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections handshaken and not yet taken by the server.
-const READY_CONNECTIONS: usize = 64;
+/// The acceptor of the listener's connections, from a PEM certificate chain and private key.
+pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, StartupError> {
+    server_config(cert_path, key_path).map(TlsAcceptor::from)
+}
 
 /// The server's TLS configuration from a PEM certificate chain and private key.
 pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, StartupError> {
@@ -60,45 +56,4 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConf
         .map_err(|e| StartupError::Config(format!("TLS configuration: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Accepted connections after their TLS handshake, Nagle off. The accept task ends when the server stops
-/// taking connections (the stream is dropped).
-pub fn incoming(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
-    let (ready, connections) = mpsc::channel(READY_CONNECTIONS);
-    let acceptor = TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = ready.closed() => return,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: give the system a moment instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-            let (acceptor, ready) = (acceptor.clone(), ready.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = ready.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(connections)
 }

@@ -64,6 +64,8 @@ pub fn test_config(model: &str) -> Config {
         host: "127.0.0.1".into(),
         port: 0,
         tokenizer_workers: 2,
+        // Tests that shut a server down do not wait for a balancer; the lame-duck test sets its own.
+        drain_delay: std::time::Duration::ZERO,
         ..Config::default()
     }
 }
@@ -261,4 +263,103 @@ pub async fn stats(
         .into_inner()
         .stats
         .expect("stats")
+}
+
+/// The server's health updates, from the health service's Watch stream (opened now, read later).
+pub async fn health_updates(
+    addr: std::net::SocketAddr,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// Waits until the health updates report `wanted`.
+pub async fn health_becomes(
+    mut updates: tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    wanted: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    while let Some(update) = updates.message().await.expect("health update") {
+        if update.status == wanted as i32 {
+            return;
+        }
+    }
+    panic!("health stream ended before {wanted:?}");
+}
+
+/// Writes one HTTP/1.1 request on a raw connection and reads one response (head and Content-Length body).
+pub async fn http1_exchange(stream: &mut tokio::net::TcpStream, request: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(request).await.expect("request written");
+    http1_response(stream).await
+}
+
+/// Reads one HTTP/1.1 response (head and Content-Length body) from a raw connection.
+pub async fn http1_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(
+            n > 0,
+            "the connection closed before a response: {:?}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().expect("content-length"));
+    while received.len() < head_end + length {
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "the connection closed inside a response body");
+        received.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// Whether the peer has closed the connection: a read returns end of file (or a reset).
+pub async fn http1_closed(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(stream.read(&mut buf).await, Ok(0) | Err(_))
+}
+
+/// A JSON POST as raw HTTP/1.1 bytes.
+pub fn http1_post(path: &str, body: &serde_json::Value) -> Vec<u8> {
+    let body = body.to_string();
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The value of one sample of a Prometheus text scrape, e.g. `rerank_connections_closed_total{reason="age"}`;
+/// None when it is absent or the scrape failed.
+pub async fn metric(addr: std::net::SocketAddr, sample: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample))
+        .and_then(|rest| rest.trim().parse().ok())
 }

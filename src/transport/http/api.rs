@@ -2,7 +2,7 @@
 //! into one core call and encoded back.
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::{deadline, read_json, HttpError, HttpState};
 use crate::error::RerankError;
+use crate::rerank::clients::ClientId;
 use crate::rerank::limits::Limits;
 use crate::rerank::{RankedDocument, RerankOptions, RerankOutcome, Reranker};
 use crate::tokenization::Truncation;
@@ -111,8 +112,9 @@ fn options(
     reranker: &Reranker,
     common: &Common,
     truncate: Option<bool>,
-    headers: &HeaderMap,
+    call: &Call,
 ) -> Result<RerankOptions, HttpError> {
+    let headers = &call.headers;
     let description = reranker.description();
     if let Some(model) = common
         .model
@@ -145,6 +147,7 @@ fn options(
         max_document_tokens: common.max_tokens_per_doc,
         deadline: deadline(headers)?,
         instruction: common.instruction.clone(),
+        client: call.client.clone(),
     })
 }
 
@@ -202,16 +205,33 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
+/// What a handler takes from the HTTP request besides its body.
+struct Call {
+    headers: HeaderMap,
+    client: Option<ClientId>,
+}
+
+fn split(request: Request) -> (Call, Body) {
+    let (parts, body) = request.into_parts();
+    let client = parts.extensions.get::<ClientId>().cloned();
+    let call = Call {
+        headers: parts.headers,
+        client,
+    };
+    (call, body)
+}
+
 /// Decodes a Cohere-shaped request and runs it: the part v1 and v2 share.
 async fn cohere_call(
     state: &HttpState,
     endpoint: &'static str,
-    headers: &HeaderMap,
+    call: &Call,
     body: Body,
 ) -> Result<(Reranker, RerankOutcome), HttpError> {
     let reranker = state.reranker()?.clone();
     let request: CohereRequest = read_json(state, body).await?;
-    let options = options(&reranker, &request.common, None, headers)?;
+    let _slot = state.call_slot(call.client.as_ref())?;
+    let options = options(&reranker, &request.common, None, call)?;
     let documents = request
         .documents
         .into_iter()
@@ -227,12 +247,12 @@ async fn cohere_call(
 /// `POST /v2/rerank`: Cohere v2.
 pub(super) async fn cohere_v2(
     State(state): State<HttpState>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, HttpError> {
-    let (_, outcome) = cohere_call(&state, "http_v2", &headers, body).await?;
+    let (call, body) = split(request);
+    let (_, outcome) = cohere_call(&state, "http_v2", &call, body).await?;
     let body = CohereResponse {
-        id: request_id(&headers),
+        id: request_id(&call.headers),
         model: None,
         meta: json!({
             "api_version": { "version": "2" },
@@ -248,13 +268,13 @@ pub(super) async fn cohere_v2(
 /// `POST /v1/rerank`: Cohere v1 and Jina (documents as strings or `{text}` objects).
 pub(super) async fn cohere_v1(
     State(state): State<HttpState>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, HttpError> {
-    let (reranker, outcome) = cohere_call(&state, "http_v1", &headers, body).await?;
+    let (call, body) = split(request);
+    let (reranker, outcome) = cohere_call(&state, "http_v1", &call, body).await?;
     let tokens = outcome.usage.tokens;
     let body = CohereResponse {
-        id: request_id(&headers),
+        id: request_id(&call.headers),
         model: Some(reranker.description().model_id.clone()),
         meta: json!({
             "api_version": { "version": "1" },
@@ -269,11 +289,12 @@ pub(super) async fn cohere_v1(
 /// `POST /rerank`: text-embeddings-inference. A list of `{index, score, text?}`, highest first.
 pub(super) async fn tei(
     State(state): State<HttpState>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, HttpError> {
+    let (call, body) = split(request);
     let reranker = state.reranker()?.clone();
     let request: TeiRequest = read_json(&state, body).await?;
+    let _slot = state.call_slot(call.client.as_ref())?;
     if let Some(direction) = request.truncation_direction.as_deref() {
         if !direction.eq_ignore_ascii_case("right") {
             return Err(RerankError::invalid(format!(
@@ -282,7 +303,7 @@ pub(super) async fn tei(
             .into());
         }
     }
-    let mut options = options(&reranker, &request.common, request.truncate, &headers)?;
+    let mut options = options(&reranker, &request.common, request.truncate, &call)?;
     options.raw_scores = request.raw_scores.unwrap_or(false);
     options.return_documents = request.return_text.unwrap_or(false);
     let outcome = reranker

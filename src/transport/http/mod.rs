@@ -19,7 +19,8 @@ use serde::de::DeserializeOwned;
 use crate::error::RerankError;
 use crate::lifecycle::{Lifecycle, State as Life};
 use crate::rerank::access::ApiKey;
-use crate::rerank::limits::CallSlots;
+use crate::rerank::clients::ClientId;
+use crate::rerank::limits::{CallSlot, CallSlots};
 use crate::rerank::Reranker;
 
 /// What the HTTP handlers share.
@@ -30,11 +31,18 @@ pub struct HttpState {
     pub slots: CallSlots,
     /// Largest request body read (max_message_bytes).
     pub max_body_bytes: usize,
+    /// A body must arrive whole within this time (request_read_timeout).
+    pub read_timeout: Duration,
 }
 
 impl HttpState {
     fn reranker(&self) -> Result<&Reranker, HttpError> {
         Ok(self.lifecycle.reranker()?)
+    }
+
+    /// The call's slot among max_concurrent_calls and its client's share, taken once its body has arrived.
+    fn call_slot(&self, client: Option<&ClientId>) -> Result<CallSlot, HttpError> {
+        Ok(self.slots.try_acquire(client)?)
     }
 }
 
@@ -45,10 +53,6 @@ pub fn router(state: HttpState) -> Router {
         .route("/v2/rerank", post(api::cohere_v2))
         .route("/v1/rerank", post(api::cohere_v1))
         .route("/rerank", post(api::tei))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            take_call_slot,
-        ))
         .route("/info", get(api::info))
         .route_layer(middleware::from_fn_with_state(state.clone(), check_api_key))
         .route_layer(middleware::from_fn_with_state(
@@ -59,6 +63,13 @@ pub fn router(state: HttpState) -> Router {
         .merge(guarded)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// GET /health alone: the plaintext health listener's HTTP side.
+pub fn health_router(state: HttpState) -> Router {
+    Router::new()
+        .route("/health", get(health))
         .with_state(state)
 }
 
@@ -101,6 +112,7 @@ impl IntoResponse for HttpError {
             RerankError::ResourceExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             RerankError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RerankError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            RerankError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RerankError::Internal(_) | RerankError::Aborted(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // The client is gone; nobody reads this (499 in nginx's terms).
             RerankError::Cancelled(_) => StatusCode::BAD_REQUEST,
@@ -135,21 +147,22 @@ async fn check_api_key(
     Ok(next.run(request).await)
 }
 
-/// Takes a slot among max_concurrent_calls before the body is read; it is held until the response is built.
-async fn take_call_slot(
-    State(state): State<HttpState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, HttpError> {
-    let _slot = state.slots.try_acquire()?;
-    Ok(next.run(request).await)
-}
-
-/// Reads and parses a JSON body within max_message_bytes: 413 past it, 400 for malformed JSON or a body
-/// that could not be read.
+/// Reads and parses a JSON body within max_message_bytes and request_read_timeout: 413 past the size, 408
+/// past the time, 400 for malformed JSON or a body that could not be read.
 async fn read_json<T: DeserializeOwned>(state: &HttpState, body: Body) -> Result<T, HttpError> {
     let limited = http_body_util::Limited::new(body, state.max_body_bytes);
-    let bytes = match http_body_util::BodyExt::collect(limited).await {
+    let read = tokio::time::timeout(
+        state.read_timeout,
+        http_body_util::BodyExt::collect(limited),
+    );
+    let Ok(collected) = read.await else {
+        return Err(RerankError::RequestTimeout(format!(
+            "the request body did not arrive within {:?} (request_read_timeout)",
+            state.read_timeout
+        ))
+        .into());
+    };
+    let bytes = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(RerankError::too_large(format!(
@@ -219,7 +232,7 @@ async fn health(State(state): State<HttpState>) -> Response {
     let (status, text) = match state.lifecycle.state() {
         Life::Serving => (StatusCode::OK, "serving".to_string()),
         Life::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading".to_string()),
-        Life::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining".to_string()),
+        Life::Draining | Life::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "draining".to_string()),
         Life::Failed(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {reason}")),
     };
     (status, Json(serde_json::json!({ "status": text }))).into_response()
