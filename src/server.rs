@@ -207,7 +207,8 @@ pub async fn start_with(
             let addr = bound.local_addr()?;
             let app = tonic::service::Routes::new(health_service)
                 .into_axum_router()
-                .merge(http::health_router(http_state));
+                .merge(http::health_router(http_state))
+                .fallback(not_found);
             tracing::info!(%addr, "health (gRPC and GET /health, plaintext) listening");
             let served = Listener::serve(bound, None, app, limits, Arc::clone(&metrics));
             (Some(served), Some(addr))

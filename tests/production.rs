@@ -17,6 +17,15 @@ use rerank_server::proto::{
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+/// A port nobody listens on now (the OS picks it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
 
 fn request(documents: usize) -> RerankRequest {
     RerankRequest {
@@ -524,7 +533,42 @@ async fn the_listener_speaks_tls_when_a_certificate_is_configured() {
     let mut config = test_config(ONE_LABEL);
     config.tls_cert = Some(cert_path);
     config.tls_key = Some(key_path);
+    // Probes that cannot speak TLS use the plaintext health port.
+    config.health_port = free_port();
     let server = start(config).await;
+    let health_addr = server.health_addr.expect("a health listener");
+    let mut health = HealthClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{health_addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("plaintext connect"),
+    );
+    for service in ["", "rerank.v1.RerankerService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health over plaintext")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let http = reqwest::Client::new();
+    let plain_health = http
+        .get(format!("http://{health_addr}/health"))
+        .send()
+        .await
+        .expect("GET /health");
+    assert_eq!(plain_health.status(), 200);
+    let not_here = http
+        .post(format!("http://{health_addr}/v2/rerank"))
+        .json(&serde_json::json!({"query": "q", "documents": ["a"]}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(not_here.status(), 404, "the health port serves health only");
 
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(
