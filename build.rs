@@ -18,10 +18,19 @@ fn compile_protos(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
     tonic_prost_build::configure()
-        // Info is also served as JSON at GET /info.
-        .type_attribute(".rerank.v1.InfoResponse", "#[derive(serde::Serialize)]")
-        .type_attribute(".rerank.v1.SchedulerStats", "#[derive(serde::Serialize)]")
-        .type_attribute(".rerank.v1.PromptTemplate", "#[derive(serde::Serialize)]")
+        // Info is also served as JSON at GET /info, and described in /openapi.json.
+        .type_attribute(
+            ".rerank.v1.InfoResponse",
+            "#[derive(serde::Serialize, utoipa::ToSchema)]",
+        )
+        .type_attribute(
+            ".rerank.v1.SchedulerStats",
+            "#[derive(serde::Serialize, utoipa::ToSchema)]",
+        )
+        .type_attribute(
+            ".rerank.v1.PromptTemplate",
+            "#[derive(serde::Serialize, utoipa::ToSchema)]",
+        )
         .file_descriptor_set_path(out_dir.join("rerank_descriptor.bin"))
         .compile_protos(&["proto/rerank/v1/rerank.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

@@ -509,3 +509,43 @@ async fn json_over_https_works_with_http1_and_http2_clients() {
         assert_eq!(response.status(), 200);
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route_and_the_served_model() {
+    let mut config = test_config(ONE_LABEL);
+    config.max_documents = 77;
+    let server = start(config).await;
+    let doc: Value = reqwest::get(http_url(&server, "/openapi.json"))
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/v2/rerank",
+        "/v1/rerank",
+        "/rerank",
+        "/info",
+        "/health",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path}");
+    }
+    let cohere = &doc["components"]["schemas"]["CohereRequest"]["properties"];
+    assert_eq!(cohere["documents"]["maxItems"], 77);
+    assert_eq!(
+        doc["components"]["schemas"]["TeiRequest"]["properties"]["texts"]["maxItems"],
+        77
+    );
+    let names = cohere["model"]["enum"].as_array().expect("model names");
+    assert!(names.contains(&json!(ONE_LABEL)), "{names:?}");
+    assert_eq!(
+        cohere["instruction"]["type"], "null",
+        "a cross-encoder takes no instruction, and the document says so"
+    );
+    assert_eq!(
+        cohere["max_chunks_per_doc"]["maximum"],
+        rerank_server::config::Config::default().max_chunks_per_doc
+    );
+}

@@ -93,7 +93,6 @@ impl ModelDescription {
     /// id's last path part, as in `bge-reranker-base` for `BAAI/bge-reranker-base` or a local directory.
     /// `other-org/bge-reranker-base` names another model.
     pub fn answers_to(&self, name: &str) -> bool {
-        let name = name.trim();
         let id = self.model_id.trim_end_matches('/');
         let short = id.rsplit('/').next().unwrap_or(id);
         name.is_empty() || name == id || (!name.contains('/') && name == short)
@@ -172,6 +171,19 @@ impl Reranker {
 
     pub fn description(&self) -> &ModelDescription {
         &self.inner.description
+    }
+
+    /// Whether this model accepts these options (decoder rerankers refuse chunk windows and per-document cuts;
+    /// cross-encoders refuse instructions): Ok, or the refusal a call with them would get.
+    pub fn supports(
+        &self,
+        truncation: Truncation,
+        max_document_tokens: Option<usize>,
+        instruction: Option<&str>,
+    ) -> Result<(), RerankError> {
+        self.inner
+            .tokenizer
+            .check_options(truncation, max_document_tokens, instruction)
     }
 
     pub fn limits(&self) -> &Limits {

@@ -1,8 +1,13 @@
 //! The HTTP/JSON transport (axum, on the gRPC listener): the rerank APIs users' clients already speak
-//! (Cohere v1/v2, Jina, TEI), health, info and Prometheus metrics. Errors are `{"message": ...}` with the
-//! status each core error maps to here, in one place.
+//! (Cohere v1/v2, Jina, TEI; one file per shape), health, info, Prometheus metrics and the OpenAPI document.
+//! Errors are `{"message": ...}` with the status each core error maps to here, in one place.
 
-mod api;
+mod cohere;
+mod common;
+pub mod openapi;
+mod tei;
+
+pub use common::{parse, Parsed, Shape};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +19,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::de::DeserializeOwned;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::error::RerankError;
 use crate::lifecycle::{Lifecycle, State as Life};
@@ -50,10 +56,10 @@ impl HttpState {
 /// for probes and scrapers.
 pub fn router(state: HttpState) -> Router {
     let guarded = Router::new()
-        .route("/v2/rerank", post(api::cohere_v2))
-        .route("/v1/rerank", post(api::cohere_v1))
-        .route("/rerank", post(api::tei))
-        .route("/info", get(api::info))
+        .route("/v2/rerank", post(cohere::v2))
+        .route("/v1/rerank", post(cohere::v1))
+        .route("/rerank", post(tei::rerank))
+        .route("/info", get(info))
         .route_layer(middleware::from_fn_with_state(state.clone(), check_api_key))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -63,6 +69,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(guarded)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_document))
         .with_state(state)
 }
 
@@ -147,9 +154,9 @@ async fn check_api_key(
     Ok(next.run(request).await)
 }
 
-/// Reads and parses a JSON body within max_message_bytes and request_read_timeout: 413 past the size, 408
-/// past the time, 400 for malformed JSON or a body that could not be read.
-async fn read_json<T: DeserializeOwned>(state: &HttpState, body: Body) -> Result<T, HttpError> {
+/// Reads a body within max_message_bytes and request_read_timeout: 413 past the size, 408 past the time, 400
+/// for a body that could not be read.
+async fn read_body(state: &HttpState, body: Body) -> Result<axum::body::Bytes, HttpError> {
     let limited = http_body_util::Limited::new(body, state.max_body_bytes);
     let read = tokio::time::timeout(
         state.read_timeout,
@@ -162,23 +169,19 @@ async fn read_json<T: DeserializeOwned>(state: &HttpState, body: Body) -> Result
         ))
         .into());
     };
-    let bytes = match collected {
-        Ok(collected) => collected.to_bytes(),
+    match collected {
+        Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(RerankError::too_large(format!(
+            Err(RerankError::too_large(format!(
                 "the request body is over the limit of {} bytes (max_message_bytes)",
                 state.max_body_bytes
             ))
             .into())
         }
         Err(e) => {
-            return Err(
-                RerankError::invalid(format!("the request body could not be read: {e}")).into(),
-            )
+            Err(RerankError::invalid(format!("the request body could not be read: {e}")).into())
         }
-    };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| RerankError::invalid(format!("invalid JSON body: {e}")).into())
+    }
 }
 
 /// The `endpoint` label of a rerank route; None for /info.
@@ -227,7 +230,22 @@ fn deadline(headers: &HeaderMap) -> Result<Option<Instant>, HttpError> {
     Ok(Instant::now().checked_add(timeout))
 }
 
+/// GET /health's body.
+#[derive(Serialize, ToSchema)]
+pub struct HealthBody {
+    /// "serving"; otherwise "loading", "draining" or "failed: <why>".
+    status: String,
+}
+
 /// 200 only while serving; 503 while loading, draining or failed.
+#[utoipa::path(
+    get,
+    path = "/health",
+    responses(
+        (status = 200, description = "Serving", body = HealthBody),
+        (status = 503, description = "Loading, draining or failed: go to another replica", body = HealthBody)
+    )
+)]
 async fn health(State(state): State<HttpState>) -> Response {
     let (status, text) = match state.lifecycle.state() {
         Life::Serving => (StatusCode::OK, "serving".to_string()),
@@ -235,9 +253,30 @@ async fn health(State(state): State<HttpState>) -> Response {
         Life::Draining | Life::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "draining".to_string()),
         Life::Failed(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {reason}")),
     };
-    (status, Json(serde_json::json!({ "status": text }))).into_response()
+    (status, Json(HealthBody { status: text })).into_response()
 }
 
+/// The model, its limits and the scheduler's counters (the gRPC Info response as JSON).
+#[utoipa::path(
+    get,
+    path = "/info",
+    responses(
+        (status = 200, description = "Model, limits and counters", body = crate::proto::InfoResponse),
+        (status = 401, description = "The API key is missing or wrong", body = common::ErrorBody),
+        (status = 503, description = "The model is loading, or the server is shutting down", body = common::ErrorBody)
+    )
+)]
+async fn info(State(state): State<HttpState>) -> Result<Response, HttpError> {
+    let reranker = state.reranker()?;
+    Ok(Json(crate::transport::grpc::info(reranker)).into_response())
+}
+
+/// Every metric in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"))
+)]
 async fn metrics(State(state): State<HttpState>) -> Response {
     if let Ok(reranker) = state.lifecycle.reranker() {
         reranker.refresh_gauges();
@@ -251,4 +290,9 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// GET /openapi.json: this API as OpenAPI 3.1, completed with the served model's names and limits.
+async fn openapi_document(State(state): State<HttpState>) -> Response {
+    Json(openapi::document(state.lifecycle.reranker().ok())).into_response()
 }
