@@ -15,7 +15,12 @@
 #      the ephemeral-storage request, secrets come from Secrets; pods run as the images' non-root user without
 #      a service account token; CPU/GPU resources fit the device, a CUDA image's tag (cudaX.Y-smNN) matches the
 #      node affinity on GPU feature discovery labels (compute capability, driver); selectors match, and the
-#      HPA's metrics are served by the adapter rules.
+#      HPA's metrics are served by the adapter rules;
+#   4. checks the example HAProxy configuration (deploy/haproxy/haproxy.cfg) against config/default.toml: health
+#      checks take a replica out within drain_delay, header and body timeouts equal the server's, client and
+#      server timeouts outlast the server's idle and stream timeouts, the same stream limit per connection,
+#      retries that reach every replica on connection failures and refused streams (not on 429), HTTP/2 to the
+#      replicas, and X-Forwarded-For for the server's per-client shares.
 # Exits non-zero on any failure. Needs python3 (3.8+) with venv; PyPI on the first run only, offline after.
 # usage: scripts/validate-deploy.sh
 # env:   DEPLOY_TOOLS  tool cache (default .ci-cache/deploy-tools); a folder outside the clone survives clones
@@ -522,6 +527,81 @@ for path in overlays:
             if metric["type"] == "Pods" and metric["pods"]["metric"]["name"] not in served:
                 fail("%s: %s uses Pods metric %s, which %s does not serve"
                      % (label, kn(hpa), metric["pods"]["metric"]["name"], adapter_path))
+
+# 3. The example HAProxy configuration (deploy/haproxy/haproxy.cfg) against the server's defaults.
+def haproxy_settings(path):
+    """Directives of the HAProxy file as {name: [values]} (comments dropped), plus the server lines."""
+    settings, servers = {}, []
+    with open(path) as f:
+        for raw in f:
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            words = line.split()
+            if words[0] == "server":
+                servers.append(words)
+            elif words[0] in ("timeout", "tune.h2.max-concurrent-streams", "retries", "default-server",
+                              "http-request", "option", "retry-on"):
+                key = " ".join(words[:2]) if words[0] == "timeout" else words[0]
+                settings.setdefault(key, []).append(words[2:] if words[0] == "timeout" else words[1:])
+    return settings, servers
+
+
+def option(words, name):
+    return words[words.index(name) + 1] if name in words else None
+
+
+HAPROXY = "deploy/haproxy/haproxy.cfg"
+hp, hp_servers = haproxy_settings(HAPROXY)
+where = HAPROXY
+default_server = (hp.get("default-server") or [[]])[0]
+inter = seconds(option(default_server, "inter") or "2s")
+fastinter = seconds(option(default_server, "fastinter") or option(default_server, "inter") or "2s")
+fall = int(option(default_server, "fall") or 3)
+check_timeout = seconds(hp.get("timeout check", [["0s"]])[0][0])
+connect_timeout = seconds(hp.get("timeout connect", [["5s"]])[0][0])
+drain_delay = seconds(DEFAULTS["drain_delay"])
+# Worst case from /health turning 503 to out of rotation: the next check, fall - 1 faster ones, each answered
+# within timeout check.
+detection = inter + (fall - 1) * fastinter + fall * min(check_timeout, inter)
+if not detection < drain_delay:
+    fail("%s: health checks take a replica out after up to %.1f s (inter + (fall - 1) x fastinter + fall x "
+         "timeout check), not within drain_delay %s" % (where, detection, DEFAULTS["drain_delay"]))
+for key, server_key in (("timeout http-request", "header_read_timeout"),):
+    value = seconds(hp.get(key, [["0s"]])[0][0])
+    if value != seconds(DEFAULTS[server_key]):
+        fail("%s: %s %s differs from the server's %s %s" % (where, key, value, server_key, DEFAULTS[server_key]))
+body_waits = [words for words in hp.get("http-request", []) if words[:1] == ["wait-for-body"]]
+if not body_waits or seconds(option(body_waits[0], "time")) != seconds(DEFAULTS["request_read_timeout"]):
+    fail("%s: http-request wait-for-body time must equal request_read_timeout %s"
+         % (where, DEFAULTS["request_read_timeout"]))
+for key in ("timeout server", "timeout client"):
+    value = seconds(hp.get(key, [["0s"]])[0][0])
+    for server_key in ("stream_idle_timeout", "idle_timeout", "max_queue_time"):
+        if not value > seconds(DEFAULTS[server_key]):
+            fail("%s: %s %s must exceed the server's %s %s (the server ends those first)"
+                 % (where, key, value, server_key, DEFAULTS[server_key]))
+streams = (hp.get("tune.h2.max-concurrent-streams") or [[None]])[0][0]
+if streams != DEFAULTS["max_concurrent_streams"]:
+    fail("%s: tune.h2.max-concurrent-streams %s differs from max_concurrent_streams %s"
+         % (where, streams, DEFAULTS["max_concurrent_streams"]))
+retries = int((hp.get("retries") or [["0"]])[0][0])
+if retries < len(hp_servers) - 1:
+    fail("%s: retries %d cannot reach every other one of %d replicas" % (where, retries, len(hp_servers)))
+retry_on = " ".join(sum(hp.get("retry-on", []), []))
+for needed in ("conn-failure", "empty-response"):
+    if needed not in retry_on:
+        fail("%s: retry-on lacks %s (a call refused by a closing replica would fail)" % (where, needed))
+if "429" in retry_on:
+    fail("%s: retry-on must not replay 429: a fast refusal is the client's to back off from" % where)
+if "proto h2" not in " ".join(default_server):
+    fail("%s: replicas must be reached over HTTP/2 (proto h2): gRPC cannot cross HTTP/1.1" % where)
+if not any(words[:1] == ["forwardfor"] for words in hp.get("option", [])):
+    fail("%s: option forwardfor is needed so the server tells clients apart (trusted_proxies)" % where)
+if connect_timeout is None or connect_timeout > 2:
+    fail("%s: timeout connect %s: an unreachable replica should be skipped within 2 s" % (where, connect_timeout))
+print("ok   %s: detection %.1f s < drain_delay %s; timeouts, streams, retries agree with config/default.toml"
+      % (where, detection, DEFAULTS["drain_delay"]))
 
 if failures:
     print("%d problem(s)" % len(failures))

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -38,6 +39,21 @@ struct Args {
     /// HTTP/1.1 POST /v2/rerank calls started per second.
     #[arg(long, default_value_t = 0.0)]
     http_rate: f64,
+    /// Unary calls per second that the client cancels (drops) halfway through their expected time.
+    #[arg(long, default_value_t = 0.0)]
+    cancel_rate: f64,
+    /// Streams per second that the client cancels after sending their first chunk.
+    #[arg(long, default_value_t = 0.0)]
+    stream_cancel_rate: f64,
+    /// Streams per second that send all their chunks and never read an answer; the client lets go of each
+    /// after --unread-hold.
+    #[arg(long, default_value_t = 0.0)]
+    unread_stream_rate: f64,
+    #[arg(long, default_value = "70s")]
+    unread_hold: humantime::Duration,
+    /// HTTP/1.1 calls per second whose client closes the connection right after sending the request.
+    #[arg(long, default_value_t = 0.0)]
+    http_disconnect_rate: f64,
     /// Closed loop instead: this many workers, each with one call in flight (unary and HTTP in turn).
     #[arg(long)]
     closed: Option<usize>,
@@ -71,9 +87,55 @@ struct Args {
 /// One call: what it was, when it started and ended (ms since the run began) and how it ended.
 type Record = (&'static str, u64, u64, String);
 
+/// Requests made once and sent again and again (in turn), so that the client spends its CPU on calls, not on
+/// making texts: this client shares the machine with the fleet it loads.
+struct Pool {
+    queries: Vec<String>,
+    documents: Vec<Vec<String>>,
+    /// The same requests as HTTP JSON bodies.
+    bodies: Vec<hyper::body::Bytes>,
+}
+
+/// Distinct requests in the pool.
+const POOL: usize = 256;
+
+impl Pool {
+    fn new(args: &Args) -> Self {
+        let mut rng = Lcg(args.seed);
+        let (lo, hi) = (args.min_words, args.max_words.max(args.min_words));
+        let documents = |rng: &mut Lcg| -> Vec<String> {
+            (0..args.documents)
+                .map(|_| {
+                    let words = lo + rng.below(hi - lo + 1);
+                    text(rng, words)
+                })
+                .collect()
+        };
+        let (mut queries, mut all) = (Vec::new(), Vec::new());
+        for _ in 0..POOL {
+            queries.push(text(&mut rng, 8));
+            all.push(documents(&mut rng));
+        }
+        let bodies = queries
+            .iter()
+            .zip(&all)
+            .map(|(query, documents)| {
+                let body = serde_json::json!({ "query": query, "documents": documents });
+                hyper::body::Bytes::from(body.to_string())
+            })
+            .collect();
+        Self {
+            queries,
+            documents: all,
+            bodies,
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Load {
     args: Arc<Args>,
+    pool: Arc<Pool>,
     grpc: Vec<RerankerServiceClient<Channel>>,
     http: Client<HttpConnector, Full<hyper::body::Bytes>>,
     began: Instant,
@@ -93,17 +155,8 @@ impl Load {
             .push(record);
     }
 
-    fn documents(&self, rng: &mut Lcg) -> Vec<String> {
-        let (lo, hi) = (
-            self.args.min_words,
-            self.args.max_words.max(self.args.min_words),
-        );
-        (0..self.args.documents)
-            .map(|_| {
-                let words = lo + rng.below(hi - lo + 1);
-                text(rng, words)
-            })
-            .collect()
+    fn pick(&self, n: u64) -> usize {
+        (n as usize).wrapping_mul(7919) % POOL
     }
 
     fn grpc(&self, n: u64) -> RerankerServiceClient<Channel> {
@@ -111,10 +164,10 @@ impl Load {
     }
 
     async fn unary(self, n: u64) {
-        let mut rng = Lcg(self.args.seed ^ n.wrapping_mul(0x9e37_79b9));
+        let i = self.pick(n);
         let mut request = tonic::Request::new(RerankRequest {
-            query: text(&mut rng, 8),
-            documents: self.documents(&mut rng),
+            query: self.pool.queries[i].clone(),
+            documents: self.pool.documents[i].clone(),
             ..Default::default()
         });
         request.set_timeout(self.args.deadline.into());
@@ -135,18 +188,18 @@ impl Load {
     }
 
     async fn stream(self, n: u64) {
-        let mut rng = Lcg(self.args.seed ^ n.wrapping_mul(0x85eb_ca6b));
+        let i = self.pick(n);
         let start = RerankStreamRequest {
             item: Some(rerank_stream_request::Item::Start(RerankStart {
-                query: text(&mut rng, 8),
+                query: self.pool.queries[i].clone(),
                 top_n: 5,
                 ..Default::default()
             })),
         };
         let chunks: Vec<RerankStreamRequest> = (0..self.args.stream_chunks)
-            .map(|_| RerankStreamRequest {
+            .map(|c| RerankStreamRequest {
                 item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
-                    documents: self.documents(&mut rng),
+                    documents: self.pool.documents[(i + c + 1) % POOL].clone(),
                 })),
             })
             .collect();
@@ -182,18 +235,14 @@ impl Load {
     }
 
     async fn http(self, n: u64) {
-        let mut rng = Lcg(self.args.seed ^ n.wrapping_mul(0xc2b2_ae35));
-        let body = serde_json::json!({
-            "query": text(&mut rng, 8),
-            "documents": self.documents(&mut rng),
-        });
+        let body = self.pool.bodies[self.pick(n)].clone();
         let request = hyper::Request::post(format!("http://{}/v2/rerank", self.args.target))
             .header("content-type", "application/json")
             .header(
                 "x-request-timeout",
                 format!("{}ms", self.args.deadline.as_millis()),
             )
-            .body(Full::new(hyper::body::Bytes::from(body.to_string())));
+            .body(Full::new(body));
         let started = Instant::now();
         let Ok(request) = request else {
             self.record("http", started, "bad_request".into());
@@ -227,6 +276,108 @@ impl Load {
     }
 }
 
+impl Load {
+    fn unary_request(&self, n: u64) -> tonic::Request<RerankRequest> {
+        let i = self.pick(n);
+        let mut request = tonic::Request::new(RerankRequest {
+            query: self.pool.queries[i].clone(),
+            documents: self.pool.documents[i].clone(),
+            ..Default::default()
+        });
+        request.set_timeout(self.args.deadline.into());
+        request
+    }
+
+    fn stream_messages(&self, n: u64) -> Vec<RerankStreamRequest> {
+        let i = self.pick(n);
+        let start = RerankStreamRequest {
+            item: Some(rerank_stream_request::Item::Start(RerankStart {
+                query: self.pool.queries[i].clone(),
+                top_n: 5,
+                ..Default::default()
+            })),
+        };
+        std::iter::once(start)
+            .chain((0..self.args.stream_chunks).map(|c| RerankStreamRequest {
+                item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
+                    documents: self.pool.documents[(i + c + 1) % POOL].clone(),
+                })),
+            }))
+            .collect()
+    }
+
+    /// A unary call dropped by its client after a few milliseconds (a user who gave up).
+    async fn cancelled_unary(self, n: u64) {
+        let started = Instant::now();
+        let mut client = self.grpc(n);
+        let call = client.rerank(self.unary_request(n));
+        let outcome = match tokio::time::timeout(Duration::from_millis(5 + n % 40), call).await {
+            Err(_) => "cancelled_by_client".to_string(),
+            Ok(Ok(_)) => "ok".to_string(),
+            Ok(Err(status)) => code_name(status.code()),
+        };
+        self.record("cancelled_unary", started, outcome);
+    }
+
+    /// A stream whose client sends `start` and one chunk, reads nothing and goes away.
+    async fn cancelled_stream(self, n: u64) {
+        let started = Instant::now();
+        let messages: Vec<RerankStreamRequest> = self.stream_messages(n).into_iter().take(2).collect();
+        // The request side stays open (no half-close), so the call is still running when it is dropped.
+        let outbound = futures::stream::iter(messages).chain(futures::stream::pending());
+        let mut client = self.grpc(n);
+        let call = async {
+            let mut inbound = client.rerank_stream(outbound).await?.into_inner();
+            inbound.message().await
+        };
+        let outcome = match tokio::time::timeout(Duration::from_millis(20 + n % 50), call).await {
+            Err(_) | Ok(Ok(_)) => "cancelled_by_client".to_string(),
+            Ok(Err(status)) => code_name(status.code()),
+        };
+        self.record("cancelled_stream", started, outcome);
+    }
+
+    /// A stream that sends everything and never reads: the server must end it (stream_idle_timeout) once its
+    /// unread scores fill the window, or finish it; the client lets go after --unread-hold.
+    async fn unread_stream(self, n: u64) {
+        let started = Instant::now();
+        let outbound = futures::stream::iter(self.stream_messages(n));
+        let mut client = self.grpc(n);
+        let outcome = match client.rerank_stream(outbound).await {
+            Ok(response) => {
+                let held = response.into_inner();
+                tokio::time::sleep(self.args.unread_hold.into()).await;
+                drop(held);
+                "unread_dropped".to_string()
+            }
+            Err(status) => code_name(status.code()),
+        };
+        self.record("unread_stream", started, outcome);
+    }
+
+    /// An HTTP/1.1 client that sends its request and closes the connection without waiting for the answer.
+    async fn http_disconnect(self, n: u64) {
+        use tokio::io::AsyncWriteExt;
+        let started = Instant::now();
+        let body = self.pool.bodies[self.pick(n)].clone();
+        let head = format!(
+            "POST /v2/rerank HTTP/1.1\r\nhost: load\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let sent = async {
+            let mut socket = tokio::net::TcpStream::connect(&self.args.target).await?;
+            socket.write_all(head.as_bytes()).await?;
+            socket.write_all(&body).await?;
+            socket.flush().await
+        };
+        let outcome = match sent.await {
+            Ok(()) => "cancelled_by_client".to_string(),
+            Err(_) => "http_conn_error".to_string(),
+        };
+        self.record("http_disconnect", started, outcome);
+    }
+}
+
 fn code_name(code: tonic::Code) -> String {
     format!("{code:?}")
 }
@@ -255,6 +406,10 @@ async fn steady(
             match kind {
                 "unary" => load.unary(n).await,
                 "stream" => load.stream(n).await,
+                "cancelled_unary" => load.cancelled_unary(n).await,
+                "cancelled_stream" => load.cancelled_stream(n).await,
+                "unread_stream" => load.unread_stream(n).await,
+                "http_disconnect" => load.http_disconnect(n).await,
                 _ => load.http(n).await,
             }
         }));
@@ -307,6 +462,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
     let load = Load {
+        pool: Arc::new(Pool::new(&args)),
         args: Arc::new(args.clone()),
         grpc,
         http,
@@ -330,6 +486,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ("unary", args.unary_rate),
                 ("stream", args.stream_rate),
                 ("http", args.http_rate),
+                ("cancelled_unary", args.cancel_rate),
+                ("cancelled_stream", args.stream_cancel_rate),
+                ("unread_stream", args.unread_stream_rate),
+                ("http_disconnect", args.http_disconnect_rate),
             ] {
                 let (load, stopped) = (load.clone(), stopped.clone());
                 drivers.push(tokio::spawn(async move {
