@@ -168,7 +168,7 @@ pub async fn start_with(
         rerank_service,
         api_key.clone(),
         config.request_read_timeout,
-        Arc::clone(&metrics),
+        Arc::clone(&lifecycle),
     );
     let reflection = reflection_services()?;
     let grpc = tonic::service::Routes::new(health_service.clone())

@@ -374,3 +374,42 @@ async fn malformed_bodies_get_a_clear_4xx_json_error() {
     assert_eq!(got, 200, "{reply}");
     assert_eq!(post(addr).await.status(), 200, "the server is unharmed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_of_a_body_still_arriving_count_against_max_inflight_bytes_until_it_ends() {
+    let mut config = test_config(ONE_LABEL);
+    config.max_inflight_bytes = 4096;
+    config.max_client_share = 1.0;
+    config.request_read_timeout = Duration::from_millis(800);
+    let server = start(config).await;
+    let addr = server.local_addr;
+    let mut stalled = TcpStream::connect(addr).await.expect("connect");
+    let mut partial = b"POST /v2/rerank HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"query\": \"".to_vec();
+    partial.extend(std::iter::repeat_n(b'q', 3000));
+    stalled.write_all(&partial).await.expect("written");
+    metric_reaches(addr, "rerank_held_bytes", 3000.0).await;
+    let documents: Vec<String> = (0..4).map(|i| format!("{i} {}", "d".repeat(500))).collect();
+    let body = json!({"query": "harbour", "documents": documents});
+    let refused = reqwest::Client::new()
+        .post(format!("http://{addr}/v2/rerank"))
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(refused.status(), 429);
+    let message = refused.text().await.expect("text");
+    assert!(message.contains("max_inflight_bytes"), "{message}");
+    let ended = guarded("the 408", http1_response(&mut stalled)).await;
+    assert!(ended.starts_with("HTTP/1.1 408"), "{ended}");
+    let served = reqwest::Client::new()
+        .post(format!("http://{addr}/v2/rerank"))
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(
+        served.status(),
+        200,
+        "the stalled body's bytes were released"
+    );
+}

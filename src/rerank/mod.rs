@@ -214,6 +214,16 @@ impl Reranker {
             .set(self.tokens_per_second());
     }
 
+    /// A request body as it arrives: its bytes count against max_inflight_bytes (and the client's share of it)
+    /// from the moment they are received until the request is decoded, so bodies being read are bounded too.
+    pub fn receiving(&self, client: Option<clients::ClientId>) -> Receiving {
+        Receiving {
+            reranker: self.clone(),
+            client,
+            held: 0,
+        }
+    }
+
     /// Ends every call in flight with UNAVAILABLE (the server is stopping); their queued pairs are dropped.
     pub fn stop_calls(&self) {
         self.inner.stopped.send_replace(true);
@@ -286,6 +296,38 @@ impl Reranker {
                 tracing::debug!(endpoint, seconds, outcome = error.outcome(), %error, "rerank failed")
             }
         }
+    }
+}
+
+/// The bytes of one request body received so far, held in admission until it is dropped.
+pub struct Receiving {
+    reranker: Reranker,
+    client: Option<clients::ClientId>,
+    held: usize,
+}
+
+impl Receiving {
+    /// Counts `bytes` more of the body, or refuses them (RESOURCE_EXHAUSTED) when the server or this client
+    /// already holds its share of request bytes.
+    pub fn add(&mut self, bytes: usize) -> Result<(), RerankError> {
+        let inner = &self.reranker.inner;
+        if let Err(refused) = inner.admission.admit_bytes(self.client.as_ref(), bytes) {
+            if let RerankError::ResourceExhausted { reason, .. } = &refused {
+                inner.metrics.record_refusal(*reason);
+            }
+            return Err(refused);
+        }
+        self.held += bytes;
+        Ok(())
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.reranker
+            .inner
+            .admission
+            .release_bytes(self.client.as_ref(), self.held);
     }
 }
 

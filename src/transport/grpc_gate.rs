@@ -15,26 +15,34 @@ use tonic::server::NamedService;
 use tonic::Status;
 
 use crate::error::RerankError;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::rerank::access::ApiKey;
+use crate::rerank::clients::ClientId;
+use crate::rerank::Receiving;
 
 /// Wraps the RerankerService: checks the API key (Info too), and bounds how long a unary call's request may
-/// take to arrive (request_read_timeout).
+/// take to arrive (request_read_timeout) and, as admission's request bytes, what it holds while it arrives.
 #[derive(Clone)]
 pub struct GrpcGate<S> {
     inner: S,
     api_key: ApiKey,
     read_timeout: Duration,
-    metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl<S> GrpcGate<S> {
-    pub fn new(inner: S, api_key: ApiKey, read_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        inner: S,
+        api_key: ApiKey,
+        read_timeout: Duration,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Self {
         Self {
             inner,
             api_key,
             read_timeout,
-            metrics,
+            lifecycle,
         }
     }
 }
@@ -70,10 +78,10 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let endpoint = endpoint_of(request.uri().path());
         let key = request.headers().get("authorization").map(|v| v.as_bytes());
+        let metrics = Arc::clone(self.lifecycle.metrics());
         if let Err(refused) = self.api_key.check(key) {
             if let Some(endpoint) = endpoint {
-                self.metrics
-                    .record_call::<()>(endpoint, &Err(refused.clone()), 0.0);
+                metrics.record_call::<()>(endpoint, &Err(refused.clone()), 0.0);
             }
             let status = Status::from(refused);
             return Box::pin(async move { Ok(status.into_http()) });
@@ -82,7 +90,11 @@ where
         let request = if endpoint == Some("grpc_stream") {
             request
         } else {
-            let timed = ReadWithin::new(self.read_timeout, endpoint, Arc::clone(&self.metrics));
+            let client = request.extensions().get::<ClientId>().cloned();
+            let receiving = endpoint
+                .and_then(|_| self.lifecycle.reranker().ok())
+                .map(|reranker| reranker.receiving(client));
+            let timed = ReadWithin::new(self.read_timeout, endpoint, metrics, receiving);
             request.map(|body| Body::new(timed.wrap(body)))
         };
         boxed(self.inner.call(request))
@@ -107,19 +119,26 @@ pub fn record_early(metrics: &Metrics, endpoint: &str, error: &RerankError) {
     metrics.record_call::<()>(endpoint, &Err(error.clone()), 0.0);
 }
 
-/// A time limit on a request body's arrival, counted from its headers.
+/// A time limit on a request body's arrival, counted from its headers, and its bytes held in admission.
 struct ReadWithin {
     timeout: Duration,
     endpoint: Option<&'static str>,
     metrics: Arc<Metrics>,
+    receiving: Option<Receiving>,
 }
 
 impl ReadWithin {
-    fn new(timeout: Duration, endpoint: Option<&'static str>, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        timeout: Duration,
+        endpoint: Option<&'static str>,
+        metrics: Arc<Metrics>,
+        receiving: Option<Receiving>,
+    ) -> Self {
         Self {
             timeout,
             endpoint,
             metrics,
+            receiving,
         }
     }
 
@@ -140,6 +159,15 @@ struct TimedBody {
     limit: ReadWithin,
 }
 
+impl TimedBody {
+    /// Counts the call that ends here, before its handler could.
+    fn fail(&self, error: &RerankError) {
+        if let Some(endpoint) = self.limit.endpoint {
+            record_early(&self.limit.metrics, endpoint, error);
+        }
+    }
+}
+
 impl http_body::Body for TimedBody {
     type Data = tonic::codegen::Bytes;
     type Error = StdError;
@@ -153,7 +181,20 @@ impl http_body::Body for TimedBody {
                 self.due = None;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
+            Poll::Ready(Some(Ok(frame))) => {
+                let counted = match (frame.data_ref(), self.limit.receiving.as_mut()) {
+                    (Some(data), Some(receiving)) => receiving.add(data.len()),
+                    _ => Ok(()),
+                };
+                match counted {
+                    Ok(()) => Poll::Ready(Some(Ok(frame))),
+                    Err(refused) => {
+                        self.fail(&refused);
+                        Poll::Ready(Some(Err(Box::new(Status::from(refused)))))
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
             Poll::Pending => match self.due.as_mut().map(|due| due.as_mut().poll(cx)) {
                 Some(Poll::Ready(())) => {
                     self.due = None;
@@ -161,9 +202,7 @@ impl http_body::Body for TimedBody {
                         "the request did not arrive within {:?} (request_read_timeout)",
                         self.limit.timeout
                     ));
-                    if let Some(endpoint) = self.limit.endpoint {
-                        record_early(&self.limit.metrics, endpoint, &error);
-                    }
+                    self.fail(&error);
                     Poll::Ready(Some(Err(Box::new(Status::from(error)))))
                 }
                 _ => Poll::Pending,
@@ -195,6 +234,7 @@ mod tests {
             Duration::from_millis(20),
             Some("grpc"),
             Arc::clone(&metrics),
+            None,
         );
         let mut body = limit.wrap(Body::new(never_ends));
         let error = body
@@ -215,7 +255,7 @@ mod tests {
         let whole = Body::new(http_body_util::Full::new(
             tonic::codegen::Bytes::from_static(b"x"),
         ));
-        let limit = ReadWithin::new(Duration::from_millis(20), None, metrics);
+        let limit = ReadWithin::new(Duration::from_millis(20), None, metrics, None);
         let collected = limit
             .wrap(whole)
             .collect()

@@ -322,7 +322,8 @@ impl Load {
     /// A stream whose client sends `start` and one chunk, reads nothing and goes away.
     async fn cancelled_stream(self, n: u64) {
         let started = Instant::now();
-        let messages: Vec<RerankStreamRequest> = self.stream_messages(n).into_iter().take(2).collect();
+        let messages: Vec<RerankStreamRequest> =
+            self.stream_messages(n).into_iter().take(2).collect();
         // The request side stays open (no half-close), so the call is still running when it is dropped.
         let outbound = futures::stream::iter(messages).chain(futures::stream::pending());
         let mut client = self.grpc(n);

@@ -85,13 +85,16 @@ async fn call(
     body: Body,
 ) -> Result<(Reranker, RerankOutcome), HttpError> {
     let reranker = state.reranker()?.clone();
-    let body = read_body(state, body).await?;
+    let mut receiving = reranker.receiving(call.client.clone());
+    let body = read_body(state, body, &mut receiving).await?;
     let parsed = parse(
         Shape::Cohere,
         &body,
         reranker.description(),
         reranker.limits(),
     )?;
+    // The decoded texts are admitted again as the call holds them; the raw body is done with.
+    drop((body, receiving));
     let options = call.options(parsed.options)?;
     let _slot = state.call_slot(call.client.as_ref())?;
     let outcome = reranker

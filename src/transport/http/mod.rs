@@ -27,7 +27,7 @@ use crate::lifecycle::{Lifecycle, State as Life};
 use crate::rerank::access::ApiKey;
 use crate::rerank::clients::ClientId;
 use crate::rerank::limits::{CallSlot, CallSlots};
-use crate::rerank::Reranker;
+use crate::rerank::{Receiving, Reranker};
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -154,33 +154,42 @@ async fn check_api_key(
     Ok(next.run(request).await)
 }
 
-/// Reads a body within max_message_bytes and request_read_timeout: 413 past the size, 408 past the time, 400
+/// Reads a body within max_message_bytes and request_read_timeout, its bytes counted in `receiving` as they
+/// arrive: 413 past the size, 408 past the time, 429 past the bytes the server (or this client) may hold, 400
 /// for a body that could not be read.
-async fn read_body(state: &HttpState, body: Body) -> Result<axum::body::Bytes, HttpError> {
-    let limited = http_body_util::Limited::new(body, state.max_body_bytes);
-    let read = tokio::time::timeout(
-        state.read_timeout,
-        http_body_util::BodyExt::collect(limited),
-    );
-    let Ok(collected) = read.await else {
-        return Err(RerankError::RequestTimeout(format!(
+async fn read_body(
+    state: &HttpState,
+    body: Body,
+    receiving: &mut Receiving,
+) -> Result<Vec<u8>, HttpError> {
+    let read = async {
+        let mut body = http_body_util::Limited::new(body, state.max_body_bytes);
+        let mut received = Vec::new();
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            let frame = frame.map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    RerankError::too_large(format!(
+                        "the request body is over the limit of {} bytes (max_message_bytes)",
+                        state.max_body_bytes
+                    ))
+                } else {
+                    RerankError::invalid(format!("the request body could not be read: {e}"))
+                }
+            })?;
+            if let Some(data) = frame.data_ref() {
+                receiving.add(data.len())?;
+                received.extend_from_slice(data);
+            }
+        }
+        Ok::<_, RerankError>(received)
+    };
+    match tokio::time::timeout(state.read_timeout, read).await {
+        Ok(read) => Ok(read?),
+        Err(_) => Err(RerankError::RequestTimeout(format!(
             "the request body did not arrive within {:?} (request_read_timeout)",
             state.read_timeout
         ))
-        .into());
-    };
-    match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(RerankError::too_large(format!(
-                "the request body is over the limit of {} bytes (max_message_bytes)",
-                state.max_body_bytes
-            ))
-            .into())
-        }
-        Err(e) => {
-            Err(RerankError::invalid(format!("the request body could not be read: {e}")).into())
-        }
+        .into()),
     }
 }
 

@@ -56,8 +56,11 @@ pub(super) async fn rerank(
 ) -> Result<Response, HttpError> {
     let (call, body) = split(request);
     let reranker = state.reranker()?.clone();
-    let body = read_body(&state, body).await?;
+    let mut receiving = reranker.receiving(call.client.clone());
+    let body = read_body(&state, body, &mut receiving).await?;
     let parsed = parse(Shape::Tei, &body, reranker.description(), reranker.limits())?;
+    // The decoded texts are admitted again as the call holds them; the raw body is done with.
+    drop((body, receiving));
     let options = call.options(parsed.options)?;
     let _slot = state.call_slot(call.client.as_ref())?;
     let outcome = reranker
