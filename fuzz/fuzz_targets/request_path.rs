@@ -28,6 +28,7 @@ const LIMITS: Limits = Limits {
     max_query_bytes: 1024,
     max_stream_pending_pairs: 64,
     stream_idle_timeout: std::time::Duration::from_secs(60),
+    request_read_timeout: std::time::Duration::from_secs(10),
     max_chunks_per_doc: 8,
     chunk_overlap_tokens: 16,
     max_concurrent_calls: 8,
