@@ -236,10 +236,13 @@ class Fleet:
 class Load:
     def __init__(self, process, report):
         self.process, self.report = process, report
+        self.cpu = 0.0
 
     def stop(self):
         self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
+        _, _, usage = os.wait4(self.process.pid, 0)
+        self.process.returncode = 0
+        self.cpu = usage.ru_utime + usage.ru_stime
         with open(self.report) as f:
             report = json.load(f)
         began = report["began_unix_ms"]
@@ -259,6 +262,16 @@ class Call:
     @property
     def ms(self):
         return self.end - self.start
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def counts(calls):
@@ -405,7 +418,10 @@ def overload(fleet):
     # fleet's answer.
     connections = int(rate / 2 * a.deadline / 80) + 1
     load = fleet.load("overload", unary_rate=rate / 2, http_rate=rate / 2, grpc_connections=connections, **heavy)
+    servers = [fleet.replicas[i].proc.pid for i in (1, 2, 3)] + [fleet.haproxy.pid]
+    cpu_before = [cpu_seconds(pid) for pid in servers]
     time.sleep(a.overload_seconds)
+    cpu = [cpu_seconds(pid) - before for pid, before in zip(servers, cpu_before)]
     calls = load.stop()
     ended = [c for c in calls if c.start >= min(x.start for x in calls)]
     span = (max(c.end for c in ended) - min(c.start for c in ended)) / 1000
@@ -427,6 +443,9 @@ def overload(fleet):
         # and the balancer, or a call cut with its connection.
         "admitted_not_ok": len(failures(admitted)),
         "admitted_not_ok_share": round(len(failures(admitted)) / max(1, len(admitted)), 4),
+        # Where the 2 cores went during the overload run (CPU seconds).
+        "cpu_s": {"replicas": round(sum(cpu[:3]), 1), "haproxy": round(cpu[3], 1), "load": round(load.cpu, 1),
+                  "wall": a.overload_seconds},
     }
     result["checks"] = {
         "goodput >= 70% of capacity": goodput >= 0.7 * capacity,
