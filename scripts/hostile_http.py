@@ -161,15 +161,35 @@ async def connections(ctx):
     opened = []
     health = b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n"
     started = time.monotonic()
-    for i in range(10_000):
-        reader, writer = await asyncio.open_connection(ctx.host, ctx.port, local_addr=(HOSTILE, 0))
-        writer.write(health)
-        opened.append((reader, writer))
-        if len(opened) % 500 == 0:
-            await asyncio.gather(*(read_response(r) for r, _ in opened[-500:]))
-    await asyncio.gather(*(read_response(r) for r, _ in opened[-(len(opened) % 500 or 500):]))
-    out(f"connections: 10,000 keep-alive connections open and answered in {time.monotonic() - started:.1f} s; "
-        f"server RSS {rss_kb(ctx.pid)} kB")
+    async def answered(reader):
+        try:
+            return (await read_response(reader))[0]
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return "closed"
+
+    outcomes = {}
+    for batch in range(0, 10_000, 500):
+        pending = []
+        for _ in range(500):
+            reader, writer = await asyncio.open_connection(ctx.host, ctx.port, local_addr=(HOSTILE, 0))
+            writer.write(health)
+            pending.append((reader, writer))
+        for status in await asyncio.gather(*(answered(r) for r, _ in pending)):
+            outcomes[status] = outcomes.get(status, 0) + 1
+        opened.extend(pending)
+    async def metric(name):
+        # Over a connection already open: with 10,000 open, a new one is refused.
+        reader, writer = opened[0]
+        writer.write(b"GET /metrics HTTP/1.1\r\nhost: t\r\n\r\n")
+        _, body = await read_response(reader)
+        for line in body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    out(f"connections: 10,000 keep-alive connections opened in {time.monotonic() - started:.1f} s, answers "
+        f"{outcomes}; open at the server {await metric('rerank_connections_open'):.0f}; server RSS "
+        f"{rss_kb(ctx.pid)} kB")
     surplus_started = time.monotonic()
     reader, writer = await asyncio.open_connection(ctx.host, ctx.port, local_addr=(GOOD, 0))
     writer.write(health)
@@ -180,14 +200,15 @@ async def connections(ctx):
         fate = f"reset ({type(error).__name__})"
     out(f"    the 10,001st connection: {fate} after {ms(time.monotonic() - surplus_started)}")
     sample = random.Random(1).sample(opened, 200)
-    latencies = []
+    latencies, served = [], 0
     for reader, writer in sample:
         t = time.monotonic()
         writer.write(health)
-        status, _ = await read_response(reader)
-        latencies.append(time.monotonic() - t)
-    out(f"    200 requests on the first 10,000: {summary(latencies)}; refused connections counted: "
-        f"{ctx.metric('rerank_connections_refused_total'):.0f}")
+        if await answered(reader) == 200:
+            served += 1
+            latencies.append(time.monotonic() - t)
+    out(f"    200 requests on the first 10,000: {served} answered 200, {summary(latencies)}; refused connections: "
+        f"{await metric('rerank_connections_refused_total'):.0f}")
     for _, writer in opened:
         writer.close()
 
@@ -204,14 +225,27 @@ MALFORMED = {
     "over max_message_bytes": b'{"query": "' + b"q" * (40 << 20) + b'"}',
     "unknown model": b'{"model": "other", "query": "q", "documents": ["a"]}',
 }
+# Sent with Transfer-Encoding: chunked, so the server learns only as it reads that the body is too large.
+CHUNKED = {"chunked past max_message_bytes": b"q" * (40 << 20)}
+
+
+def chunked_bytes(path, body, chunk=1 << 20):
+    head = f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    parts = [head.encode()]
+    for i in range(0, len(body), chunk):
+        piece = body[i:i + chunk]
+        parts.append(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+    parts.append(b"0\r\n\r\n")
+    return b"".join(parts)
 
 
 async def malformed_bodies(ctx):
     before = rss_kb(ctx.pid)
     statuses = {}
-    for name, body in MALFORMED.items():
-        count = 20 if len(body) > 1 << 20 else 2000
-        request = post_bytes("/v2/rerank", body)
+    cases = [(name, post_bytes("/v2/rerank", body)) for name, body in MALFORMED.items()]
+    cases += [(name, chunked_bytes("/v2/rerank", body)) for name, body in CHUNKED.items()]
+    for name, request in cases:
+        count = 20 if len(request) > 1 << 20 else 2000
 
         async def one():
             try:
@@ -228,9 +262,11 @@ async def malformed_bodies(ctx):
         for batch in range(0, count, 200):
             for status in await asyncio.gather(*(one() for _ in range(min(200, count - batch)))):
                 seen[status] = seen.get(status, 0) + 1
-        statuses[name] = seen
+        statuses[name] = (count, seen, rss_kb(ctx.pid))
+    out("malformed_bodies: case: sent -> answers, server RSS after the case")
+    for name, (count, seen, rss) in statuses.items():
+        out(f"    {name}: {count} -> {json.dumps(seen)}, RSS {rss} kB")
     after = rss_kb(ctx.pid)
-    out(f"malformed_bodies: {json.dumps(statuses)}")
     out(f"    server RSS {before} kB before, {after} kB after ({after - before:+d} kB); server healthy: "
         f"{(await http_call((ctx.host, ctx.port), rerank_body()))[0]}")
 

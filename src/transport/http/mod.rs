@@ -162,26 +162,35 @@ async fn read_body(
     body: Body,
     receiving: &mut Receiving,
 ) -> Result<Vec<u8>, HttpError> {
+    let too_large = || {
+        RerankError::too_large(format!(
+            "the request body is over the limit of {} bytes (max_message_bytes)",
+            state.max_body_bytes
+        ))
+    };
+    // A body that announces more than the limit is refused before any of it is read.
+    let announced = http_body::Body::size_hint(&body).lower();
+    if announced > state.max_body_bytes as u64 {
+        return Err(too_large().into());
+    }
     let read = async {
         let mut body = http_body_util::Limited::new(body, state.max_body_bytes);
+        // The frames as they came (no copy, no regrowing buffer); joined once the body is whole.
         let mut received = Vec::new();
         while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
             let frame = frame.map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
-                    RerankError::too_large(format!(
-                        "the request body is over the limit of {} bytes (max_message_bytes)",
-                        state.max_body_bytes
-                    ))
+                    too_large()
                 } else {
                     RerankError::invalid(format!("the request body could not be read: {e}"))
                 }
             })?;
-            if let Some(data) = frame.data_ref() {
+            if let Ok(data) = frame.into_data() {
                 receiving.add(data.len())?;
-                received.extend_from_slice(data);
+                received.push(data);
             }
         }
-        Ok::<_, RerankError>(received)
+        Ok::<_, RerankError>(received.concat())
     };
     match tokio::time::timeout(state.read_timeout, read).await {
         Ok(read) => Ok(read?),
