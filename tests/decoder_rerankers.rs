@@ -312,6 +312,14 @@ async fn http_apis_take_the_instruction() {
     )
     .await;
     assert_eq!(status, 400, "{json}");
+    // A decoder cannot score in windows, so the window count is refused whatever the truncation.
+    let (status, json) = common::post_json(
+        &server,
+        "/v2/rerank",
+        &serde_json::json!({"query": "q", "documents": ["d"], "truncation": "reject", "max_chunks_per_doc": 2}),
+    )
+    .await;
+    assert_eq!(status, 400, "{json}");
 }
 
 #[test]

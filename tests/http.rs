@@ -152,6 +152,11 @@ async fn errors_are_json_messages_with_the_matching_status() {
             "max_message_bytes",
         ),
         (
+            json!({"query": "q", "documents": docs, "truncation": "reject", "max_chunks_per_doc": 65}),
+            413,
+            "max_chunks_per_doc",
+        ),
+        (
             json!({"query": "q", "documents": docs, "truncation": "sideways"}),
             400,
             "truncation",

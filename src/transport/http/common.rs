@@ -265,6 +265,13 @@ fn options(
             ));
         }
     }
+    // The published schema marks the field as not accepted where the model cannot chunk.
+    if let (Some(prompt), Some(_)) = (&description.prompt, common.max_chunks_per_doc) {
+        return Err(RerankError::invalid(format!(
+            "max_chunks_per_doc is not available for {} models",
+            prompt.family
+        )));
+    }
     let truncation = truncation(limits, common, truncate)?;
     if matches!(truncation, Truncation::ChunkMax { .. }) && common.max_tokens_per_doc.is_some() {
         return Err(RerankError::invalid(
@@ -288,6 +295,10 @@ fn truncation(
     common: &Common,
     truncate: Option<bool>,
 ) -> Result<Truncation, RerankError> {
+    // Over the limit is refused whatever the truncation, as the published schema says.
+    if let Some(requested) = common.max_chunks_per_doc {
+        limits.chunks_per_doc(requested)?;
+    }
     let chunked = |requested: usize| -> Result<Truncation, RerankError> {
         Ok(Truncation::ChunkMax {
             max_chunks: limits.chunks_per_doc(requested)?,
