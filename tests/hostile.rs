@@ -363,12 +363,24 @@ async fn malformed_bodies_get_a_clear_4xx_json_error() {
     chunked.extend_from_slice(b"0\r\n\r\n");
     let (got, reply) = send_raw(addr, &chunked).await;
     assert_eq!(got, 413, "{reply}");
-    // Unknown fields are ignored, as the hosted APIs grow fields clients then send.
+    // A field the API does not know is refused by name, not silently ignored; the fields of documents given as
+    // objects (Cohere v1, Jina) are the caller's own and stay allowed.
     let (got, reply) = send_raw(
         addr,
         &raw_post(
             br#"{"query": "q", "documents": ["a"], "return_citations": true, "x": {"y": [1]}}"#,
         ),
+    )
+    .await;
+    assert_eq!(got, 400, "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("unknown fields \"return_citations\", \"x\""),
+        "{message}"
+    );
+    let (got, reply) = send_raw(
+        addr,
+        &raw_post(br#"{"query": "q", "documents": [{"text": "a", "id": 7, "meta": {"k": 1}}]}"#),
     )
     .await;
     assert_eq!(got, 200, "{reply}");

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::common::{parse, request_id, split, Call, Common, Document, RerankErrors, Shape};
+use super::common::{
+    parse, request_id, split, Call, Common, Document, RerankErrors, Shape, Unknown,
+};
 use super::{read_body, HttpError, HttpState};
 use crate::rerank::{RankedDocument, RerankOutcome, Reranker};
 
@@ -23,6 +25,10 @@ pub(super) struct CohereRequest {
     pub(super) documents: Vec<Document>,
     #[serde(flatten)]
     pub(super) common: Common,
+    /// Fields no shape knows (after `common` has taken its own): refused by name.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub(super) unknown: Unknown,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -1,9 +1,12 @@
 //! What the rerank shapes share: documents as strings or objects, the optional fields every shape accepts, and
 //! the core call's options built from them.
 
+use std::collections::BTreeMap;
+
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::HeaderMap;
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
@@ -53,8 +56,25 @@ pub(super) enum RankField {
     Text,
 }
 
-/// Fields every shape shares; absent and null mean the server's default. Unknown fields are ignored, as the
-/// hosted APIs grow fields clients then send.
+/// The top-level fields of a body that its shape does not know, by name (their values are skipped unread).
+pub(super) type Unknown = BTreeMap<String, IgnoredAny>;
+
+/// Refuses a body with fields its shape does not know: a client asking for something this server does not do
+/// (a newer API field, a misspelt option) learns so instead of getting results that silently ignore it.
+fn refuse_unknown(unknown: &Unknown, known: &[&str]) -> Result<(), RerankError> {
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = unknown.keys().take(8).map(|k| format!("{k:?}")).collect();
+    Err(RerankError::invalid(format!(
+        "unknown field{} {}; this API takes {}",
+        if unknown.len() == 1 { "" } else { "s" },
+        names.join(", "),
+        known.join(", ")
+    )))
+}
+
+/// Fields every shape shares; absent and null mean the server's default. Fields no shape knows are refused.
 #[derive(Deserialize, Default, ToSchema)]
 pub(super) struct Common {
     /// The served model: its id or the id's last path part ("" or absent: the served model); another name is
@@ -210,6 +230,7 @@ pub fn parse(
     match shape {
         Shape::Cohere => {
             let request: CohereRequest = serde_json::from_slice(body).map_err(invalid)?;
+            refuse_unknown(&request.unknown, &known(&["query", "documents"]))?;
             Ok(Parsed {
                 options: options(description, limits, &request.common, None)?,
                 query: request.query,
@@ -222,6 +243,17 @@ pub fn parse(
         }
         Shape::Tei => {
             let request: TeiRequest = serde_json::from_slice(body).map_err(invalid)?;
+            refuse_unknown(
+                &request.unknown,
+                &known(&[
+                    "query",
+                    "texts",
+                    "raw_scores",
+                    "return_text",
+                    "truncate",
+                    "truncation_direction",
+                ]),
+            )?;
             if let Some(direction) = request.truncation_direction.as_deref() {
                 if !direction.eq_ignore_ascii_case("right") {
                     return Err(RerankError::invalid(format!(
@@ -240,6 +272,25 @@ pub fn parse(
         }
     }
 }
+
+/// A shape's own fields followed by the shared ones, for error messages.
+fn known<'a>(own: &[&'a str]) -> Vec<&'a str> {
+    let mut names = own.to_vec();
+    names.extend(COMMON_FIELDS);
+    names
+}
+
+/// The fields of [`Common`], as they are written in JSON.
+const COMMON_FIELDS: [&str; 8] = [
+    "model",
+    "top_n",
+    "return_documents",
+    "truncation",
+    "max_chunks_per_doc",
+    "max_tokens_per_doc",
+    "rank_fields",
+    "instruction",
+];
 
 /// The options of one call from the shared fields; `truncate` is TEI's flag (false = reject over-long pairs).
 fn options(

@@ -73,7 +73,9 @@ fn flatten_all_of(doc: &mut Value) {
                 required.extend(own.iter().cloned());
             }
         }
-        *schema = json!({"type": "object", "properties": properties, "required": required});
+        // Request bodies: a field the shape does not know is refused (400).
+        *schema = json!({"type": "object", "properties": properties, "required": required,
+                         "additionalProperties": false});
     }
 }
 
@@ -167,5 +169,80 @@ mod tests {
         }
         assert_eq!(cohere["required"], json!(["query", "documents"]));
         assert!(doc["components"]["schemas"]["InfoResponse"]["properties"]["model"].is_object());
+    }
+
+    fn description() -> crate::rerank::ModelDescription {
+        crate::rerank::ModelDescription {
+            model_id: "org/model".into(),
+            architecture: "BertForSequenceClassification".into(),
+            max_length: 512,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            scoring: crate::model::scoring::Scoring::SingleLogit(
+                crate::model::scoring::Activation::Sigmoid,
+            ),
+            max_message_bytes: 1 << 20,
+            prompt: None,
+        }
+    }
+
+    #[test]
+    fn every_documented_field_is_taken_and_any_other_is_refused_by_name() {
+        use super::super::common::{parse, Shape};
+        let doc = document(None);
+        let limits = crate::rerank::limits::Limits {
+            max_documents: 8,
+            max_stream_documents: 8,
+            max_document_bytes: 1024,
+            max_query_bytes: 1024,
+            max_stream_pending_pairs: 8,
+            stream_idle_timeout: std::time::Duration::from_secs(1),
+            request_read_timeout: std::time::Duration::from_secs(1),
+            max_chunks_per_doc: 4,
+            chunk_overlap_tokens: 4,
+            max_concurrent_calls: 4,
+        };
+        for (shape, name, base) in [
+            (
+                Shape::Cohere,
+                "CohereRequest",
+                json!({"query": "q", "documents": ["d"]}),
+            ),
+            (
+                Shape::Tei,
+                "TeiRequest",
+                json!({"query": "q", "texts": ["d"]}),
+            ),
+        ] {
+            let schema = &doc["components"]["schemas"][name];
+            assert_eq!(schema["additionalProperties"], false, "{name}");
+            let fields = schema["properties"].as_object().expect("properties");
+            for field in fields.keys() {
+                let mut body = base.clone();
+                body[field.as_str()] = body.get(field.as_str()).cloned().unwrap_or(Value::Null);
+                let bytes = serde_json::to_vec(&body).expect("json");
+                assert!(
+                    parse(shape, &bytes, &description(), &limits).is_ok(),
+                    "{name}: documented field {field} with null should be taken"
+                );
+            }
+            let mut body = base.clone();
+            body["return_citations"] = json!(true);
+            let bytes = serde_json::to_vec(&body).expect("json");
+            let message = parse(shape, &bytes, &description(), &limits)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                message.contains("\"return_citations\""),
+                "{name}: {message}"
+            );
+            for field in fields.keys() {
+                assert!(
+                    message.contains(field.as_str()),
+                    "{name}: {field} missing from {message}"
+                );
+            }
+        }
     }
 }

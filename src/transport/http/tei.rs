@@ -6,7 +6,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::common::{parse, split, Common, RerankErrors, Shape};
+use super::common::{parse, split, Common, RerankErrors, Shape, Unknown};
 use super::{read_body, HttpError, HttpState};
 
 #[derive(Deserialize, ToSchema)]
@@ -28,6 +28,10 @@ pub(super) struct TeiRequest {
     pub(super) truncation_direction: Option<String>,
     #[serde(flatten)]
     pub(super) common: Common,
+    /// Fields no shape knows (after `common` has taken its own): refused by name.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub(super) unknown: Unknown,
 }
 
 #[derive(Serialize, ToSchema)]
