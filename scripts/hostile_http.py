@@ -17,7 +17,7 @@ Scenarios:
                     how many the server holds, how many it refuses, and 20 calls from the other client.
   connections       10,000 keep-alive connections each make one request and stay open; the 10,001st; then
                     requests on 200 of the 10,000.
-  malformed_bodies  2,000 of each of 10 malformed bodies (200 connections at a time); statuses, and the server's
+  malformed_bodies  2,000 of each of 11 malformed bodies (200 connections at a time); statuses, and the server's
                     RSS before and after.
 """
 import argparse
@@ -224,6 +224,7 @@ MALFORMED = {
     "empty documents": b'{"query": "q", "documents": []}',
     "over max_message_bytes": b'{"query": "' + b"q" * (40 << 20) + b'"}',
     "unknown model": b'{"model": "other", "query": "q", "documents": ["a"]}',
+    "unknown fields": b'{"query": "q", "documents": ["a"], "return_citations": true, "x": {"y": [1]}}',
 }
 # Sent with Transfer-Encoding: chunked, so the server learns only as it reads that the body is too large.
 CHUNKED = {"chunked past max_message_bytes": b"q" * (40 << 20)}
