@@ -1,8 +1,10 @@
 //! Load for a fleet behind a balancer: unary gRPC, RerankStream and HTTP `/v2/rerank` calls at steady rates
 //! (open loop) or back to back (closed loop), every call's kind, start, end and outcome written to a JSON
 //! report for the fleet check to judge. Runs until --duration passes or SIGINT/SIGTERM, then lets the calls in
-//! flight end (each has a deadline) before it writes the report.
+//! flight end (each has a deadline) before it writes the report. A gRPC call that failed before its request
+//! left the client (queued on a connection the server was closing) is retried once, as gRPC clients do.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,8 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rerank_server::proto::reranker_service_client::RerankerServiceClient;
 use rerank_server::proto::{
-    rerank_stream_request, rerank_stream_response, DocumentChunk, RerankRequest, RerankStart,
-    RerankStreamRequest,
+    rerank_stream_request, rerank_stream_response, DocumentChunk, RerankRequest, RerankResponse,
+    RerankStart, RerankStreamRequest, RerankStreamResponse,
 };
 use tonic::transport::Channel;
 
@@ -140,6 +142,22 @@ struct Load {
     http: Client<HttpConnector, Full<hyper::body::Bytes>>,
     began: Instant,
     records: Arc<Mutex<Vec<Record>>>,
+    /// Calls retried because their first attempt never left the client.
+    unsent_retried: Arc<AtomicU64>,
+}
+
+/// Whether a call failed before its request left the client: hyper had it queued for a connection that closed
+/// (the server's `max_connection_age` or drain sent GOAWAY). The server never saw it, so it is safe to send
+/// again; gRPC's own clients do so transparently (gRFC A6), tonic does not.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+            return hyper.is_canceled();
+        }
+        source = error.source();
+    }
+    false
 }
 
 impl Load {
@@ -164,18 +182,10 @@ impl Load {
     }
 
     async fn unary(self, n: u64) {
-        let i = self.pick(n);
-        let mut request = tonic::Request::new(RerankRequest {
-            query: self.pool.queries[i].clone(),
-            documents: self.pool.documents[i].clone(),
-            ..Default::default()
-        });
-        request.set_timeout(self.args.deadline.into());
         let started = Instant::now();
         // The client keeps its own deadline too, as gRPC clients do: a replica that cannot answer (a cut link)
         // must not hold the call past it.
-        let mut client = self.grpc(n);
-        let call = tokio::time::timeout(self.args.deadline.into(), client.rerank(request));
+        let call = tokio::time::timeout(self.args.deadline.into(), self.call_unary(n));
         let outcome = match call.await {
             Ok(Ok(reply)) if reply.get_ref().results.len() == self.args.documents => {
                 "ok".to_string()
@@ -188,28 +198,11 @@ impl Load {
     }
 
     async fn stream(self, n: u64) {
-        let i = self.pick(n);
-        let start = RerankStreamRequest {
-            item: Some(rerank_stream_request::Item::Start(RerankStart {
-                query: self.pool.queries[i].clone(),
-                top_n: 5,
-                ..Default::default()
-            })),
-        };
-        let chunks: Vec<RerankStreamRequest> = (0..self.args.stream_chunks)
-            .map(|c| RerankStreamRequest {
-                item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
-                    documents: self.pool.documents[(i + c + 1) % POOL].clone(),
-                })),
-            })
-            .collect();
         let expected = self.args.documents * self.args.stream_chunks;
-        let mut request =
-            tonic::Request::new(futures::stream::iter(std::iter::once(start).chain(chunks)));
-        request.set_timeout(self.args.deadline.into());
         let started = Instant::now();
         let outcome = async {
-            let mut inbound = self.grpc(n).rerank_stream(request).await?.into_inner();
+            let outbound = || futures::stream::iter(self.stream_messages(n));
+            let mut inbound = self.open_stream(n, true, outbound).await?.into_inner();
             let (mut scored, mut finished) = (0, false);
             while let Some(message) = inbound.message().await? {
                 match message.item {
@@ -277,6 +270,46 @@ impl Load {
 }
 
 impl Load {
+    /// Sends call `n` as a unary Rerank, once more if the first attempt never left the client.
+    async fn call_unary(&self, n: u64) -> Result<tonic::Response<RerankResponse>, tonic::Status> {
+        let mut client = self.grpc(n);
+        match client.rerank(self.unary_request(n)).await {
+            Err(status) if never_sent(&status) => {
+                self.unsent_retried.fetch_add(1, Ordering::Relaxed);
+                client.rerank(self.unary_request(n)).await
+            }
+            other => other,
+        }
+    }
+
+    /// Opens call `n` as a RerankStream sending what `outbound` makes (with the call's deadline when `timed`),
+    /// once more if the first attempt never left the client.
+    async fn open_stream<S>(
+        &self,
+        n: u64,
+        timed: bool,
+        outbound: impl Fn() -> S,
+    ) -> Result<tonic::Response<tonic::Streaming<RerankStreamResponse>>, tonic::Status>
+    where
+        S: futures::Stream<Item = RerankStreamRequest> + Send + 'static,
+    {
+        let request = || {
+            let mut request = tonic::Request::new(outbound());
+            if timed {
+                request.set_timeout(self.args.deadline.into());
+            }
+            request
+        };
+        let mut client = self.grpc(n);
+        match client.rerank_stream(request()).await {
+            Err(status) if never_sent(&status) => {
+                self.unsent_retried.fetch_add(1, Ordering::Relaxed);
+                client.rerank_stream(request()).await
+            }
+            other => other,
+        }
+    }
+
     fn unary_request(&self, n: u64) -> tonic::Request<RerankRequest> {
         let i = self.pick(n);
         let mut request = tonic::Request::new(RerankRequest {
@@ -309,8 +342,7 @@ impl Load {
     /// A unary call dropped by its client after a few milliseconds (a user who gave up).
     async fn cancelled_unary(self, n: u64) {
         let started = Instant::now();
-        let mut client = self.grpc(n);
-        let call = client.rerank(self.unary_request(n));
+        let call = self.call_unary(n);
         let outcome = match tokio::time::timeout(Duration::from_millis(5 + n % 40), call).await {
             Err(_) => "cancelled_by_client".to_string(),
             Ok(Ok(_)) => "ok".to_string(),
@@ -322,13 +354,14 @@ impl Load {
     /// A stream whose client sends `start` and one chunk, reads nothing and goes away.
     async fn cancelled_stream(self, n: u64) {
         let started = Instant::now();
-        let messages: Vec<RerankStreamRequest> =
-            self.stream_messages(n).into_iter().take(2).collect();
         // The request side stays open (no half-close), so the call is still running when it is dropped.
-        let outbound = futures::stream::iter(messages).chain(futures::stream::pending());
-        let mut client = self.grpc(n);
+        let outbound = || {
+            let messages: Vec<RerankStreamRequest> =
+                self.stream_messages(n).into_iter().take(2).collect();
+            futures::stream::iter(messages).chain(futures::stream::pending())
+        };
         let call = async {
-            let mut inbound = client.rerank_stream(outbound).await?.into_inner();
+            let mut inbound = self.open_stream(n, false, outbound).await?.into_inner();
             inbound.message().await
         };
         let outcome = match tokio::time::timeout(Duration::from_millis(20 + n % 50), call).await {
@@ -342,9 +375,8 @@ impl Load {
     /// unread scores fill the window, or finish it; the client lets go after --unread-hold.
     async fn unread_stream(self, n: u64) {
         let started = Instant::now();
-        let outbound = futures::stream::iter(self.stream_messages(n));
-        let mut client = self.grpc(n);
-        let outcome = match client.rerank_stream(outbound).await {
+        let outbound = || futures::stream::iter(self.stream_messages(n));
+        let outcome = match self.open_stream(n, false, outbound).await {
             Ok(response) => {
                 let held = response.into_inner();
                 tokio::time::sleep(self.args.unread_hold.into()).await;
@@ -469,6 +501,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         http,
         began: Instant::now(),
         records: Arc::default(),
+        unsent_retried: Arc::default(),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut drivers = Vec::new();
@@ -522,12 +555,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or(0)
             .saturating_sub(load.ms(Instant::now())),
         "calls": records,
+        "unsent_retried": load.unsent_retried.load(Ordering::Relaxed),
     });
     std::fs::write(&args.report, serde_json::to_vec(&report)?)?;
     eprintln!(
-        "fleetload: {} calls recorded in {}",
+        "fleetload: {} calls recorded in {} ({} retried because their first attempt never left the client)",
         records.len(),
-        args.report.display()
+        args.report.display(),
+        load.unsent_retried.load(Ordering::Relaxed)
     );
     Ok(())
 }
