@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rerank_server::batch::{Pair, RequestHandle};
 use rerank_server::model::bert::Bert;
 use rerank_server::model::hf_config::ModelConfig;
-use rerank_server::model::ops::{FeedForwardActivation, GemmPrecision};
+use rerank_server::model::ops::{FeedForwardActivation, GemmPrecision, Weights};
 use rerank_server::model::{CrossEncoder, PackedBatch};
 use rerank_server::scheduler::{BatchPolicy, BatchQueue, BatchShape};
 use rerank_server::tokenization::{PairTokenizer, PairTokens, Truncation};
@@ -199,8 +199,12 @@ fn model_forward(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(8));
     for (name, precision) in precisions {
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
-        let model =
-            Bert::load(vb, &config, FeedForwardActivation::GeluErf, precision).expect("model");
+        let model = Bert::load(
+            Weights::new(vb, precision),
+            &config,
+            FeedForwardActivation::GeluErf,
+        )
+        .expect("model");
         for (label, rows, lengths) in [
             ("8x128", 8usize, vec![128usize]),
             ("16x256", 16, vec![256]),

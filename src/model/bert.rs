@@ -1,14 +1,25 @@
 //! BertForSequenceClassification: BERT embeddings, the shared encoder, optional pooler and the classifier.
 
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Result, Tensor};
 
 use super::encoder::{self, Encoder};
 use super::hf_config::ModelConfig;
-use super::ops::{self, EmbeddingTables, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
-use super::{CrossEncoder, PackedBatch};
+use super::ops::{
+    self, Bias, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear, Target, Weights,
+};
+use super::{Built, CrossEncoder, EncoderFacts, ModelSource, PackedBatch};
+use crate::error::StartupError;
 
-pub const ARCHITECTURE: &str = "BertForSequenceClassification";
+/// The registry's builder: config.json as BERT's, labels and activation from it.
+pub fn build(source: &ModelSource, weights: Weights) -> std::result::Result<Built, StartupError> {
+    let config: ModelConfig = source.config()?;
+    let activation = source.activation(&config.hidden_act)?;
+    // Labels first: a config whose labels cannot be scored is refused before any weight is read.
+    let scoring = source.scoring()?;
+    let model = Bert::load(weights, &config, activation)?;
+    let facts = EncoderFacts::bert_like(&config, config.max_position_embeddings);
+    Ok(Built::encoder(Box::new(model), facts, scoring))
+}
 
 pub struct Bert {
     tables: EmbeddingTables,
@@ -18,27 +29,21 @@ pub struct Bert {
     pooler: Option<Linear>,
     classifier: Linear,
     type_vocab_size: usize,
-    device: Device,
+    target: Target,
 }
 
 impl Bert {
     /// Loads weights stored with or without the `bert.` prefix; the `position_ids` buffer is never read.
     pub fn load(
-        vb: VarBuilder,
+        vb: Weights,
         config: &ModelConfig,
         activation: FeedForwardActivation,
-        precision: GemmPrecision,
     ) -> Result<Self> {
         let body = encoder::base_weights(&vb, "bert");
         let h = config.hidden_size;
         let (tables, embedding_norm) = encoder::load_embeddings(&body, config)?;
-        // The head is tiny and sits right before the score: it stays fp32 (see ops).
-        let pooler = if body.contains_tensor("pooler.dense.weight") {
-            Some(Linear::load(
-                &body.pp("pooler.dense").set_dtype(DType::F32),
-                h,
-                h,
-            )?)
+        let pooler = if body.contains("pooler.dense.weight") {
+            Some(body.pp("pooler.dense").head_linear(h, h, Bias::Stored)?)
         } else {
             tracing::warn!(
                 "checkpoint has no pooler; the classifier reads the [CLS] hidden state directly"
@@ -48,22 +53,19 @@ impl Bert {
         Ok(Self {
             tables,
             embedding_norm,
-            encoder: Encoder::load(&body.pp("encoder"), config, activation, precision)?,
+            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
             pooler,
-            classifier: Linear::load(
-                &vb.pp("classifier").set_dtype(DType::F32),
-                h,
-                config.num_labels(),
-            )?,
+            classifier: vb
+                .pp("classifier")
+                .head_linear(h, config.num_labels(), Bias::Stored)?,
             type_vocab_size: config.type_vocab_size,
-            device: vb.device().clone(),
+            target: vb.target(),
         })
     }
 }
 
 impl CrossEncoder for Bert {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let tokens = batch.real_tokens();
         if let Some(&t) = batch
             .type_ids
             .iter()
@@ -74,10 +76,10 @@ impl CrossEncoder for Bert {
                 self.type_vocab_size
             );
         }
-        let ids = Tensor::from_slice(&batch.input_ids, tokens, &self.device)?;
-        let type_ids = Tensor::from_slice(&batch.type_ids, tokens, &self.device)?;
+        let ids = self.target.ids(&batch.input_ids)?;
+        let type_ids = self.target.ids(&batch.type_ids)?;
         let positions: Vec<u32> = batch.lengths().flat_map(|len| 0..len as u32).collect();
-        let positions = Tensor::from_vec(positions, tokens, &self.device)?;
+        let positions = self.target.ids(&positions)?;
         let hidden = ops::embed(
             &self.tables,
             &ids,
@@ -85,7 +87,7 @@ impl CrossEncoder for Bert {
             Some(&type_ids),
             &self.embedding_norm,
         )?;
-        let sequences = ops::Sequences::new(&batch.cu_seqlens, &self.device)?;
+        let sequences = self.target.sequences(&batch.cu_seqlens)?;
         let first = self
             .encoder
             .forward_first_token(hidden, &sequences)?

@@ -2,13 +2,10 @@
 //! the tokens its score reads, and loading it: Qwen3-Reranker (Qwen3ForCausalLM, and converted
 //! Qwen3ForSequenceClassification "seq-cls" checkpoints) and mxbai-rerank-v2 (Qwen2ForCausalLM).
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-
-use super::hf_config::{self, ModelConfig, SentenceTransformersConfig};
+use super::ops::Weights;
 use super::qwen::{Family, Qwen3Config, Qwen3Reranker, ScoreHead};
 use super::scoring::{Activation, Scoring};
-use super::LoadedModel;
+use super::{Built, ModelSource};
 use crate::error::StartupError;
 use crate::tokenization::{PromptLayout, PromptTemplate};
 
@@ -16,12 +13,6 @@ pub const CAUSAL_LM: &str = "Qwen3ForCausalLM";
 pub const SEQUENCE_CLASSIFICATION: &str = "Qwen3ForSequenceClassification";
 pub const QWEN2_CAUSAL_LM: &str = "Qwen2ForCausalLM";
 pub const GEMMA_CAUSAL_LM: &str = "GemmaForCausalLM";
-pub const ARCHITECTURES: &[&str] = &[
-    CAUSAL_LM,
-    SEQUENCE_CLASSIFICATION,
-    QWEN2_CAUSAL_LM,
-    GEMMA_CAUSAL_LM,
-];
 
 /// bge-reranker-v2-gemma's longest pair unless configured: FlagEmbedding scores query and passage within 512
 /// tokens (and its prompt besides); a whole prompted pair of 1,024 keeps that.
@@ -93,88 +84,69 @@ pub fn bge_reranker_gemma_prompt() -> PromptTemplate {
     }
 }
 
-/// Loads a Qwen3 reranker directory: Qwen3ForCausalLM scored by logit("yes") - logit("no") at the last token
-/// (the ids from the model's tokenizer), or a converted Qwen3ForSequenceClassification by its stored head.
-pub fn load_reranker(
-    dir: &std::path::Path,
-    architecture: &str,
-    device: &Device,
-    dtype: DType,
-) -> Result<LoadedModel, StartupError> {
-    let config_path = dir.join("config.json");
-    let expected = "the model's config.json (architecture and shapes)";
-    let config: Qwen3Config = hf_config::read_json(&config_path, expected)?;
-    if let Some(reason) = config.unsupported() {
-        return Err(StartupError::Unsupported(format!(
-            "{reason} in {}",
-            config_path.display()
-        )));
-    }
-    let family = match architecture {
+/// The registry's builder for the decoder rerankers: Qwen3ForCausalLM scored by logit("yes") - logit("no") at
+/// the last token (the ids from the model's tokenizer), a converted Qwen3ForSequenceClassification by its stored
+/// head, mxbai-rerank-v2 (Qwen2) by logit("1") - logit("0"), bge-reranker-v2-gemma by logit("Yes").
+pub fn build(source: &ModelSource, weights: Weights) -> Result<Built, StartupError> {
+    let config: Qwen3Config = source.config()?;
+    source.refuse(config.unsupported())?;
+    let family = match source.architecture.as_str() {
         QWEN2_CAUSAL_LM => Family::Qwen2,
         GEMMA_CAUSAL_LM => Family::Gemma,
         _ => Family::Qwen3,
     };
-    let sigmoid = Scoring::SingleLogit(Activation::Sigmoid);
-    let (head, scoring, prompt) = if architecture == GEMMA_CAUSAL_LM {
-        // FlagEmbedding scores the logit of the first token of "Yes" alone.
-        let positive = first_token_id(dir, "Yes")?;
-        let head = ScoreHead::TokenLogits {
-            positive,
-            negative: None,
-        };
-        (head, sigmoid, bge_reranker_gemma_prompt())
-    } else if architecture == QWEN2_CAUSAL_LM {
-        // mxbai reads its ids by tokenizing "1" and "0" (their first id).
-        let (positive, negative) = (first_token_id(dir, "1")?, first_token_id(dir, "0")?);
-        let head = ScoreHead::TokenLogits {
-            positive,
-            negative: Some(negative),
-        };
-        (head, sigmoid, mxbai_rerank_v2_prompt())
-    } else if architecture == CAUSAL_LM {
-        let (positive, negative) = (token_id(dir, "yes")?, token_id(dir, "no")?);
-        let head = ScoreHead::TokenLogits {
-            positive,
-            negative: Some(negative),
-        };
-        (head, sigmoid, qwen3_reranker_prompt())
-    } else {
-        let labels: ModelConfig = hf_config::read_json(&config_path, expected)?;
-        let st: Option<SentenceTransformersConfig> =
-            hf_config::read_optional_json(&dir.join("config_sentence_transformers.json"))?;
-        match hf_config::scoring_for(&labels, &config_path, st.as_ref())? {
-            scoring @ Scoring::SingleLogit(_) => {
-                (ScoreHead::Stored, scoring, qwen3_reranker_prompt())
-            }
-            Scoring::TwoLabelSoftmax => {
-                return Err(StartupError::Unsupported(format!(
-                "a two-label {SEQUENCE_CLASSIFICATION} in {}: converted rerankers have one logit",
-                config_path.display()
-            )))
-            }
-        }
-    };
-    let weights = super::weight_files(dir)?;
-    let (weights_dtype, precision, dtype) = super::cpu_precision(device, dtype);
-    // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
-    let model = Qwen3Reranker::load(vb, &config, family, head, precision)?;
-    Ok(LoadedModel {
+    let (head, scoring, prompt) = score_head(source)?;
+    let model = Qwen3Reranker::load(weights, &config, family, head)?;
+    Ok(Built {
         model: Box::new(model),
-        architecture: architecture.to_string(),
         max_positions: config.max_position_embeddings,
         vocab_size: config.vocab_size,
-        scoring,
-        dtype,
         pad_token_id: 0,
         attention_span: attention_span(&config),
+        scoring,
         prompt: Some(prompt),
         default_max_length: Some(if family == Family::Gemma {
             GEMMA_DEFAULT_MAX_LENGTH
         } else {
             DEFAULT_MAX_LENGTH
         }),
+    })
+}
+
+/// Which logits make the score, how it becomes one, and the prompt, by architecture.
+fn score_head(source: &ModelSource) -> Result<(ScoreHead, Scoring, PromptTemplate), StartupError> {
+    let dir = source.dir.as_path();
+    let sigmoid = Scoring::SingleLogit(Activation::Sigmoid);
+    let tokens = |positive, negative| ScoreHead::TokenLogits { positive, negative };
+    Ok(match source.architecture.as_str() {
+        // FlagEmbedding scores the logit of the first token of "Yes" alone.
+        GEMMA_CAUSAL_LM => (
+            tokens(first_token_id(dir, "Yes")?, None),
+            sigmoid,
+            bge_reranker_gemma_prompt(),
+        ),
+        // mxbai reads its ids by tokenizing "1" and "0" (their first id).
+        QWEN2_CAUSAL_LM => (
+            tokens(first_token_id(dir, "1")?, Some(first_token_id(dir, "0")?)),
+            sigmoid,
+            mxbai_rerank_v2_prompt(),
+        ),
+        CAUSAL_LM => (
+            tokens(token_id(dir, "yes")?, Some(token_id(dir, "no")?)),
+            sigmoid,
+            qwen3_reranker_prompt(),
+        ),
+        _ => match source.scoring()? {
+            scoring @ Scoring::SingleLogit(_) => {
+                (ScoreHead::Stored, scoring, qwen3_reranker_prompt())
+            }
+            Scoring::TwoLabelSoftmax => {
+                return Err(StartupError::Unsupported(format!(
+                "a two-label {SEQUENCE_CLASSIFICATION} in {}: converted rerankers have one logit",
+                source.config_path.display()
+            )))
+            }
+        },
     })
 }
 

@@ -1,18 +1,17 @@
 //! The post-LayerNorm transformer encoder shared by BERT and (XLM-)RoBERTa: fused-QKV self-attention and feed-forward.
 
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::hf_config::ModelConfig;
 use super::ops::{
-    self, EmbeddingTables, FeedForwardActivation, GemmPrecision, Hidden, LayerNorm, Linear,
-    Sequences,
+    self, Bias, EmbeddingTables, FeedForwardActivation, Hidden, LayerNorm, Linear, Sequences,
+    Weights,
 };
 
 /// The weights of the base model: under `prefix` (as *ForSequenceClassification checkpoints save them, e.g.
 /// `bert.`) or at the root of the file.
-pub fn base_weights<'a>(vb: &VarBuilder<'a>, prefix: &str) -> VarBuilder<'a> {
-    if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) {
+pub fn base_weights<'a>(vb: &Weights<'a>, prefix: &str) -> Weights<'a> {
+    if vb.contains(&format!("{prefix}.embeddings.word_embeddings.weight")) {
         vb.pp(prefix)
     } else {
         vb.clone()
@@ -21,25 +20,25 @@ pub fn base_weights<'a>(vb: &VarBuilder<'a>, prefix: &str) -> VarBuilder<'a> {
 
 /// The word, position and token-type tables and their LayerNorm, from `embeddings.*` of the base model.
 pub fn load_embeddings(
-    base: &VarBuilder,
+    base: &Weights,
     config: &ModelConfig,
 ) -> Result<(EmbeddingTables, LayerNorm)> {
     let h = config.hidden_size;
     let embeddings = base.pp("embeddings");
     let tables = EmbeddingTables {
-        word: embeddings.get((config.vocab_size, h), "word_embeddings.weight")?,
-        position: embeddings.get(
+        word: embeddings.tensor((config.vocab_size, h), "word_embeddings.weight")?,
+        position: embeddings.tensor(
             (config.max_position_embeddings, h),
             "position_embeddings.weight",
         )?,
         token_type: Some(
-            embeddings.get((config.type_vocab_size, h), "token_type_embeddings.weight")?,
+            embeddings.tensor((config.type_vocab_size, h), "token_type_embeddings.weight")?,
         ),
     };
-    Ok((
-        tables,
-        LayerNorm::load(&embeddings.pp("LayerNorm"), h, config.layer_norm_eps)?,
-    ))
+    let norm = embeddings
+        .pp("LayerNorm")
+        .layer_norm(h, config.layer_norm_eps, Bias::Stored)?;
+    Ok((tables, norm))
 }
 
 /// One encoder layer, weights as in transformers' `encoder.layer.{i}`; Q, K and V fused into one GEMM at load.
@@ -68,10 +67,9 @@ pub struct Encoder {
 impl Encoder {
     /// Loads `encoder.layer.*` from `vb` (already pointed at the encoder).
     pub fn load(
-        vb: &VarBuilder,
+        vb: &Weights,
         config: &ModelConfig,
         activation: FeedForwardActivation,
-        precision: GemmPrecision,
     ) -> Result<Self> {
         let hidden = config.hidden_size;
         if config.num_attention_heads == 0 || !hidden.is_multiple_of(config.num_attention_heads) {
@@ -85,7 +83,7 @@ impl Encoder {
             activation,
         };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(&vb.pp(format!("layer.{i}")), config, precision))
+            .map(|i| EncoderLayer::load(&vb.pp(format!("layer.{i}")), config))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers, dims })
     }
@@ -106,23 +104,23 @@ impl Encoder {
 }
 
 impl EncoderLayer {
-    fn load(vb: &VarBuilder, config: &ModelConfig, precision: GemmPrecision) -> Result<Self> {
-        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+    fn load(vb: &Weights, config: &ModelConfig) -> Result<Self> {
+        let (h, eps, ffn) = (
+            config.hidden_size,
+            config.layer_norm_eps,
+            config.intermediate_size,
+        );
         let attention = vb.pp("attention");
-        let projections = ["query", "key", "value"]
-            .map(|name| Linear::load(&attention.pp("self").pp(name), h, h))
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        let ffn = config.intermediate_size;
+        let qkv = [("query", h), ("key", h), ("value", h)];
         Ok(Self {
-            qkv: Linear::concat(&projections)?.with_precision(precision)?,
-            attention_output: Linear::load(&attention.pp("output.dense"), h, h)?
-                .with_precision(precision)?,
-            attention_norm: LayerNorm::load(&attention.pp("output.LayerNorm"), h, eps)?,
-            intermediate: Linear::load(&vb.pp("intermediate.dense"), h, ffn)?
-                .with_precision(precision)?,
-            output: Linear::load(&vb.pp("output.dense"), ffn, h)?.with_precision(precision)?,
-            output_norm: LayerNorm::load(&vb.pp("output.LayerNorm"), h, eps)?,
+            qkv: attention.pp("self").fused_linear(&qkv, h, Bias::Stored)?,
+            attention_output: attention.pp("output.dense").linear(h, h, Bias::Stored)?,
+            attention_norm: attention
+                .pp("output.LayerNorm")
+                .layer_norm(h, eps, Bias::Stored)?,
+            intermediate: vb.pp("intermediate.dense").linear(h, ffn, Bias::Stored)?,
+            output: vb.pp("output.dense").linear(ffn, h, Bias::Stored)?,
+            output_norm: vb.pp("output.LayerNorm").layer_norm(h, eps, Bias::Stored)?,
         })
     }
 

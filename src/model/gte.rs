@@ -3,12 +3,12 @@
 //! embeddings and a LayerNorm, rotary positions (NTK-scaled where the config says), post-norm layers of
 //! packed-QKV attention and a GLU MLP, then a tanh pooler on the first token and the classifier.
 
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
 use super::ops::{
-    self, ActivatedHalf, FeedForwardActivation, GemmPrecision, Hidden, LayerNorm, Linear, Sequences,
+    self, ActivatedHalf, Bias, FeedForwardActivation, Hidden, LayerNorm, Linear, Sequences, Target,
+    Weights,
 };
 use super::{CrossEncoder, EncoderConfig, EncoderFacts, OwnConfigEncoder, PackedBatch};
 
@@ -188,24 +188,17 @@ pub struct Gte {
     inverse_frequencies: Vec<f32>,
     /// The attention kernels add a QKV bias; here it was added before the rotation, so they get zeros.
     zero_qkv_bias: Tensor,
-    device: Device,
-    dtype: DType,
+    target: Target,
 }
 
 impl OwnConfigEncoder for Gte {
     type Config = GteConfig;
-    const ARCHITECTURE: &'static str = ARCHITECTURE;
 
-    fn load(
-        vb: VarBuilder,
-        config: &GteConfig,
-        num_labels: usize,
-        precision: GemmPrecision,
-    ) -> Result<Self> {
+    fn load(vb: Weights, config: &GteConfig, num_labels: usize) -> Result<Self> {
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
         let body = vb.pp("new");
         let layers = (0..config.num_hidden_layers)
-            .map(|i| load_layer(&body.pp("encoder").pp("layer").pp(i), config, precision))
+            .map(|i| load_layer(&body.pp("encoder").pp("layer").pp(i), config))
             .collect::<Result<Vec<_>>>()?;
         let embeddings = body.pp("embeddings");
         let token_types = match config.type_vocab_size {
@@ -213,30 +206,35 @@ impl OwnConfigEncoder for Gte {
             rows => Some(
                 embeddings
                     .pp("token_type_embeddings")
-                    .set_dtype(DType::F32)
-                    .get((rows, h), "weight")?,
+                    .fp32_tensor((rows, h), "weight")?,
             ),
         };
         let activation =
             FeedForwardActivation::from_config(&config.hidden_act).ok_or_else(|| {
                 candle_core::Error::Msg(format!("activation {:?}", config.hidden_act))
             })?;
-        // The head is tiny and sits right before the score: fp32, as the other encoders' heads.
+        let target = vb.target();
         Ok(Self {
             word_embeddings: embeddings
                 .pp("word_embeddings")
-                .get((config.vocab_size, h), "weight")?,
+                .tensor((config.vocab_size, h), "weight")?,
             token_types,
-            embedding_norm: LayerNorm::load(&embeddings.pp("LayerNorm"), h, eps)?,
+            embedding_norm: embeddings
+                .pp("LayerNorm")
+                .layer_norm(h, eps, Bias::Stored)?,
             layers,
-            pooler: Linear::load(&body.pp("pooler").pp("dense").set_dtype(DType::F32), h, h)?,
-            classifier: Linear::load(&vb.pp("classifier").set_dtype(DType::F32), h, num_labels)?,
+            pooler: body
+                .pp("pooler")
+                .pp("dense")
+                .head_linear(h, h, Bias::Stored)?,
+            classifier: vb
+                .pp("classifier")
+                .head_linear(h, num_labels, Bias::Stored)?,
             activation,
             heads: config.num_attention_heads,
             inverse_frequencies: config.inverse_frequencies(),
-            zero_qkv_bias: Tensor::zeros(3 * h, vb.dtype(), vb.device())?,
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
+            zero_qkv_bias: target.zero_bias(3 * h)?,
+            target,
         })
     }
 }
@@ -244,16 +242,13 @@ impl OwnConfigEncoder for Gte {
 impl Gte {
     /// Word plus token-type embeddings, normalised: the fp32 residual stream [tokens, hidden].
     fn embed(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
-        let words = self
-            .word_embeddings
-            .index_select(&ids, 0)?
-            .to_dtype(DType::F32)?;
+        let ids = self.target.ids(&batch.input_ids)?;
+        let words = ops::residual(&self.word_embeddings.index_select(&ids, 0)?)?;
         let summed = match &self.token_types {
             None => words,
             Some(table) if table.dim(0)? == 1 => words.broadcast_add(&table.get(0)?)?,
             Some(table) => {
-                let types = Tensor::new(batch.type_ids.as_slice(), &self.device)?;
+                let types = self.target.ids(&batch.type_ids)?;
                 (words + table.index_select(&types, 0)?)?
             }
         };
@@ -286,7 +281,7 @@ impl Gte {
     }
 }
 
-fn load_layer(vb: &VarBuilder, config: &GteConfig, precision: GemmPrecision) -> Result<Layer> {
+fn load_layer(vb: &Weights, config: &GteConfig) -> Result<Layer> {
     let (h, inner, eps) = (
         config.hidden_size,
         config.intermediate_size,
@@ -294,31 +289,29 @@ fn load_layer(vb: &VarBuilder, config: &GteConfig, precision: GemmPrecision) -> 
     );
     let attention = vb.pp("attention");
     let qkv = if config.pack_qkv {
-        Linear::load(&attention.pp("qkv_proj"), h, 3 * h)?
+        attention.pp("qkv_proj").linear(h, 3 * h, Bias::Stored)?
     } else {
-        let part = |name: &str| Linear::load(&attention.pp(name), h, h);
-        Linear::concat(&[part("q_proj")?, part("k_proj")?, part("v_proj")?])?
+        let parts = [("q_proj", h), ("k_proj", h), ("v_proj", h)];
+        attention.fused_linear(&parts, h, Bias::Stored)?
     };
+    let mlp = vb.pp("mlp");
     Ok(Layer {
-        qkv: qkv.with_precision(precision)?,
-        out: Linear::load(&attention.pp("o_proj"), h, h)?.with_precision(precision)?,
-        attn_norm: LayerNorm::load(&vb.pp("attn_ln"), h, eps)?,
-        up_gate: Linear::load_without_bias(&vb.pp("mlp").pp("up_gate_proj"), h, 2 * inner)?
-            .with_precision(precision)?,
-        down: Linear::load(&vb.pp("mlp").pp("down_proj"), inner, h)?.with_precision(precision)?,
-        mlp_norm: LayerNorm::load(&vb.pp("mlp_ln"), h, eps)?,
+        qkv,
+        out: attention.pp("o_proj").linear(h, h, Bias::Stored)?,
+        attn_norm: vb.pp("attn_ln").layer_norm(h, eps, Bias::Stored)?,
+        up_gate: mlp.pp("up_gate_proj").linear(h, 2 * inner, Bias::None)?,
+        down: mlp.pp("down_proj").linear(inner, h, Bias::Stored)?,
+        mlp_norm: vb.pp("mlp_ln").layer_norm(h, eps, Bias::Stored)?,
     })
 }
 
 impl CrossEncoder for Gte {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let mut x = Hidden::from_residual(self.embed(batch)?, self.dtype)?;
-        let rotary = ops::rotary_tables_from(
-            batch.lengths().map(|l| 0..l),
-            &self.inverse_frequencies,
-            &self.device,
-        )?;
-        let sequences = Sequences::new(&batch.cu_seqlens, &self.device)?;
+        let mut x = self.target.hidden(self.embed(batch)?)?;
+        let rotary = self
+            .target
+            .rotary_tables_from(batch.lengths().map(|l| 0..l), &self.inverse_frequencies)?;
+        let sequences = self.target.sequences(&batch.cu_seqlens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // Past the last layer's attention only each sequence's first token reaches the pooler.
             let first_only = i + 1 == self.layers.len();

@@ -9,19 +9,15 @@ pub mod modernbert;
 pub mod ops;
 pub mod prefix_cache;
 pub mod qwen;
+pub mod registry;
 pub mod scoring;
 pub mod xlm_roberta;
 
-use std::path::{Path, PathBuf};
-
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use serde::Deserialize;
+use candle_core::{DType, Tensor};
 
 use crate::error::StartupError;
 use crate::tokenization::PromptTemplate;
-use hf_config::{ModelConfig, SentenceTransformersConfig};
-use ops::FeedForwardActivation;
+pub use registry::{load, weight_files, Built, ModelSource};
 use scoring::Scoring;
 
 /// A batch of token sequences packed back to back without padding, device-independent.
@@ -155,113 +151,26 @@ impl LoadedModel {
     }
 }
 
-/// Architectures this server runs.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    bert::ARCHITECTURE,
-    xlm_roberta::ARCHITECTURES[0],
-    xlm_roberta::ARCHITECTURES[1],
-    modernbert::ARCHITECTURE,
-    gte::ARCHITECTURE,
-    decoder_rerankers::CAUSAL_LM,
-    decoder_rerankers::SEQUENCE_CLASSIFICATION,
-    decoder_rerankers::QWEN2_CAUSAL_LM,
-    decoder_rerankers::GEMMA_CAUSAL_LM,
-];
-
-/// Loads the model of a local Hugging Face model directory onto `device`, converting the weights to `dtype`.
-pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, StartupError> {
-    let config_path = dir.join("config.json");
-    let architectures: hf_config::Architectures = hf_config::read_json(
-        &config_path,
-        "the model's config.json (architecture and shapes)",
-    )?;
-    if let Some(name) = architectures
-        .first()
-        .filter(|name| decoder_rerankers::ARCHITECTURES.contains(name))
-    {
-        return decoder_rerankers::load_reranker(dir, name, device, dtype);
-    }
-    match architectures.first() {
-        Some(modernbert::ARCHITECTURE) => {
-            return load_own_config::<modernbert::ModernBert>(dir, device, dtype)
-        }
-        Some(gte::ARCHITECTURE) => return load_own_config::<gte::Gte>(dir, device, dtype),
-        _ => {}
-    }
-    let config: ModelConfig = hf_config::read_json(
-        &config_path,
-        "the model's config.json (architecture and shapes)",
-    )?;
-    let st_config: Option<SentenceTransformersConfig> =
-        hf_config::read_optional_json(&dir.join("config_sentence_transformers.json"))?;
-    let scoring = hf_config::scoring_for(&config, &config_path, st_config.as_ref())?;
-    let activation = FeedForwardActivation::from_config(&config.hidden_act).ok_or_else(|| {
-        StartupError::Unsupported(format!(
-            "hidden_act {:?} in {}",
-            config.hidden_act,
-            config_path.display()
-        ))
-    })?;
-    let architecture = config.architecture().unwrap_or_default().to_string();
-    let weights = weight_files(dir)?;
-    let (weights_dtype, precision, dtype) = cpu_precision(device, dtype);
-    // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
-    let (model, max_positions): (Box<dyn CrossEncoder>, usize) = match architecture.as_str() {
-        bert::ARCHITECTURE => (
-            Box::new(bert::Bert::load(vb, &config, activation, precision)?),
-            config.max_position_embeddings,
-        ),
-        name if xlm_roberta::ARCHITECTURES.contains(&name) => (
-            Box::new(xlm_roberta::XlmRoberta::load(
-                vb, &config, activation, precision,
-            )?),
-            xlm_roberta::max_positions(&config),
-        ),
-        other => {
-            return Err(StartupError::Unsupported(format!(
-                "architecture {other:?} in {} (supported: {})",
-                config_path.display(),
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )))
-        }
-    };
-    Ok(LoadedModel {
-        model,
-        architecture,
-        max_positions,
-        vocab_size: config.vocab_size,
-        scoring,
-        dtype,
-        pad_token_id: config.pad_token_id.unwrap_or(0),
-        attention_span: 2 * config.hidden_size + config.intermediate_size,
-        prompt: None,
-        default_max_length: None,
-    })
-}
-
 /// An encoder whose config.json has keys of its own (ModernBERT's `norm_eps`, GTE's rotary scaling): how the
-/// loader reads, checks and builds it.
+/// registry reads, checks and builds it.
 pub(crate) trait OwnConfigEncoder: CrossEncoder + Sized + 'static {
     type Config: EncoderConfig;
-    const ARCHITECTURE: &'static str;
     fn load(
-        vb: VarBuilder,
+        vb: ops::Weights,
         config: &Self::Config,
         num_labels: usize,
-        precision: ops::GemmPrecision,
     ) -> candle_core::Result<Self>;
 }
 
 /// The config.json of an `OwnConfigEncoder`.
-pub(crate) trait EncoderConfig: serde::de::DeserializeOwned {
+pub trait EncoderConfig: serde::de::DeserializeOwned {
     /// What the implementation cannot follow in this config, if anything.
     fn unsupported(&self) -> Option<String>;
     fn facts(&self) -> EncoderFacts;
 }
 
 /// What the server needs to know of an encoder's shape (see `LoadedModel`).
-pub(crate) struct EncoderFacts {
+pub struct EncoderFacts {
     pub max_positions: usize,
     pub vocab_size: usize,
     pub pad_token_id: Option<u32>,
@@ -269,6 +178,17 @@ pub(crate) struct EncoderFacts {
 }
 
 impl EncoderFacts {
+    /// A BERT-shaped encoder: per layer and token, 2·h·(4·h + 2·intermediate) FLOPs of GEMMs against 4·h per
+    /// token of context.
+    pub fn bert_like(config: &hf_config::ModelConfig, max_positions: usize) -> Self {
+        Self {
+            max_positions,
+            vocab_size: config.vocab_size,
+            pad_token_id: config.pad_token_id,
+            attention_span: 2 * config.hidden_size + config.intermediate_size,
+        }
+    }
+
     /// An encoder whose MLP is gated (one projection to 2·intermediate, then intermediate back): per layer and
     /// token, 2·h·(4·h + 3·intermediate) FLOPs of GEMMs against 4·h per token of context.
     fn gated(
@@ -286,100 +206,16 @@ impl EncoderFacts {
     }
 }
 
-/// Loads a directory of an `OwnConfigEncoder` architecture; labels and activation are read as for BERT.
-fn load_own_config<M: OwnConfigEncoder>(
-    dir: &Path,
-    device: &Device,
-    dtype: DType,
-) -> Result<LoadedModel, StartupError> {
-    let config_path = dir.join("config.json");
-    let expected = "the model's config.json (architecture and shapes)";
-    let config: M::Config = hf_config::read_json(&config_path, expected)?;
-    if let Some(reason) = config.unsupported() {
-        return Err(StartupError::Unsupported(format!(
-            "{reason} in {}",
-            config_path.display()
-        )));
-    }
-    let labels: ModelConfig = hf_config::read_json(&config_path, expected)?;
-    let st_config: Option<SentenceTransformersConfig> =
-        hf_config::read_optional_json(&dir.join("config_sentence_transformers.json"))?;
-    let scoring = hf_config::scoring_for(&labels, &config_path, st_config.as_ref())?;
-    let weights = weight_files(dir)?;
-    let (weights_dtype, precision, dtype) = cpu_precision(device, dtype);
-    // SAFETY: the files are memory-mapped read-only; they must not be modified while the server runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, weights_dtype, device)? };
-    let model = M::load(vb, &config, scoring.num_labels(), precision)?;
-    let facts = config.facts();
-    Ok(LoadedModel {
-        model: Box::new(model),
-        architecture: M::ARCHITECTURE.to_string(),
-        max_positions: facts.max_positions,
-        vocab_size: facts.vocab_size,
-        scoring,
-        dtype,
-        pad_token_id: facts.pad_token_id.unwrap_or(0),
-        attention_span: facts.attention_span,
-        prompt: None,
-        default_max_length: None,
-    })
-}
-
-/// What a dtype means on this device: (dtype the weights load in, GEMM precision, dtype reported). On a CPU,
-/// bf16 runs the encoder GEMMs on AMX tiles (bf16 products, fp32 sums) over fp32 weights and activations;
-/// without AMX, bf16 would only be slower than fp32 (each op widens it), so the model runs in fp32.
-pub(crate) fn cpu_precision(device: &Device, dtype: DType) -> (DType, ops::GemmPrecision, DType) {
-    if !device.is_cpu() || dtype != DType::BF16 {
-        return (dtype, ops::GemmPrecision::Weights, dtype);
-    }
-    if ops::cpu_has_bf16_tiles() {
-        tracing::info!("bf16 on this CPU: encoder GEMMs on AMX tiles (bf16 products, fp32 sums), other ops in fp32");
-        (DType::F32, ops::GemmPrecision::Bf16Tiles, DType::BF16)
-    } else {
-        tracing::warn!(
-            "bf16 was asked for, but this CPU has no AMX-BF16 (or the kernel withholds it): computing in fp32, \
-             which is faster here than bf16 widened op by op"
-        );
-        (DType::F32, ops::GemmPrecision::Weights, DType::F32)
-    }
-}
-
-#[derive(Deserialize)]
-struct SafetensorsIndex {
-    weight_map: std::collections::BTreeMap<String, String>,
-}
-
-/// The safetensors files holding the weights: `model.safetensors`, or the shards named by its index.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, StartupError> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index_path = dir.join("model.safetensors.index.json");
-    if index_path.is_file() {
-        let index: SafetensorsIndex =
-            hf_config::read_json(&index_path, "a safetensors shard index")?;
-        let mut shards: Vec<PathBuf> = index.weight_map.values().map(|f| dir.join(f)).collect();
-        shards.sort();
-        shards.dedup();
-        if let Some(missing) = shards.iter().find(|p| !p.is_file()) {
-            return Err(StartupError::MissingFile {
-                path: missing.clone(),
-                expected: format!("a weight shard named in {}", index_path.display()),
-            });
-        }
-        return Ok(shards);
-    }
-    let expected = if dir.join("pytorch_model.bin").exists() {
-        "the weights in safetensors format; this model only has pytorch_model.bin, which is not loaded (convert \
-         it, e.g. with transformers' save_pretrained(safe_serialization=True))"
-    } else {
-        "the model weights in safetensors format (model.safetensors or model.safetensors.index.json)"
-    };
-    Err(StartupError::MissingFile {
-        path: single,
-        expected: expected.into(),
-    })
+/// Builds an `OwnConfigEncoder` architecture; labels and activation are read as for BERT.
+fn build_own<M: OwnConfigEncoder>(
+    source: &ModelSource,
+    weights: ops::Weights,
+) -> Result<Built, StartupError> {
+    let config: M::Config = source.config()?;
+    source.refuse(config.unsupported())?;
+    let scoring = source.scoring()?;
+    let model = M::load(weights, &config, scoring.num_labels())?;
+    Ok(Built::encoder(Box::new(model), config.facts(), scoring))
 }
 
 #[cfg(test)]

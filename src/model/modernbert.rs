@@ -3,11 +3,10 @@
 //! sliding window of ±local_attention/2 in the others, a GeGLU MLP, no biases where the config turns them off, a
 //! final norm, then `classifier_pooling` (cls or mean) → dense → activation → norm → classifier.
 
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use super::ops::{self, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
+use super::ops::{self, Bias, FeedForwardActivation, LayerNorm, Linear, Target, Weights};
 use super::{CrossEncoder, EncoderConfig, EncoderFacts, OwnConfigEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "ModernBertForSequenceClassification";
@@ -146,20 +145,13 @@ pub struct ModernBert {
     heads: usize,
     window: usize,
     thetas: (f64, f64),
-    device: Device,
-    dtype: DType,
+    target: Target,
 }
 
 impl OwnConfigEncoder for ModernBert {
     type Config = ModernBertConfig;
-    const ARCHITECTURE: &'static str = ARCHITECTURE;
 
-    fn load(
-        vb: VarBuilder,
-        config: &ModernBertConfig,
-        num_labels: usize,
-        precision: GemmPrecision,
-    ) -> Result<Self> {
+    fn load(vb: Weights, config: &ModernBertConfig, num_labels: usize) -> Result<Self> {
         let (h, inner, eps) = (
             config.hidden_size,
             config.intermediate_size,
@@ -173,49 +165,45 @@ impl OwnConfigEncoder for ModernBert {
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let layer = body.pp("layers").pp(i.to_string());
-                let linear = |vb: VarBuilder, i: usize, o: usize| {
-                    Linear::load_maybe_bias(&vb, i, o)?.with_precision(precision)
-                };
+                let linear = |vb: Weights, i: usize, o: usize| vb.linear(i, o, Bias::IfStored);
+                let norm = |vb: Weights| vb.layer_norm(h, eps, Bias::IfStored);
                 Ok(Layer {
                     attn_norm: if i == 0 {
                         None
                     } else {
-                        Some(LayerNorm::load_maybe_bias(&layer.pp("attn_norm"), h, eps)?)
+                        Some(norm(layer.pp("attn_norm"))?)
                     },
                     qkv: linear(layer.pp("attn").pp("Wqkv"), h, 3 * h)?,
                     out: linear(layer.pp("attn").pp("Wo"), h, h)?,
-                    mlp_norm: LayerNorm::load_maybe_bias(&layer.pp("mlp_norm"), h, eps)?,
+                    mlp_norm: norm(layer.pp("mlp_norm"))?,
                     wi: linear(layer.pp("mlp").pp("Wi"), h, 2 * inner)?,
                     wo: linear(layer.pp("mlp").pp("Wo"), inner, h)?,
                     global: config.is_global(i),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        // The head is tiny and sits right before the score: fp32, as the encoders' heads.
-        let head = vb.pp("head").set_dtype(DType::F32);
+        let head = vb.pp("head");
+        let norm = |vb: Weights| vb.layer_norm(h, eps, Bias::IfStored);
         Ok(Self {
             embeddings: body
                 .pp("embeddings")
                 .pp("tok_embeddings")
-                .get((config.vocab_size, h), "weight")?,
-            embedding_norm: LayerNorm::load_maybe_bias(&body.pp("embeddings").pp("norm"), h, eps)?,
+                .tensor((config.vocab_size, h), "weight")?,
+            embedding_norm: norm(body.pp("embeddings").pp("norm"))?,
             layers,
-            final_norm: LayerNorm::load_maybe_bias(&body.pp("final_norm"), h, eps)?,
-            head_dense: Linear::load_maybe_bias(&head.pp("dense"), h, h)?,
-            head_norm: LayerNorm::load_maybe_bias(&head.pp("norm"), h, eps)?,
-            classifier: Linear::load_maybe_bias(
-                &vb.pp("classifier").set_dtype(DType::F32),
-                h,
-                num_labels,
-            )?,
+            final_norm: norm(body.pp("final_norm"))?,
+            head_dense: head.pp("dense").head_linear(h, h, Bias::IfStored)?,
+            head_norm: norm(head.pp("norm"))?,
+            classifier: vb
+                .pp("classifier")
+                .head_linear(h, num_labels, Bias::IfStored)?,
             activation: activation(&config.hidden_activation)?,
             head_activation: activation(&config.classifier_activation)?,
             mean_pooling: config.classifier_pooling == "mean",
             heads: config.num_attention_heads,
             window: config.local_attention / 2,
             thetas: (config.theta(true), config.theta(false)),
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
+            target: vb.target(),
         })
     }
 }
@@ -235,7 +223,7 @@ impl ModernBert {
             Some(norm) => norm.forward(x)?,
             None => x.clone(),
         };
-        let qkv = ops::linear(&layer.qkv, &normed.to_dtype(self.dtype)?)?;
+        let qkv = ops::linear(&layer.qkv, &self.target.gemm_input(&normed)?)?;
         let part = |i: usize| {
             qkv.narrow(1, i * hidden, hidden)?
                 .reshape((tokens, self.heads, head_dim))
@@ -244,15 +232,15 @@ impl ModernBert {
             ops::rotate(&part(0)?, rotary)?,
             ops::rotate(&part(1)?, rotary)?,
         );
-        let v = part(2)?.to_dtype(DType::F32)?;
+        let v = ops::residual(&part(2)?)?;
         let window = (!layer.global).then_some(self.window);
         let context = ops::windowed_attention(&q, &k, &v, cu_seqlens, window)?;
-        let attended = ops::linear(&layer.out, &context.to_dtype(self.dtype)?)?;
-        let x = (x + attended.to_dtype(DType::F32)?)?;
-        let normed = layer.mlp_norm.forward(&x)?.to_dtype(self.dtype)?;
+        let attended = ops::linear(&layer.out, &self.target.gemm_input(&context)?)?;
+        let x = (x + ops::residual(&attended)?)?;
+        let normed = self.target.gemm_input(&layer.mlp_norm.forward(&x)?)?;
         let input_gate = ops::linear(&layer.wi, &normed)?;
         let gated = ops::gated_activation(&input_gate, ops::ActivatedHalf::First, self.activation)?;
-        x + ops::linear(&layer.wo, &gated)?.to_dtype(DType::F32)?
+        x + ops::residual(&ops::linear(&layer.wo, &gated)?)?
     }
 
     /// Each sequence's first token, or the mean of its tokens: [sequences, hidden].
@@ -262,7 +250,7 @@ impl ModernBert {
                 .iter()
                 .map(|&s| s as u32)
                 .collect();
-            return h.index_select(&Tensor::new(first.as_slice(), &self.device)?, 0);
+            return h.index_select(&self.target.ids(&first)?, 0);
         }
         let means = batch
             .cu_seqlens
@@ -275,24 +263,15 @@ impl ModernBert {
 
 impl CrossEncoder for ModernBert {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
+        let ids = self.target.ids(&batch.input_ids)?;
         let mut x = self
             .embedding_norm
             .forward(&self.embeddings.index_select(&ids, 0)?)?;
         let head_dim = x.dim(1)? / self.heads;
         let (global_theta, local_theta) = self.thetas;
-        let global = ops::rotary_tables(
-            batch.lengths().map(|l| 0..l),
-            head_dim,
-            global_theta,
-            &self.device,
-        )?;
-        let local = ops::rotary_tables(
-            batch.lengths().map(|l| 0..l),
-            head_dim,
-            local_theta,
-            &self.device,
-        )?;
+        let spans = || batch.lengths().map(|l| 0..l);
+        let global = self.target.rotary_tables(spans(), head_dim, global_theta)?;
+        let local = self.target.rotary_tables(spans(), head_dim, local_theta)?;
         for layer in &self.layers {
             let rotary = if layer.global { &global } else { &local };
             x = self.layer(layer, &x, rotary, &batch.cu_seqlens)?;

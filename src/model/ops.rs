@@ -6,7 +6,6 @@
 //! after every sublayer is what moves half-precision scores furthest from an fp32 reference.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 
 /// A dense layer y = x·Wᵀ (+ b), W stored [out, in] as in the checkpoints.
 #[derive(Debug, Clone)]
@@ -32,13 +31,6 @@ pub fn cpu_has_bf16_tiles() -> bool {
 }
 
 impl Linear {
-    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self::from_parts(
-            vb.get((out_dim, in_dim), "weight")?,
-            vb.get(out_dim, "bias")?,
-        ))
-    }
-
     pub fn from_parts(weight: Tensor, bias: Tensor) -> Self {
         Self {
             weight,
@@ -98,16 +90,6 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(weight: Tensor, bias: Tensor, eps: f32) -> Self {
         Self { weight, bias, eps }
-    }
-
-    /// Loads the parameters in fp32 whatever the model dtype.
-    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let vb = vb.clone().set_dtype(DType::F32);
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-            eps: eps as f32,
-        })
     }
 
     /// LayerNorm in fp32, whatever the dtype of `x`.
@@ -314,11 +296,13 @@ mod cpu;
 mod cuda;
 mod decoder;
 mod sequences;
+mod weights;
 pub use decoder::{
     causal_attention, gated_activation, inverse_frequencies, linear, rotary_tables,
     rotary_tables_from, rotate, rotate_qk, windowed_attention, ActivatedHalf, RmsNorm,
 };
 pub use sequences::{self_attention, Sequences};
+pub use weights::{residual, Bias, Target, Weights};
 
 /// The instruction set the CPU kernels run with on this machine ("avx512", "avx2+fma" or "baseline").
 pub fn cpu_simd_level() -> &'static str {

@@ -2,11 +2,10 @@
 //! Qwen3, q/k/v biases in Qwen2), SwiGLU, over packed sequences; the score is one row of the output projection at
 //! each sequence's last token (see `decoder_rerankers.rs` for which row and which prompt).
 
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use super::ops::{self, FeedForwardActivation, GemmPrecision, Linear, RmsNorm};
+use super::ops::{self, Bias, FeedForwardActivation, Linear, RmsNorm, Target, Weights};
 use super::prefix_cache::{self, KeysValues, PrefixCache, PrefixCacheStats, MIN_PREFIX};
 use super::{CrossEncoder, PackedBatch};
 
@@ -135,8 +134,7 @@ pub struct Qwen3Reranker {
     prefix_cache: PrefixCache,
     /// The most leading tokens of one sequence the cache keeps.
     cacheable_tokens: usize,
-    device: Device,
-    dtype: DType,
+    target: Target,
 }
 
 /// The decoder generation: Qwen2 has q/k/v biases and no q/k norms, Qwen3 the other way round; Gemma has
@@ -161,76 +159,33 @@ pub enum ScoreHead {
 
 impl Qwen3Reranker {
     pub fn load(
-        vb: VarBuilder,
+        vb: Weights,
         config: &Qwen3Config,
         family: Family,
         head: ScoreHead,
-        precision: GemmPrecision,
     ) -> Result<Self> {
         let body = vb.pp("model");
         let (h, head_dim) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
         let eps = config.rms_norm_eps;
-        let norm = |vb: &VarBuilder, dim: usize| match family {
-            Family::Gemma => RmsNorm::load_plus_one(vb, dim, eps),
-            Family::Qwen2 | Family::Qwen3 => RmsNorm::load(vb, dim, eps),
-        };
+        let norm = |vb: Weights, dim: usize| vb.rms_norm(dim, eps, family == Family::Gemma);
         let embeddings = body
             .pp("embed_tokens")
-            .get((config.vocab_size, h), "weight")?;
+            .tensor((config.vocab_size, h), "weight")?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                let layer = body.pp("layers").pp(i.to_string());
-                let attn = layer.pp("self_attn");
-                let mlp = layer.pp("mlp");
-                let projection = |vb: VarBuilder, i: usize, o: usize, bias: bool| {
-                    if bias {
-                        Linear::load(&vb, i, o)
-                    } else {
-                        Linear::load_without_bias(&vb, i, o)
-                    }
-                };
-                let bias = family == Family::Qwen2 || config.attention_bias;
-                let qkv = Linear::concat(&[
-                    projection(attn.pp("q_proj"), h, heads * head_dim, bias)?,
-                    projection(attn.pp("k_proj"), h, kv_heads * head_dim, bias)?,
-                    projection(attn.pp("v_proj"), h, kv_heads * head_dim, bias)?,
-                ])?;
-                let inner = config.intermediate_size;
-                let gate_up = Linear::concat(&[
-                    projection(mlp.pp("gate_proj"), h, inner, false)?,
-                    projection(mlp.pp("up_proj"), h, inner, false)?,
-                ])?;
-                Ok(Layer {
-                    input_norm: norm(&layer.pp("input_layernorm"), h)?,
-                    qkv: qkv.with_precision(precision)?,
-                    qk_norms: match family {
-                        Family::Qwen3 => Some((
-                            RmsNorm::load(&attn.pp("q_norm"), head_dim, eps)?,
-                            RmsNorm::load(&attn.pp("k_norm"), head_dim, eps)?,
-                        )),
-                        Family::Qwen2 | Family::Gemma => None,
-                    },
-                    o: projection(attn.pp("o_proj"), heads * head_dim, h, false)?
-                        .with_precision(precision)?,
-                    post_norm: norm(&layer.pp("post_attention_layernorm"), h)?,
-                    gate_up: gate_up.with_precision(precision)?,
-                    down: projection(mlp.pp("down_proj"), inner, h, false)?
-                        .with_precision(precision)?,
-                })
-            })
+            .map(|i| load_layer(&body.pp("layers").pp(i), config, family, norm))
             .collect::<Result<Vec<_>>>()?;
         let head = match head {
-            ScoreHead::Stored => vb.pp("score").set_dtype(DType::F32).get((1, h), "weight")?,
+            ScoreHead::Stored => vb.pp("score").fp32_tensor((1, h), "weight")?,
             ScoreHead::TokenLogits { positive, negative } => {
                 // Tied checkpoints store no lm_head: the output projection is the embedding table.
                 // (Gemma configs leave the tie implicit: no stored output projection means the tie.)
-                let table = if config.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+                let table = if config.tie_word_embeddings || !vb.contains("lm_head.weight") {
                     embeddings.clone()
                 } else {
-                    vb.pp("lm_head").get((config.vocab_size, h), "weight")?
+                    vb.pp("lm_head").tensor((config.vocab_size, h), "weight")?
                 };
-                let row = |id: u32| table.narrow(0, id as usize, 1)?.to_dtype(DType::F32);
+                let row = |id: u32| ops::residual(&table.narrow(0, id as usize, 1)?);
                 match negative {
                     Some(negative) => (row(positive)? - row(negative)?)?,
                     None => row(positive)?,
@@ -240,7 +195,7 @@ impl Qwen3Reranker {
         Ok(Self {
             embeddings,
             layers,
-            final_norm: norm(&body.pp("norm"), h)?,
+            final_norm: norm(body.pp("norm"), h)?,
             head,
             heads,
             kv_heads,
@@ -255,8 +210,7 @@ impl Qwen3Reranker {
                 // fp32 keys and values of every layer.
                 config.num_hidden_layers * 2 * kv_heads * head_dim * 4,
             ),
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
+            target: vb.target(),
         })
     }
 
@@ -273,7 +227,7 @@ impl Qwen3Reranker {
     ) -> Result<(Tensor, KeysValues)> {
         let tokens = x.dim(0)?;
         let (q_width, kv_width) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let normed = layer.input_norm.forward(x)?.to_dtype(self.dtype)?;
+        let normed = self.target.gemm_input(&layer.input_norm.forward(x)?)?;
         let qkv = ops::linear(&layer.qkv, &normed)?;
         let part = |from: usize, width: usize, heads: usize| {
             qkv.narrow(1, from, width)?
@@ -288,19 +242,19 @@ impl Qwen3Reranker {
             None => (q, k),
         };
         let (q, k) = (ops::rotate(&q, rotary)?, ops::rotate(&k, rotary)?);
-        let v = part(q_width + kv_width, kv_width, self.kv_heads)?.to_dtype(DType::F32)?;
+        let v = ops::residual(&part(q_width + kv_width, kv_width, self.kv_heads)?)?;
         let cached = prefix.map(|kv| (&kv.0, &kv.1));
         let context = ops::causal_attention(&q, &k, &v, cu_seqlens, last_rows.is_some(), cached)?;
         let x = match last_rows {
             Some(rows) => x.index_select(rows, 0)?,
             None => x.clone(),
         };
-        let attended = ops::linear(&layer.o, &context.to_dtype(self.dtype)?)?;
-        let x = (x + attended.to_dtype(DType::F32)?)?;
-        let normed = layer.post_norm.forward(&x)?.to_dtype(self.dtype)?;
+        let attended = ops::linear(&layer.o, &self.target.gemm_input(&context)?)?;
+        let x = (x + ops::residual(&attended)?)?;
+        let normed = self.target.gemm_input(&layer.post_norm.forward(&x)?)?;
         let gate_up = ops::linear(&layer.gate_up, &normed)?;
         let gated = ops::gated_activation(&gate_up, ops::ActivatedHalf::First, self.activation)?;
-        let x = (x + ops::linear(&layer.down, &gated)?.to_dtype(DType::F32)?)?;
+        let x = (x + ops::residual(&ops::linear(&layer.down, &gated)?)?)?;
         Ok((x, (k, v)))
     }
 
@@ -315,21 +269,20 @@ impl Qwen3Reranker {
         prefix: Option<&[KeysValues]>,
         (scores, capture): (bool, usize),
     ) -> Result<(Option<Tensor>, Vec<KeysValues>)> {
-        let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
-        let mut x = self
-            .embeddings
-            .index_select(&ids, 0)?
-            .to_dtype(DType::F32)?;
+        let ids = self.target.ids(&batch.input_ids)?;
+        let mut x = ops::residual(&self.embeddings.index_select(&ids, 0)?)?;
         if let Some(scale) = self.embedding_scale {
             x = (x * scale)?;
         }
         let spans = batch.lengths().map(|len| offset..offset + len);
-        let rotary = ops::rotary_tables(spans, self.head_dim, self.rope_theta, &self.device)?;
+        let rotary = self
+            .target
+            .rotary_tables(spans, self.head_dim, self.rope_theta)?;
         let last: Vec<u32> = batch.cu_seqlens[1..]
             .iter()
             .map(|&end| (end as u32).saturating_sub(1))
             .collect();
-        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let last = self.target.ids(&last)?;
         let capture = capture.min(batch.lengths().next().unwrap_or(0));
         let mut captured = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -378,6 +331,47 @@ impl Qwen3Reranker {
             tracing::warn!(error = %e, "prefix cache insert failed");
         }
     }
+}
+
+/// One decoder layer's weights, `model.layers.{i}`; Q, K and V fused, gate and up fused.
+fn load_layer(
+    layer: &Weights,
+    config: &Qwen3Config,
+    family: Family,
+    norm: impl Fn(Weights, usize) -> Result<RmsNorm>,
+) -> Result<Layer> {
+    let (h, head_dim, inner) = (
+        config.hidden_size,
+        config.head_dim(),
+        config.intermediate_size,
+    );
+    let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
+    let (attn, mlp) = (layer.pp("self_attn"), layer.pp("mlp"));
+    let qkv_bias = match family == Family::Qwen2 || config.attention_bias {
+        true => Bias::Stored,
+        false => Bias::None,
+    };
+    let qkv = [
+        ("q_proj", heads * head_dim),
+        ("k_proj", kv_heads * head_dim),
+        ("v_proj", kv_heads * head_dim),
+    ];
+    let eps = config.rms_norm_eps;
+    Ok(Layer {
+        input_norm: norm(layer.pp("input_layernorm"), h)?,
+        qkv: attn.fused_linear(&qkv, h, qkv_bias)?,
+        qk_norms: match family {
+            Family::Qwen3 => Some((
+                attn.pp("q_norm").rms_norm(head_dim, eps, false)?,
+                attn.pp("k_norm").rms_norm(head_dim, eps, false)?,
+            )),
+            Family::Qwen2 | Family::Gemma => None,
+        },
+        o: attn.pp("o_proj").linear(heads * head_dim, h, Bias::None)?,
+        post_norm: norm(layer.pp("post_attention_layernorm"), h)?,
+        gate_up: mlp.fused_linear(&[("gate_proj", inner), ("up_proj", inner)], h, Bias::None)?,
+        down: mlp.pp("down_proj").linear(inner, h, Bias::None)?,
+    })
 }
 
 /// The longest run of leading tokens every sequence of the batch shares, keeping at least one token of each

@@ -1,18 +1,26 @@
 //! XLMRobertaForSequenceClassification (and RobertaForSequenceClassification): RoBERTa embeddings with
 //! positions counted from padding_idx + 1, the shared encoder, and the dense → tanh → out_proj head on `<s>`.
 
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Result, Tensor};
 
 use super::encoder::{self, Encoder};
 use super::hf_config::ModelConfig;
-use super::ops::{self, EmbeddingTables, FeedForwardActivation, GemmPrecision, LayerNorm, Linear};
-use super::{CrossEncoder, PackedBatch};
+use super::ops::{
+    self, Bias, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear, Target, Weights,
+};
+use super::{Built, CrossEncoder, EncoderFacts, ModelSource, PackedBatch};
+use crate::error::StartupError;
 
-pub const ARCHITECTURES: &[&str] = &[
-    "XLMRobertaForSequenceClassification",
-    "RobertaForSequenceClassification",
-];
+/// The registry's builder: config.json as BERT's, positions after padding_idx.
+pub fn build(source: &ModelSource, weights: Weights) -> std::result::Result<Built, StartupError> {
+    let config: ModelConfig = source.config()?;
+    let activation = source.activation(&config.hidden_act)?;
+    // Labels first: a config whose labels cannot be scored is refused before any weight is read.
+    let scoring = source.scoring()?;
+    let model = XlmRoberta::load(weights, &config, activation)?;
+    let facts = EncoderFacts::bert_like(&config, max_positions(&config));
+    Ok(Built::encoder(Box::new(model), facts, scoring))
+}
 
 pub struct XlmRoberta {
     tables: EmbeddingTables,
@@ -21,7 +29,7 @@ pub struct XlmRoberta {
     head_dense: Linear,
     head_out: Linear,
     padding_idx: u32,
-    device: Device,
+    target: Target,
 }
 
 /// Longest sequence the position table allows: positions start at padding_idx + 1.
@@ -38,24 +46,24 @@ fn padding_idx(config: &ModelConfig) -> u32 {
 impl XlmRoberta {
     /// Loads weights stored with or without the `roberta.` prefix.
     pub fn load(
-        vb: VarBuilder,
+        vb: Weights,
         config: &ModelConfig,
         activation: FeedForwardActivation,
-        precision: GemmPrecision,
     ) -> Result<Self> {
         let body = encoder::base_weights(&vb, "roberta");
         let h = config.hidden_size;
         let (tables, embedding_norm) = encoder::load_embeddings(&body, config)?;
-        // The head is tiny and sits right before the score: it stays fp32 (see ops).
-        let head = vb.pp("classifier").set_dtype(DType::F32);
+        let head = vb.pp("classifier");
         Ok(Self {
             tables,
             embedding_norm,
-            encoder: Encoder::load(&body.pp("encoder"), config, activation, precision)?,
-            head_dense: Linear::load(&head.pp("dense"), h, h)?,
-            head_out: Linear::load(&head.pp("out_proj"), h, config.num_labels())?,
+            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
+            head_dense: head.pp("dense").head_linear(h, h, Bias::Stored)?,
+            head_out: head
+                .pp("out_proj")
+                .head_linear(h, config.num_labels(), Bias::Stored)?,
             padding_idx: padding_idx(config),
-            device: vb.device().clone(),
+            target: vb.target(),
         })
     }
 }
@@ -80,12 +88,10 @@ pub fn position_ids(batch: &PackedBatch, padding_idx: u32) -> Vec<u32> {
 
 impl CrossEncoder for XlmRoberta {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let tokens = batch.real_tokens();
-        let ids = Tensor::from_slice(&batch.input_ids, tokens, &self.device)?;
-        let positions =
-            Tensor::from_vec(position_ids(batch, self.padding_idx), tokens, &self.device)?;
+        let ids = self.target.ids(&batch.input_ids)?;
+        let positions = self.target.ids(&position_ids(batch, self.padding_idx))?;
         // The XLM-R tokenizer returns no token type ids: every token uses type 0, as in the reference.
-        let type_ids = Tensor::zeros(tokens, DType::U32, &self.device)?;
+        let type_ids = self.target.zero_ids(batch.real_tokens())?;
         let hidden = ops::embed(
             &self.tables,
             &ids,
@@ -93,7 +99,7 @@ impl CrossEncoder for XlmRoberta {
             Some(&type_ids),
             &self.embedding_norm,
         )?;
-        let sequences = ops::Sequences::new(&batch.cu_seqlens, &self.device)?;
+        let sequences = self.target.sequences(&batch.cu_seqlens)?;
         let first = self
             .encoder
             .forward_first_token(hidden, &sequences)?

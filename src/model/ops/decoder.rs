@@ -3,9 +3,8 @@
 //! device-generic ops, so the same code runs on CPU and CUDA.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 
-use super::{LayerNorm, Linear};
+use super::Linear;
 
 /// RMSNorm over the last dimension, computed in fp32 whatever the input dtype (as transformers' Qwen/Llama norms).
 #[derive(Debug, Clone)]
@@ -15,20 +14,12 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.clone().set_dtype(DType::F32).get(dim, "weight")?,
+    /// `weight` in fp32 (see `Weights::rms_norm`).
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
             eps: eps as f32,
-        })
-    }
-
-    /// Gemma's norm, which scales by 1 + weight: the weight is stored less one.
-    pub fn load_plus_one(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let norm = Self::load(vb, dim, eps)?;
-        Ok(Self {
-            weight: (norm.weight + 1.0)?,
-            eps: norm.eps,
-        })
+        }
     }
 
     /// fp32 out.
@@ -38,38 +29,6 @@ impl RmsNorm {
             &self.weight,
             self.eps,
         )
-    }
-}
-
-impl Linear {
-    /// A projection stored without a bias (a zero bias stands in, so every layer adds one the same way).
-    pub fn load_without_bias(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = Tensor::zeros(out_dim, weight.dtype(), weight.device())?;
-        Ok(Self::from_parts(weight, bias))
-    }
-
-    /// A projection with its bias if the checkpoint stores one.
-    pub fn load_maybe_bias(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        if vb.contains_tensor("bias") {
-            Self::load(vb, in_dim, out_dim)
-        } else {
-            Self::load_without_bias(vb, in_dim, out_dim)
-        }
-    }
-}
-
-impl LayerNorm {
-    /// A LayerNorm with its bias if the checkpoint stores one (ModernBERT's `norm_bias: false` has none).
-    pub fn load_maybe_bias(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let vb = vb.clone().set_dtype(DType::F32);
-        let weight = vb.get(dim, "weight")?;
-        let bias = if vb.contains_tensor("bias") {
-            vb.get(dim, "bias")?
-        } else {
-            Tensor::zeros(dim, DType::F32, weight.device())?
-        };
-        Ok(Self::new(weight, bias, eps as f32))
     }
 }
 
