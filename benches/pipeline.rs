@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rerank_server::batch::{Pair, RequestHandle};
-use rerank_server::model::bert::Bert;
+use rerank_server::model::architectures::bert::Bert;
 use rerank_server::model::hf_config::ModelConfig;
 use rerank_server::model::ops::{FeedForwardActivation, GemmPrecision, Weights};
 use rerank_server::model::{CrossEncoder, PackedBatch};

@@ -1,17 +1,11 @@
 //! Cross-encoder models: loading a Hugging Face model directory and running a packed batch to logits.
 
-pub mod bert;
-pub mod decoder_rerankers;
-mod encoder;
-pub mod gte;
+pub mod architectures;
 pub mod hf_config;
-pub mod modernbert;
 pub mod ops;
 pub mod prefix_cache;
-pub mod qwen;
 pub mod registry;
 pub mod scoring;
-pub mod xlm_roberta;
 
 use candle_core::{DType, Tensor};
 
@@ -207,7 +201,7 @@ impl EncoderFacts {
 }
 
 /// Builds an `OwnConfigEncoder` architecture; labels and activation are read as for BERT.
-fn build_own<M: OwnConfigEncoder>(
+pub(crate) fn build_own<M: OwnConfigEncoder>(
     source: &ModelSource,
     weights: ops::Weights,
 ) -> Result<Built, StartupError> {

@@ -1,6 +1,5 @@
-//! The architectures this server runs: one table from config.json's `architectures[0]` to the code that builds
-//! it, read by the loader, by its errors and by `Info`; and the load every architecture shares (config, weights,
-//! precision, memory map).
+//! Loading a model directory: config.json's `architectures[0]` looked up in the architecture table
+//! (`architectures/mod.rs`), and the load every architecture shares (config, weights, precision, memory map).
 
 use std::path::{Path, PathBuf};
 
@@ -9,10 +8,10 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use super::architectures::ARCHITECTURES;
 use super::hf_config::{self, ModelConfig, SentenceTransformersConfig};
 use super::ops::{self, FeedForwardActivation, GemmPrecision, Weights};
 use super::scoring::Scoring;
-use super::{bert, decoder_rerankers, gte, modernbert, xlm_roberta};
 use super::{CrossEncoder, LoadedModel};
 use crate::error::StartupError;
 use crate::tokenization::PromptTemplate;
@@ -20,31 +19,11 @@ use crate::tokenization::PromptTemplate;
 /// One architecture the server runs: config.json's `architectures[0]` and how to build it.
 pub struct Architecture {
     pub name: &'static str,
-    build: fn(&ModelSource, Weights) -> Result<Built, StartupError>,
+    pub build: Builder,
 }
 
-/// Every architecture, in the order README lists them. Adding one: its file and a line here.
-pub static ARCHITECTURES: &[Architecture] = &[
-    arch("BertForSequenceClassification", bert::build),
-    arch("XLMRobertaForSequenceClassification", xlm_roberta::build),
-    arch("RobertaForSequenceClassification", xlm_roberta::build),
-    arch(
-        modernbert::ARCHITECTURE,
-        super::build_own::<modernbert::ModernBert>,
-    ),
-    arch(gte::ARCHITECTURE, super::build_own::<gte::Gte>),
-    arch("Qwen3ForCausalLM", decoder_rerankers::build),
-    arch("Qwen3ForSequenceClassification", decoder_rerankers::build),
-    arch("Qwen2ForCausalLM", decoder_rerankers::build),
-    arch("GemmaForCausalLM", decoder_rerankers::build),
-];
-
-const fn arch(
-    name: &'static str,
-    build: fn(&ModelSource, Weights) -> Result<Built, StartupError>,
-) -> Architecture {
-    Architecture { name, build }
-}
+/// Builds an architecture's model from its directory and weights.
+pub type Builder = fn(&ModelSource, Weights) -> Result<Built, StartupError>;
 
 /// The names of every architecture, for errors and `Info`.
 pub fn supported() -> impl Iterator<Item = &'static str> {

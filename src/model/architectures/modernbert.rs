@@ -6,8 +6,8 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use super::ops::{self, Bias, FeedForwardActivation, LayerNorm, Linear, Target, Weights};
-use super::{CrossEncoder, EncoderConfig, EncoderFacts, OwnConfigEncoder, PackedBatch};
+use crate::model::ops::{self, Bias, FeedForwardActivation, LayerNorm, Linear, Target, Weights};
+use crate::model::{CrossEncoder, EncoderConfig, EncoderFacts, OwnConfigEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "ModernBertForSequenceClassification";
 

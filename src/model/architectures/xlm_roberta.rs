@@ -4,12 +4,12 @@
 use candle_core::{Result, Tensor};
 
 use super::encoder::{self, Encoder};
-use super::hf_config::ModelConfig;
-use super::ops::{
+use crate::error::StartupError;
+use crate::model::hf_config::ModelConfig;
+use crate::model::ops::{
     self, Bias, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear, Target, Weights,
 };
-use super::{Built, CrossEncoder, EncoderFacts, ModelSource, PackedBatch};
-use crate::error::StartupError;
+use crate::model::{Built, CrossEncoder, EncoderFacts, ModelSource, PackedBatch};
 
 /// The registry's builder: config.json as BERT's, positions after padding_idx.
 pub fn build(source: &ModelSource, weights: Weights) -> std::result::Result<Built, StartupError> {

@@ -6,11 +6,11 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use super::ops::{
+use crate::model::ops::{
     self, ActivatedHalf, Bias, FeedForwardActivation, Hidden, LayerNorm, Linear, Sequences, Target,
     Weights,
 };
-use super::{CrossEncoder, EncoderConfig, EncoderFacts, OwnConfigEncoder, PackedBatch};
+use crate::model::{CrossEncoder, EncoderConfig, EncoderFacts, OwnConfigEncoder, PackedBatch};
 
 pub const ARCHITECTURE: &str = "NewForSequenceClassification";
 

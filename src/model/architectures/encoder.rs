@@ -2,8 +2,8 @@
 
 use candle_core::{Result, Tensor};
 
-use super::hf_config::ModelConfig;
-use super::ops::{
+use crate::model::hf_config::ModelConfig;
+use crate::model::ops::{
     self, Bias, EmbeddingTables, FeedForwardActivation, Hidden, LayerNorm, Linear, Sequences,
     Weights,
 };

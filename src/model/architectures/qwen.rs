@@ -5,9 +5,9 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use super::ops::{self, Bias, FeedForwardActivation, Linear, RmsNorm, Target, Weights};
-use super::prefix_cache::{self, KeysValues, PrefixCache, PrefixCacheStats, MIN_PREFIX};
-use super::{CrossEncoder, PackedBatch};
+use crate::model::ops::{self, Bias, FeedForwardActivation, Linear, RmsNorm, Target, Weights};
+use crate::model::prefix_cache::{self, KeysValues, PrefixCache, PrefixCacheStats, MIN_PREFIX};
+use crate::model::{CrossEncoder, PackedBatch};
 
 /// The fields of a Qwen3 `config.json` the decoder needs, as transformers writes them (v4 and v5).
 #[derive(Debug, Clone, Deserialize)]

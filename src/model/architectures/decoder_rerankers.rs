@@ -2,11 +2,11 @@
 //! the tokens its score reads, and loading it: Qwen3-Reranker (Qwen3ForCausalLM, and converted
 //! Qwen3ForSequenceClassification "seq-cls" checkpoints) and mxbai-rerank-v2 (Qwen2ForCausalLM).
 
-use super::ops::Weights;
 use super::qwen::{Family, Qwen3Config, Qwen3Reranker, ScoreHead};
-use super::scoring::{Activation, Scoring};
-use super::{Built, ModelSource};
 use crate::error::StartupError;
+use crate::model::ops::Weights;
+use crate::model::scoring::{Activation, Scoring};
+use crate::model::{Built, ModelSource};
 use crate::tokenization::{PromptLayout, PromptTemplate};
 
 pub const CAUSAL_LM: &str = "Qwen3ForCausalLM";
