@@ -17,6 +17,7 @@ Deterministic: the same inputs give byte-identical files. Run by hand (not in CI
     python3 scripts/gen_fixtures.py modernbert
     python3 scripts/gen_fixtures.py gemma     # bge-reranker-v2-gemma
     python3 scripts/gen_fixtures.py gte       # GTE multilingual (NewForSequenceClassification)
+    python3 scripts/gen_fixtures.py electra   # ELECTRA (ElectraForSequenceClassification)
 
 The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
 every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
@@ -747,8 +748,32 @@ def gte_fixtures():
         print(f"{name}: logits in [{min(spread):.2f}, {max(spread):.2f}]")
 
 
+def electra_fixtures():
+    """ElectraForSequenceClassification with the BERT WordPiece tokenizer (as ms-marco-electra-base ships), its
+    embeddings narrower than the encoder so the embedding projection is exercised; scored by CrossEncoder."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+    tokenizer = make_tokenizer()
+    config = ElectraConfig(
+        vocab_size=len(tokenizer), embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=80, type_vocab_size=2, num_labels=1, hidden_act="gelu",
+        architectures=["ElectraForSequenceClassification"])
+    torch.manual_seed(11)
+    model = scaled(ElectraForSequenceClassification(config).eval())
+    name = "electra-tiny"
+    out = FIXTURES / name
+    save_model(model, tokenizer, out)
+    expected = {"model": name, "max_length": MAX_LENGTH, "num_labels": 1, "cases": reference_outputs(out, 1, CASES)}
+    (FIXTURES / "expected" / f"{name}.json").write_text(
+        json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
+    print(f"{name}: logits in [{min(spread):.2f}, {max(spread):.2f}]")
+
+
 def main():
     import sys
+    if sys.argv[1:] == ["electra"]:
+        electra_fixtures()
+        return
     if sys.argv[1:] == ["gte"]:
         gte_fixtures()
         return
@@ -790,6 +815,7 @@ def main():
     gemma_fixtures()
     modernbert_fixtures()
     gte_fixtures()
+    electra_fixtures()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ pub const XLMR: &str = "xlmr-tiny-1label";
 pub const ALL_MODELS: [&str; 3] = [ONE_LABEL, TWO_LABEL, XLMR];
 /// The cross-encoder fixtures that CrossEncoder scores: ALL_MODELS, ModernBERT with either pooling, and GTE
 /// multilingual with the real reranker's options and with the others.
-pub const CROSS_ENCODERS: [&str; 7] = [
+pub const CROSS_ENCODERS: [&str; 8] = [
     ONE_LABEL,
     TWO_LABEL,
     XLMR,
@@ -25,6 +25,7 @@ pub const CROSS_ENCODERS: [&str; 7] = [
     "modernbert-tiny-cls",
     "gte-multilingual-tiny",
     "gte-multilingual-tiny-unpacked",
+    "electra-tiny",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

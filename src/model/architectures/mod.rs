@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod decoder_rerankers;
+pub mod electra;
 mod encoder;
 pub mod gte;
 pub mod modernbert;
@@ -17,6 +18,7 @@ pub static ARCHITECTURES: &[Architecture] = &[
     row("BertForSequenceClassification", bert::build),
     row("XLMRobertaForSequenceClassification", xlm_roberta::build),
     row("RobertaForSequenceClassification", xlm_roberta::build),
+    row("ElectraForSequenceClassification", electra::build),
     row(
         modernbert::ARCHITECTURE,
         build_own::<modernbert::ModernBert>,
