@@ -18,6 +18,7 @@ Deterministic: the same inputs give byte-identical files. Run by hand (not in CI
     python3 scripts/gen_fixtures.py gemma     # bge-reranker-v2-gemma
     python3 scripts/gen_fixtures.py gte       # GTE multilingual (NewForSequenceClassification)
     python3 scripts/gen_fixtures.py electra   # ELECTRA (ElectraForSequenceClassification)
+    python3 scripts/gen_fixtures.py deberta   # DeBERTa-v3 and -v2 options (DebertaV2ForSequenceClassification)
 
 The WordPiece vocabulary is a subset of all-MiniLM-L6-v2's (the uncased BERT vocabulary): its special tokens,
 every single character with and without the ## prefix, and the most common words, so the tokenizer is a real
@@ -769,8 +770,67 @@ def electra_fixtures():
     print(f"{name}: logits in [{min(spread):.2f}, {max(spread):.2f}]")
 
 
+def make_deberta_tokenizer():
+    """DeBERTa-v3's tokenizer: a SentencePiece Unigram model (trained here on the multilingual corpus, with v3's
+    special ids [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3 and [MASK] last) in transformers' DeBERTa-v2 tokenizer
+    (`[CLS] A [SEP] B [SEP]`, Metaspace pieces)."""
+    from transformers import DebertaV2Tokenizer
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(XLMR_CORPUS * 20), model_writer=model, vocab_size=600, model_type="unigram",
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
+        unk_piece="[UNK]", num_threads=1, character_coverage=1.0, max_sentencepiece_length=8,
+        hard_vocab_limit=False, minloglevel=2)
+    proto = sp_model.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    vocab = [(p.piece, p.score) for p in proto.pieces] + [("[MASK]", 0.0)]
+    assert [p for p, _ in vocab[:4]] == ["[PAD]", "[CLS]", "[SEP]", "[UNK]"], "DeBERTa-v3 special ids"
+    return DebertaV2Tokenizer(vocab=vocab, unk_id=3, model_max_length=MAX_LENGTH)
+
+
+DEBERTA_V3 = {
+    # As the v3 checkpoints ship (mxbai-rerank-*-v1, ms-marco DeBERTa-v3), at a tiny shape with 16 position buckets so
+    # 64-token pairs reach the log-bucketed distances.
+    "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 16, "max_relative_positions": -1,
+    "share_att_key": True, "norm_rel_ebd": "layer_norm", "position_biased_input": False, "type_vocab_size": 0,
+}
+DEBERTA_V2_OPTIONS = {
+    # The other options the v2 code honours: absolute positions and token types in the embeddings, a narrower
+    # embedding projected to hidden, separate position projections, no buckets (distances clamped), c2p only.
+    "relative_attention": True, "pos_att_type": ["c2p"], "position_buckets": -1, "max_relative_positions": 24,
+    "share_att_key": False, "norm_rel_ebd": "none", "position_biased_input": True, "type_vocab_size": 2,
+    "embedding_size": 24,
+}
+
+
+def deberta_fixtures():
+    """DebertaV2ForSequenceClassification: one fixture with DeBERTa-v3's options and one with the v2 options, scored
+    by CrossEncoder."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+    tokenizer = make_deberta_tokenizer()
+    for name, options, seed in [("deberta-v3-tiny", DEBERTA_V3, 12), ("deberta-v2-tiny", DEBERTA_V2_OPTIONS, 13)]:
+        config = DebertaV2Config(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=MAX_LENGTH, layer_norm_eps=1e-7, hidden_act="gelu",
+            pooler_hidden_act="gelu", pooler_hidden_size=32, pad_token_id=0, num_labels=1,
+            architectures=["DebertaV2ForSequenceClassification"], **options)
+        torch.manual_seed(seed)
+        model = scaled(DebertaV2ForSequenceClassification(config).eval())
+        out = FIXTURES / name
+        save_model(model, tokenizer, out)
+        expected = {"model": name, "max_length": MAX_LENGTH, "num_labels": 1,
+                    "cases": reference_outputs(out, 1, XLMR_CASES)}
+        (FIXTURES / "expected" / f"{name}.json").write_text(
+            json.dumps(expected, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        spread = [s for c in expected["cases"] for row in c["logits"] for s in row]
+        print(f"{name}: logits in [{min(spread):.2f}, {max(spread):.2f}]")
+
+
 def main():
     import sys
+    if sys.argv[1:] == ["deberta"]:
+        deberta_fixtures()
+        return
     if sys.argv[1:] == ["electra"]:
         electra_fixtures()
         return
@@ -816,6 +876,7 @@ def main():
     modernbert_fixtures()
     gte_fixtures()
     electra_fixtures()
+    deberta_fixtures()
 
 
 if __name__ == "__main__":

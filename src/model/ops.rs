@@ -295,11 +295,15 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod decoder;
+mod disentangled;
 mod sequences;
 mod weights;
 pub use decoder::{
     causal_attention, gated_activation, inverse_frequencies, linear, rotary_tables,
     rotary_tables_from, rotate, rotate_qk, windowed_attention, ActivatedHalf, RmsNorm,
+};
+pub use disentangled::{
+    disentangled_attention, PositionProjections, RelativeDistances, RelativeRows,
 };
 pub use sequences::{self_attention, Sequences};
 pub use weights::{residual, Bias, Target, Weights};

@@ -2,6 +2,7 @@
 //! its file, its `mod` line and its row here.
 
 pub mod bert;
+pub mod deberta;
 pub mod decoder_rerankers;
 pub mod electra;
 mod encoder;
@@ -19,6 +20,7 @@ pub static ARCHITECTURES: &[Architecture] = &[
     row("XLMRobertaForSequenceClassification", xlm_roberta::build),
     row("RobertaForSequenceClassification", xlm_roberta::build),
     row("ElectraForSequenceClassification", electra::build),
+    row(deberta::ARCHITECTURE, build_own::<deberta::Deberta>),
     row(
         modernbert::ARCHITECTURE,
         build_own::<modernbert::ModernBert>,
