@@ -4,6 +4,7 @@
 //! (length-bucketed batches, handed over as `batch`es) → `engine` (the device worker) → `model` (one file
 //! per architecture) → back through `rerank` (ranking).
 
+pub mod assembly;
 pub mod batch;
 pub mod config;
 pub mod engine;

@@ -261,6 +261,10 @@ async fn every_architecture_scores_over_grpc_and_http() {
             config["architectures"][0],
             "{name}"
         );
+        assert!(
+            info.supported_architectures.contains(&info.architecture),
+            "{name}: Info lists the architectures the server loads"
+        );
         let (over_grpc, over_http) = (&expected.cases[0], &expected.cases[3]);
         let response = client
             .rerank(RerankRequest {

@@ -14,6 +14,22 @@ pub struct ComputeTarget {
     pub dtype: DType,
 }
 
+impl ComputeTarget {
+    /// How batches are laid out for this device: the CPU computes real tokens only (packed); the CUDA attention
+    /// kernels read padded batches.
+    pub fn batch_shape(&self, attention_span: usize) -> crate::scheduler::BatchShape {
+        match self.device.is_cpu() {
+            true => crate::scheduler::BatchShape::Packed { attention_span },
+            false => crate::scheduler::BatchShape::Padded,
+        }
+    }
+
+    /// Whether this is a GPU (batches are cut ahead and aimed at a shorter time).
+    pub fn is_gpu(&self) -> bool {
+        !self.device.is_cpu()
+    }
+}
+
 /// Every device of `devices` ("cpu,cpu", "cuda:0,cuda:1", "cuda:all", or one device), each with `dtype`.
 /// One engine runs per device; CPU and CUDA engines do not mix (their batches are laid out differently).
 pub fn compute_targets(devices: &str, dtype: &str) -> Result<Vec<ComputeTarget>, StartupError> {
@@ -95,7 +111,7 @@ fn cuda_device_count() -> Result<usize, StartupError> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_device_count() -> Result<usize, StartupError> {
     Err(StartupError::Config(
-        "this build has no CUDA support; build with `--features cuda` (scripts/build-cuda.sh) or use device = \"cpu\"".into(),
+        "this build has no CUDA support; build with `--features cuda` (scripts/build/build-cuda.sh) or use device = \"cpu\"".into(),
     ))
 }
 
@@ -151,7 +167,7 @@ fn retain_pool_memory(
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(_ordinal: usize) -> Result<Device, StartupError> {
     Err(StartupError::Config(
-        "this build has no CUDA support; build with `--features cuda` (scripts/build-cuda.sh) or use device = \"cpu\"".into(),
+        "this build has no CUDA support; build with `--features cuda` (scripts/build/build-cuda.sh) or use device = \"cpu\"".into(),
     ))
 }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::clients::{ClientId, ClientShares};
+use crate::config::Config;
 use crate::error::{Refusal, RerankError};
 use crate::throughput::Throughput;
 
@@ -29,6 +30,20 @@ pub struct AdmissionLimits {
     pub batches_in_flight: Duration,
     /// The share of each count limit one client may hold.
     pub max_client_share: f64,
+}
+
+impl AdmissionLimits {
+    /// The configured limits, with how long new work waits for the batches already cut on this device.
+    pub fn from_config(config: &Config, batches_in_flight: Duration) -> Self {
+        Self {
+            max_pending_pairs: config.max_pending_pairs,
+            max_pending_tokens: config.max_pending_tokens,
+            max_inflight_bytes: config.max_inflight_bytes,
+            max_queue_time: config.max_queue_time,
+            batches_in_flight,
+            max_client_share: config.max_client_share,
+        }
+    }
 }
 
 /// The work of one admitted call that the engine has not scored yet, and when it must be done by.

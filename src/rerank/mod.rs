@@ -1,12 +1,10 @@
 //! The rerank core every transport calls: `Reranker` opens sessions (unary calls and streams alike), applies
 //! the call's deadline, and records each call's outcome; sessions own admission, back-pressure and ranking.
 
-pub mod access;
 pub mod admission;
 pub mod clients;
 mod documents;
 pub mod limits;
-pub mod loading;
 mod session;
 mod stream;
 mod windows;

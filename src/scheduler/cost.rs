@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::batch::Pair;
+use crate::config::Config;
 use crate::model::PackedBatch;
 
 /// Limits that decide when a batch is cut.
@@ -15,6 +16,16 @@ pub struct BatchPolicy {
     pub max_batch_size: usize,
     /// A bucket that is not full is cut once its oldest pair has waited this long.
     pub max_wait: Duration,
+}
+
+impl From<&Config> for BatchPolicy {
+    fn from(config: &Config) -> Self {
+        Self {
+            max_batch_tokens: config.max_batch_tokens,
+            max_batch_size: config.max_batch_size,
+            max_wait: config.max_wait,
+        }
+    }
 }
 
 /// How the device lays out a batch, which decides what a batch costs.

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::call_slots::CallSlots;
 use crate::error::RerankError;
 use crate::lifecycle::Lifecycle;
 use crate::proto::reranker_service_server::RerankerService as RerankerRpc;
 use crate::proto::{self, rerank_stream_request, rerank_stream_response};
 use crate::rerank::clients::ClientId;
-use crate::rerank::limits::{CallSlots, Limits};
+use crate::rerank::limits::Limits;
 use crate::rerank::{
     EventStream, RankedDocument, RerankOptions, RerankOutcome, Reranker, StreamEvent,
     StreamRequest, Usage,
@@ -316,6 +317,9 @@ pub fn info(reranker: &Reranker) -> proto::InfoResponse {
         }),
         model: description.model_id.clone(),
         architecture: description.architecture.clone(),
+        supported_architectures: crate::model::registry::supported()
+            .map(String::from)
+            .collect(),
         max_length: clamp(description.max_length),
         device: description.device.clone(),
         dtype: description.dtype.clone(),

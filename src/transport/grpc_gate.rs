@@ -17,9 +17,9 @@ use tonic::Status;
 use crate::error::RerankError;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::rerank::access::ApiKey;
 use crate::rerank::clients::ClientId;
 use crate::rerank::Receiving;
+use crate::transport::access::ApiKey;
 
 /// Wraps the RerankerService: checks the API key (Info too), and bounds how long a unary call's request may
 /// take to arrive (request_read_timeout) and, as admission's request bytes, what it holds while it arrives.

@@ -1,6 +1,8 @@
 //! Network transports over the one rerank core. Each stays thin: decode, call `Reranker`, encode. gRPC and
 //! HTTP share one listener and one router; every call gets a request id, a tracing span and its client here.
 
+pub mod access;
+pub mod call_slots;
 pub mod connections;
 pub mod grpc;
 pub mod grpc_gate;

@@ -24,10 +24,10 @@ use utoipa::ToSchema;
 
 use crate::error::RerankError;
 use crate::lifecycle::{Lifecycle, State as Life};
-use crate::rerank::access::ApiKey;
 use crate::rerank::clients::ClientId;
-use crate::rerank::limits::{CallSlot, CallSlots};
 use crate::rerank::{Receiving, Reranker};
+use crate::transport::access::ApiKey;
+use crate::transport::call_slots::{CallSlot, CallSlots};
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
