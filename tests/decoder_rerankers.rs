@@ -451,3 +451,71 @@ fn half_precision_decoders_stay_close_to_the_reference() {
         assert!(worst < 2e-2, "{name}: f16 logits differ by {worst}");
     }
 }
+
+/// With no max_length configured, bge-reranker-v2-gemma truncates as FlagEmbedding does by default (max_length
+/// 512: the query to 384 tokens, the passage to 512): pairs whose query and passage are both cut score as its code
+/// scores them. The checkpoint is given bge-reranker-v2-gemma's positions and a tokenizer config without a length
+/// limit, so that only the family's default can cut the pairs.
+#[tokio::test]
+async fn gemma_without_a_configured_max_length_truncates_as_flagembedding_by_default() {
+    let name = FIXTURES[3];
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(fixture(name)).expect("fixture dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+    }
+    let edit = |file: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = dir.path().join(file);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        edit(&mut json);
+        std::fs::write(&path, json.to_string()).expect("write");
+    };
+    edit("config.json", &|c| {
+        c["max_position_embeddings"] = 8192.into()
+    });
+    edit("tokenizer_config.json", &|c| {
+        c.as_object_mut()
+            .expect("object")
+            .remove("model_max_length");
+    });
+    let path = fixture("expected").join(format!("{name}.flag-defaults.json"));
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("expected")).expect("json");
+    let mut config = test_config(name);
+    config.model_id = dir.path().to_string_lossy().into_owned();
+    let reranker = build_reranker(&config).await.expect("reranker builds");
+    let longest = expected
+        .cases
+        .iter()
+        .flat_map(|c| &c.input_ids)
+        .map(Vec::len)
+        .max();
+    // FlagEmbedding's longest possible pair is 512 + 2·S tokens, which is the default.
+    let ours = reranker.description().max_length;
+    assert!(
+        longest <= Some(ours),
+        "a reference pair is longer than our default max_length: {longest:?} vs {ours}"
+    );
+    for case in &expected.cases {
+        let options = RerankOptions {
+            raw_scores: true,
+            ..Default::default()
+        };
+        let outcome = reranker
+            .rerank("test", &case.query, case.documents.clone(), options)
+            .await
+            .expect("rerank");
+        for result in &outcome.results {
+            let i = result.index as usize;
+            assert!(
+                (result.score - case.logits[i][0]).abs() <= TOLERANCE,
+                "{} doc {i}: {} vs FlagEmbedding's {} ({} reference tokens)",
+                case.name,
+                result.score,
+                case.logits[i][0],
+                case.input_ids[i].len()
+            );
+        }
+    }
+}

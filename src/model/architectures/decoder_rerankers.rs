@@ -14,9 +14,9 @@ pub const SEQUENCE_CLASSIFICATION: &str = "Qwen3ForSequenceClassification";
 pub const QWEN2_CAUSAL_LM: &str = "Qwen2ForCausalLM";
 pub const GEMMA_CAUSAL_LM: &str = "GemmaForCausalLM";
 
-/// bge-reranker-v2-gemma's longest pair unless configured: FlagEmbedding scores query and passage within 512
-/// tokens (and its prompt besides); a whole prompted pair of 1,024 keeps that.
-const GEMMA_DEFAULT_MAX_LENGTH: usize = 1024;
+/// FlagEmbedding's LLM reranker default `max_length`: the query keeps at most 3/4 of it, the passage at most all
+/// of it, and the prompt's separator and question come on top (see `PromptLayout::Flag`).
+const FLAG_MAX_LENGTH: usize = 512;
 
 /// The longest pair unless configured, as Qwen3-Reranker's published scoring code.
 const DEFAULT_MAX_LENGTH: usize = 8192;
@@ -105,10 +105,9 @@ pub fn build(source: &ModelSource, weights: Weights) -> Result<Built, StartupErr
         attention_span: attention_span(&config),
         scoring,
         prompt: Some(prompt),
-        default_max_length: Some(if family == Family::Gemma {
-            GEMMA_DEFAULT_MAX_LENGTH
-        } else {
-            DEFAULT_MAX_LENGTH
+        default_max_length: Some(match family {
+            Family::Gemma => flag_default_max_length(&source.dir)?,
+            Family::Qwen2 | Family::Qwen3 => DEFAULT_MAX_LENGTH,
         }),
     })
 }
@@ -150,22 +149,57 @@ fn score_head(source: &ModelSource) -> Result<(ScoreHead, Scoring, PromptTemplat
     })
 }
 
-/// The first id of `text` tokenized without special tokens, as mxbai's code reads its score tokens.
-fn first_token_id(dir: &std::path::Path, text: &str) -> Result<u32, StartupError> {
+/// Our whole-pair max_length that gives FlagEmbedding's default limits: its 512 for query (3/4) and passage, plus
+/// twice the separator and question tokens (S), since our query and document limits leave 2·S of max_length
+/// (see `PromptLayout::Flag`). S is counted with the model's own tokenizer.
+fn flag_default_max_length(dir: &std::path::Path) -> Result<usize, StartupError> {
+    let PromptLayout::Flag {
+        separator, task, ..
+    } = bge_reranker_gemma_prompt().layout
+    else {
+        return Ok(FLAG_MAX_LENGTH);
+    };
+    let suffix = token_count(dir, &separator)? + token_count(dir, &task)?;
+    Ok(FLAG_MAX_LENGTH + 2 * suffix)
+}
+
+/// The ids of `text` tokenized without special tokens, as the prompt encoder and the reference codes tokenize
+/// the prompt's parts and score words.
+fn encode_ids(dir: &std::path::Path, text: &str) -> Result<Vec<u32>, StartupError> {
     let path = dir.join("tokenizer.json");
     let invalid = |reason: String| StartupError::InvalidFile {
         path: path.clone(),
         reason,
     };
-    let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| invalid(e.to_string()))?;
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(&path).map_err(|e| invalid(e.to_string()))?;
+    // A tokenizer.json may carry truncation and padding settings (for other uses of the file); the prompt's
+    // parts are counted whole and unpadded, as the pair tokenizer encodes them.
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| invalid(e.to_string()))?
+        .with_padding(None);
     let encoding = tokenizer
         .encode_fast(text, false)
         .map_err(|e| invalid(e.to_string()))?;
-    encoding.get_ids().first().copied().ok_or_else(|| {
-        invalid(format!(
-            "the tokenizer gives no token for {text:?}, which the reranker's score reads"
-        ))
-    })
+    Ok(encoding.get_ids().to_vec())
+}
+
+fn token_count(dir: &std::path::Path, text: &str) -> Result<usize, StartupError> {
+    Ok(encode_ids(dir, text)?.len())
+}
+
+/// The first id of `text` tokenized without special tokens, as mxbai's code reads its score tokens.
+fn first_token_id(dir: &std::path::Path, text: &str) -> Result<u32, StartupError> {
+    encode_ids(dir, text)?
+        .first()
+        .copied()
+        .ok_or_else(|| StartupError::InvalidFile {
+            path: dir.join("tokenizer.json"),
+            reason: format!(
+                "the tokenizer gives no token for {text:?}, which the reranker's score reads"
+            ),
+        })
 }
 
 /// A token's id in the model's tokenizer (vocabulary or added tokens), as transformers' convert_tokens_to_ids.
