@@ -17,7 +17,7 @@ pub const XLMR: &str = "xlmr-tiny-1label";
 pub const ALL_MODELS: [&str; 3] = [ONE_LABEL, TWO_LABEL, XLMR];
 /// The cross-encoder fixtures that CrossEncoder scores: ALL_MODELS, ModernBERT with either pooling, and GTE
 /// multilingual with the real reranker's options and with the others.
-pub const CROSS_ENCODERS: [&str; 10] = [
+pub const CROSS_ENCODERS: [&str; 11] = [
     ONE_LABEL,
     TWO_LABEL,
     XLMR,
@@ -28,6 +28,7 @@ pub const CROSS_ENCODERS: [&str; 10] = [
     "electra-tiny",
     "deberta-v3-tiny",
     "deberta-v2-tiny",
+    "jina-reranker-v2-tiny",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

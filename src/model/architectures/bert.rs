@@ -53,7 +53,12 @@ impl Bert {
         Ok(Self {
             tables,
             embedding_norm,
-            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
+            encoder: Encoder::load(
+                &body.pp("encoder"),
+                config,
+                activation,
+                encoder::Layout::of(&body),
+            )?,
             pooler,
             classifier: vb
                 .pp("classifier")

@@ -76,7 +76,12 @@ impl Electra {
                 Bias::Stored,
             )?,
             projection,
-            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
+            encoder: Encoder::load(
+                &body.pp("encoder"),
+                config,
+                activation,
+                encoder::Layout::of(&body),
+            )?,
             head_dense: head.pp("dense").head_linear(h, h, Bias::Stored)?,
             head_out: head
                 .pp("out_proj")

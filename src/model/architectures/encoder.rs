@@ -35,9 +35,12 @@ pub fn load_embeddings(
             embeddings.tensor((config.type_vocab_size, h), "token_type_embeddings.weight")?,
         ),
     };
-    let norm = embeddings
-        .pp("LayerNorm")
-        .layer_norm(h, config.layer_norm_eps, Bias::Stored)?;
+    // flash-attention's layout keeps the embedding LayerNorm beside the embeddings, as `emb_ln`.
+    let norm = match Layout::of(base) {
+        Layout::Transformers => embeddings.pp("LayerNorm"),
+        Layout::FlashAttention => base.pp("emb_ln"),
+    };
+    let norm = norm.layer_norm(h, config.layer_norm_eps, Bias::Stored)?;
     Ok((tables, norm))
 }
 
@@ -58,6 +61,26 @@ struct Dims {
     activation: FeedForwardActivation,
 }
 
+/// How a checkpoint names the encoder's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// transformers' BERT names: `layer.{i}.attention.self.query`, `.output.LayerNorm`, ...
+    Transformers,
+    /// flash-attention's BERT names, as jina-reranker-v2 ships them: `layers.{i}.mixer.Wqkv`, `.norm1`,
+    /// `.mlp.fc1`, ... (the same post-norm layer).
+    FlashAttention,
+}
+
+impl Layout {
+    /// The layout of a base model's weights (`prefix` as in `base_weights`).
+    pub fn of(vb: &Weights) -> Self {
+        match vb.contains("encoder.layers.0.mixer.Wqkv.weight") {
+            true => Self::FlashAttention,
+            false => Self::Transformers,
+        }
+    }
+}
+
 /// A stack of encoder layers.
 pub struct Encoder {
     layers: Vec<EncoderLayer>,
@@ -65,11 +88,12 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// Loads `encoder.layer.*` from `vb` (already pointed at the encoder).
+    /// Loads the layers from `vb` (already pointed at the encoder), named as `layout` says.
     pub fn load(
         vb: &Weights,
         config: &ModelConfig,
         activation: FeedForwardActivation,
+        layout: Layout,
     ) -> Result<Self> {
         let hidden = config.hidden_size;
         if config.num_attention_heads == 0 || !hidden.is_multiple_of(config.num_attention_heads) {
@@ -83,7 +107,12 @@ impl Encoder {
             activation,
         };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(&vb.pp(format!("layer.{i}")), config))
+            .map(|i| match layout {
+                Layout::Transformers => EncoderLayer::load(&vb.pp(format!("layer.{i}")), config),
+                Layout::FlashAttention => {
+                    EncoderLayer::load_flash(&vb.pp(format!("layers.{i}")), config)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers, dims })
     }
@@ -121,6 +150,25 @@ impl EncoderLayer {
             intermediate: vb.pp("intermediate.dense").linear(h, ffn, Bias::Stored)?,
             output: vb.pp("output.dense").linear(ffn, h, Bias::Stored)?,
             output_norm: vb.pp("output.LayerNorm").layer_norm(h, eps, Bias::Stored)?,
+        })
+    }
+
+    /// A layer in flash-attention's names: `norm1(x + out_proj(attention(Wqkv x)))`, then
+    /// `norm2(x + fc2(act(fc1 x)))`.
+    fn load_flash(vb: &Weights, config: &ModelConfig) -> Result<Self> {
+        let (h, eps, ffn) = (
+            config.hidden_size,
+            config.layer_norm_eps,
+            config.intermediate_size,
+        );
+        let mixer = vb.pp("mixer");
+        Ok(Self {
+            qkv: mixer.pp("Wqkv").linear(h, 3 * h, Bias::Stored)?,
+            attention_output: mixer.pp("out_proj").linear(h, h, Bias::Stored)?,
+            attention_norm: vb.pp("norm1").layer_norm(h, eps, Bias::Stored)?,
+            intermediate: vb.pp("mlp.fc1").linear(h, ffn, Bias::Stored)?,
+            output: vb.pp("mlp.fc2").linear(ffn, h, Bias::Stored)?,
+            output_norm: vb.pp("norm2").layer_norm(h, eps, Bias::Stored)?,
         })
     }
 

@@ -57,7 +57,12 @@ impl XlmRoberta {
         Ok(Self {
             tables,
             embedding_norm,
-            encoder: Encoder::load(&body.pp("encoder"), config, activation)?,
+            encoder: Encoder::load(
+                &body.pp("encoder"),
+                config,
+                activation,
+                encoder::Layout::of(&body),
+            )?,
             head_dense: head.pp("dense").head_linear(h, h, Bias::Stored)?,
             head_out: head
                 .pp("out_proj")
