@@ -17,7 +17,7 @@ use rerank_server::model::{CrossEncoder, PackedBatch};
 use rerank_server::scheduler::{BatchPolicy, BatchQueue, BatchShape};
 use rerank_server::tokenization::{PairTokenizer, PairTokens, Truncation};
 
-/// A tokenizer directory: RERANK_BENCH_MODEL (e.g. the MiniLM reranker from scripts/make_bench_model.py minilm),
+/// A tokenizer directory: RERANK_BENCH_MODEL (e.g. the MiniLM reranker from scripts/fixtures/make_bench_model.py minilm),
 /// else the tiny test fixture (a real WordPiece tokenizer with a reduced vocabulary).
 fn tokenizer_dir() -> PathBuf {
     std::env::var_os("RERANK_BENCH_MODEL")

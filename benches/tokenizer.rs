@@ -1,5 +1,5 @@
 //! Document tokenization throughput, one core: the tokenizer (Hugging Face tokenizers) against our fast paths, on
-//! the documents `scripts/make_bench_tokenizer.py` writes beside its tokenizer (English, and ten languages).
+//! the documents `scripts/fixtures/make_bench_tokenizer.py` writes beside its tokenizer (English, and ten languages).
 //!
 //! RERANK_BENCH_TOKENIZER=models/xlmr-bench-tokenizer cargo bench --bench tokenizer
 
@@ -28,7 +28,7 @@ fn throughput(
 
 fn main() {
     let Some(dir) = std::env::var_os("RERANK_BENCH_TOKENIZER").map(PathBuf::from) else {
-        eprintln!("skipping: set RERANK_BENCH_TOKENIZER to a directory from scripts/make_bench_tokenizer.py");
+        eprintln!("skipping: set RERANK_BENCH_TOKENIZER to a directory from scripts/fixtures/make_bench_tokenizer.py");
         return;
     };
     let tokenizer = match PairTokenizer::load(&dir, None, 512, 1) {

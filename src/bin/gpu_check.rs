@@ -1,5 +1,5 @@
 //! GPU checks for the CUDA build: our kernels against candle's reference ops, and score parity of a running
-//! server against reference scores. Run by scripts/gpu-check.sh on a GPU machine.
+//! server against reference scores. Run by scripts/checks/gpu-check.sh on a GPU machine.
 
 use std::process::ExitCode;
 

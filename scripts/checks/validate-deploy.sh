@@ -22,13 +22,13 @@
 #      retries that reach every replica on connection failures and refused streams (not on 429), HTTP/2 to the
 #      replicas, and X-Forwarded-For for the server's per-client shares.
 # Exits non-zero on any failure. Needs python3 (3.8+) with venv; PyPI on the first run only, offline after.
-# usage: scripts/validate-deploy.sh
+# usage: scripts/checks/validate-deploy.sh
 # env:   DEPLOY_TOOLS  tool cache (default .ci-cache/deploy-tools); a folder outside the clone survives clones
 #        K8S_VERSIONS  Kubernetes versions to validate against (default "1.30 1.37": the oldest the manifests
 #                      support, and the newest kubernetes-validate 1.37.0 bundles)
 #        RENDER_DIR    where the rendered YAML goes (default $DEPLOY_TOOLS/rendered)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 TOOLS=${DEPLOY_TOOLS:-.ci-cache/deploy-tools}
 PYTHON=${PYTHON:-python3}

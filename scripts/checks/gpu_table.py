@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The one table of scripts/gpu-check.sh, from what its run wrote under WORK:
+"""The one table of scripts/checks/gpu-check.sh, from what its run wrote under WORK:
 
-    python3 scripts/gpu_table.py WORK
+    python3 scripts/checks/gpu_table.py WORK
 
 summary.txt (loadgen and parity lines), models/baseline.json (torch fp16 model-only) and
 models/crossencoder.json (CrossEncoder.predict fp16 on text). Per model shape and workload: ours through gRPC

@@ -7,8 +7,8 @@ endpoints, prints each client's ranking, and checks that all of them agree on th
     langchain_cohere.CohereRerank        POST /v2/rerank  (through cohere.ClientV2)
     llama_index TextEmbeddingInference   POST /rerank     (Text Embeddings Inference)
 
-    scripts/http-clients.sh [URL]        (installs the pinned clients, then runs this file)
-    python3 scripts/http_clients.py [URL]   (URL defaults to http://127.0.0.1:50051; RERANK_API_KEY is sent
+    scripts/checks/http-clients.sh [URL]        (installs the pinned clients, then runs this file)
+    python3 scripts/checks/http_client_matrix.py [URL]   (URL defaults to http://127.0.0.1:50051; RERANK_API_KEY is sent
                                              as a Bearer token when set; RERANK_MODEL is sent as the model
                                              name, by default the served model from GET /info)
 Exits 0 when every client ran and all agree (scores to 1e-6), 1 otherwise.

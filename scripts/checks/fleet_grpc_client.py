@@ -3,7 +3,7 @@
 client-side health checking, retries of UNAVAILABLE) sending unary Rerank calls at a steady rate. Every
 call's start, end and outcome go to a JSON report in fleetload's format.
 
-    python3 scripts/fleet_grpc_client.py --target ipv4:10.77.0.1:50051,10.77.0.2:50051 --rate 20 \
+    python3 scripts/checks/fleet_grpc_client.py --target ipv4:10.77.0.1:50051,10.77.0.2:50051 --rate 20 \
         --duration 60 --report client.json --stubs DIR
     # DNS, as a headless Kubernetes Service: --target dns://127.0.0.1:5353/replicas.fleet:50051
 

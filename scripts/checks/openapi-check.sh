@@ -3,12 +3,12 @@
 # fixture, lets schemathesis generate valid and invalid requests for every operation of /openapi.json (at least
 # MIN_CASES in all), and fails on any 5xx, any answer the document does not describe (status, content type,
 # headers, body), valid data refused or invalid data accepted. No example database is kept, so a run here
-# generates what a run on a clean clone does. Config and hooks: scripts/schemathesis/.
-# usage: scripts/openapi-check.sh [SERVER_BINARY]   (default target/debug/rerank-server, built if missing)
+# generates what a run on a clean clone does. Config and hooks: scripts/checks/schemathesis/.
+# usage: scripts/checks/openapi-check.sh [SERVER_BINARY]   (default target/debug/rerank-server, built if missing)
 # env:   SCHEMATHESIS_VENV  (default .ci-cache/schemathesis-venv; PyPI on the first run only)
 #        MAX_EXAMPLES (default 300 per operation and phase), MIN_CASES (default 1000), SEED (default 1)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 SERVER=${1:-target/debug/rerank-server}
 [ -x "$SERVER" ] || cargo build --locked --bin rerank-server
@@ -69,7 +69,7 @@ done
 
 echo "== schemathesis against http://127.0.0.1:$PORT/openapi.json"
 status=0
-(cd scripts/schemathesis && "../../$VENV/bin/st" run "http://127.0.0.1:$PORT/openapi.json" --checks all \
+(cd scripts/checks/schemathesis && "../../../$VENV/bin/st" run "http://127.0.0.1:$PORT/openapi.json" --checks all \
   --max-examples "$MAX_EXAMPLES" --seed "$SEED" --generation-database none --continue-on-failure --report json \
   --report-dir "$REPORTS" --no-color) || status=$?
 python3 - "$REPORTS" "$MIN_CASES" "$status" <<'PY'

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Fleet check: three rerank-server replicas, each in its own network namespace, behind HAProxy
 # (deploy/haproxy/haproxy.cfg), under steady load; rolling restart, kill -9, a partition, overload across the
-# fleet and a grpcio client balancing over DNS while a replica is added (scripts/fleet_check.py says what each
+# fleet and a grpcio client balancing over DNS while a replica is added (scripts/checks/fleet_scenarios.py says what each
 # checks). Needs root (ip netns). Installs HAProxy and dnsmasq from Debian's packages when missing, builds the
 # server and the load client, and puts grpcio into a venv for the client-side balancing client.
-# usage: sudo scripts/fleet-check.sh [fleet_check.py options, e.g. --scenarios rolling_restart]
+# usage: sudo scripts/checks/fleet-check.sh [fleet_scenarios.py options, e.g. --scenarios rolling_restart]
 # env:   PROFILE      cargo profile of the binaries (default debug, what `cargo test` builds; release for the
 #                     longer runs in the README)
 #        FLEET_VENV   the Python client's venv (default .ci-cache/fleet-venv)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 if [ "$(id -u)" != 0 ]; then
   echo "fleet check: needs root for network namespaces" >&2
@@ -47,5 +47,5 @@ mkdir -p "$STUBS"
 "$VENV/bin/python" -m grpc_tools.protoc -Iproto --python_out="$STUBS" --grpc_python_out="$STUBS" \
   proto/rerank/v1/rerank.proto
 
-exec python3 scripts/fleet_check.py --server "$BIN/rerank-server" --fleetload "$BIN/fleetload" \
+exec python3 scripts/checks/fleet_scenarios.py --server "$BIN/rerank-server" --fleetload "$BIN/fleetload" \
   --python "$VENV/bin/python" --stubs "$STUBS" "$@"

@@ -5,7 +5,7 @@ rolling restart, kill -9, a partition, overload across the fleet, and clients th
 with a service config, over fixed addresses and over DNS while a replica is added). Every call's outcome is
 counted; each scenario's criteria are checked and the script exits 1 if one fails.
 
-Run through scripts/fleet-check.sh (root; it installs HAProxy and dnsmasq, builds the binaries and the Python
+Run through scripts/checks/fleet-check.sh (root; it installs HAProxy and dnsmasq, builds the binaries and the Python
 client's venv). Writes its report (JSON and a Markdown table) to --out.
 """
 import argparse
@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NET = "10.77.0"
 BALANCER_IP = f"{NET}.254"
 BRIDGE = "rrfleet0"
@@ -226,7 +226,7 @@ class Fleet:
 
     def grpc_client(self, name, target, rate):
         report = os.path.join(self.out, f"{name}.json")
-        command = [self.args.python, os.path.join(ROOT, "scripts/fleet_grpc_client.py"), "--target", target,
+        command = [self.args.python, os.path.join(ROOT, "scripts/checks/fleet_grpc_client.py"), "--target", target,
                    "--rate", str(rate), "--duration", "3600", "--deadline", str(self.args.deadline),
                    "--report", report, "--stubs", self.args.stubs]
         process = subprocess.Popen(command, stderr=open(os.path.join(self.out, f"{name}.log"), "ab"))
@@ -546,7 +546,7 @@ def main():
         sys.exit("fleet check: needs root (network namespaces)")
     for tool in ("haproxy", "dnsmasq", "ip"):
         if not shutil.which(tool):
-            sys.exit(f"fleet check: {tool} not found (scripts/fleet-check.sh installs it)")
+            sys.exit(f"fleet check: {tool} not found (scripts/checks/fleet-check.sh installs it)")
     fleet = Fleet(args)
     results = {}
     try:

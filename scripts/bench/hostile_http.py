@@ -3,10 +3,10 @@
 assert the behaviours): stalled request bodies, one client opening hundreds of streams, 10,001 connections, and
 thousands of malformed bodies with the server's memory before and after. Prints one line per scenario.
 
-    python3 scripts/hostile_http.py --addr 127.0.0.1:50051 --pid <server pid> --stubs DIR [--only NAME ...]
+    python3 scripts/bench/hostile_http.py --addr 127.0.0.1:50051 --pid <server pid> --stubs DIR [--only NAME ...]
 
 --stubs: the folder `python -m grpc_tools.protoc -Iproto --python_out=DIR --grpc_python_out=DIR
-proto/rerank/v1/rerank.proto` wrote into (scripts/fleet-check.sh makes one in .ci-cache/fleet-venv/stubs).
+proto/rerank/v1/rerank.proto` wrote into (scripts/checks/fleet-check.sh makes one in .ci-cache/fleet-venv/stubs).
 The well-behaved client of each scenario connects from 127.0.0.2, the hostile one from 127.0.0.1, so the server
 sees two clients (max_client_share applies per client address).
 

@@ -2,22 +2,22 @@
 # One-call check of the CUDA build on a GPU machine; prints a summary table last.
 #   1. each CUDA kernel against candle's reference op (gpu-check kernels);
 #   2. score parity of the server on the GPU (fp16) against sentence-transformers fp32: seeded MiniLM-L6 and
-#      XLM-R-base shaped models built here (scripts/gpu_reference.py; unit-scale logits, 2e-3 absolute), and
+#      XLM-R-base shaped models built here (scripts/checks/gpu_reference.py; unit-scale logits, 2e-3 absolute), and
 #      the committed tiny fixtures of every architecture (hidden size 32, logits up to 5: 5e-3 of their largest
 #      logit);
 #   3. throughput and latency of the server through gRPC (loadgen), and torch fp16 model-only on the same
 #      shapes and card for the ratio. loadgen builds texts from one-token words of the model's tokenizer, so
 #      "mixed" is 16 query tokens + 32..480 document tokens, and "fixed256" 256 tokens per pair, as in the
 #      torch baseline.
-# usage: scripts/gpu-check.sh [BIN_DIR]   BIN_DIR holds rerank-server, gpu-check and loadgen built with
-#        scripts/build-cuda.sh (default target/release). Needs python3 with torch, transformers and
+# usage: scripts/checks/gpu-check.sh [BIN_DIR]   BIN_DIR holds rerank-server, gpu-check and loadgen built with
+#        scripts/build/build-cuda.sh (default target/release). Needs python3 with torch, transformers and
 #        sentence-transformers. Set SECONDS_PER_RUN to lengthen the load runs (default 15).
-#        The last lines are one table (scripts/gpu_table.py): ours through gRPC, torch fp16 model-only and
+#        The last lines are one table (scripts/checks/gpu_table.py): ours through gRPC, torch fp16 model-only and
 #        CrossEncoder.predict fp16 on text, ratios against the targets, padding ratio, p50/p99 of a single
 #        100-document request, and parity. A dry run of the plumbing on a CPU build (kernels skipped, short runs):
-#        DEVICE=cpu PAIRS=128 SECONDS_PER_RUN=3 scripts/gpu-check.sh target/release
+#        DEVICE=cpu PAIRS=128 SECONDS_PER_RUN=3 scripts/checks/gpu-check.sh target/release
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 BIN=$(realpath "${1:-target/release}")
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK"
@@ -60,7 +60,7 @@ fi
 gpu_check() { if [ "$DEVICE" = cpu ]; then return 0; fi; "$BIN/gpu-check" "$@"; }
 
 echo "== 2. parity"
-"$PYTHON" scripts/gpu_reference.py models "$WORK/models" > "$WORK/reference.log" 2>&1 || { tail -20 "$WORK/reference.log"; failed=1; }
+"$PYTHON" scripts/checks/gpu_reference.py models "$WORK/models" > "$WORK/reference.log" 2>&1 || { tail -20 "$WORK/reference.log"; failed=1; }
 port=50100
 # Every architecture's fixture: the encoders, and the decoder rerankers (raw score = their logit difference).
 for fixture in bert-tiny-1label bert-tiny-2label xlmr-tiny-1label modernbert-tiny-cls modernbert-tiny-mean \
@@ -95,14 +95,14 @@ for model in $MODELS; do
 done
 
 echo "== 3b. torch fp16 baseline"
-"$PYTHON" scripts/gpu_reference.py baseline "$WORK/models" 2>&1 | grep "torch fp16" | tee -a "$SUMMARY"
+"$PYTHON" scripts/checks/gpu_reference.py baseline "$WORK/models" 2>&1 | grep "torch fp16" | tee -a "$SUMMARY"
 echo "== 3c. CrossEncoder.predict fp16 on text"
-"$PYTHON" scripts/gpu_reference.py crossencoder "$WORK/models" 2>&1 | grep "crossencoder" | tee -a "$SUMMARY"
+"$PYTHON" scripts/checks/gpu_reference.py crossencoder "$WORK/models" 2>&1 | grep "crossencoder" | tee -a "$SUMMARY"
 
 echo
 echo "================ summary ================"
 cat "$SUMMARY"
 echo
-"$PYTHON" scripts/gpu_table.py "$WORK" || failed=1
+"$PYTHON" scripts/checks/gpu_table.py "$WORK" || failed=1
 echo "result: $([ $failed = 0 ] && echo PASS || echo FAIL)"
 exit $failed

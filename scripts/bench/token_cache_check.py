@@ -4,30 +4,25 @@ one or more running servers, alternating between them, printing the median token
 reports (usage.tokenize_ns) for the first call and for the repeats, and the total time.
 
     pip install grpcio grpcio-reflection protobuf
-    python3 scripts/token_cache_check.py cache=localhost:50051 nocache=localhost:50052 [--documents 32 --rounds 10]
+    python3 scripts/bench/token_cache_check.py cache=localhost:50051 nocache=localhost:50052 [--documents 32 --rounds 10]
 
 Start one server with the default token_cache_bytes and one with RERANK_TOKEN_CACHE_BYTES=0 for the comparison.
 """
 import argparse
+import pathlib
 import statistics
+import sys
 
-import grpc
-from google.protobuf.descriptor_pool import DescriptorPool
-from google.protobuf.message_factory import GetMessageClass
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lib"))
+from rerank_grpc import Api, connect  # noqa: E402
 
 WORDS = ("the river flows through the old city past the market where people sell bread fish and fruit while "
          "the harbour wall was rebuilt after the storm and visitors came from the north and the south").split()
 
 
 def rerank_call(address):
-    channel = grpc.insecure_channel(address)
-    pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-    method = pool.FindServiceByName("rerank.v1.RerankerService").methods_by_name["Rerank"]
-    request_type, response_type = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
-    call = channel.unary_unary("/rerank.v1.RerankerService/Rerank", request_serializer=request_type.SerializeToString,
-                               response_deserializer=response_type.FromString)
-    return lambda query, docs: call(request_type(query=query, documents=docs)).usage
+    api = Api(connect(address))
+    return lambda query, docs: api.rerank(api.RerankRequest(query=query, documents=docs)).usage
 
 
 def main():

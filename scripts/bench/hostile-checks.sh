@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs each scenario of scripts/hostile_checks.py against a freshly started release server (clean memory
+# Runs each scenario of scripts/bench/hostile_scenarios.py against a freshly started release server (clean memory
 # peaks), with the real-size model where the scenario is about speed and the tiny fixture where it is about a
-# stream's length. usage: scripts/hostile-checks.sh [MINILM_DIR] [BIN_DIR]   (needs grpcio, grpcio-reflection)
+# stream's length. usage: scripts/bench/hostile-checks.sh [MINILM_DIR] [BIN_DIR]   (needs grpcio, grpcio-reflection)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 MINILM=${1:-models/minilm-reranker}
 BIN=${2:-target/release}
 TINY=tests/fixtures/bert-tiny-1label
@@ -18,7 +18,7 @@ run() {
     "$BIN/rerank-server" --model-id "$model" --host 127.0.0.1 --port "$PORT" > /tmp/hostile-server.log 2>&1 &
   local server=$!
   until grep -q "model loaded and warmed up" /tmp/hostile-server.log; do sleep 0.2; done
-  "$PY" scripts/hostile_checks.py --addr "127.0.0.1:$PORT" --pid "$server" --only "$scenario" "$@" || true
+  "$PY" scripts/bench/hostile_scenarios.py --addr "127.0.0.1:$PORT" --pid "$server" --only "$scenario" "$@" || true
   kill "$server"
   wait "$server" 2>/dev/null || true
 }

@@ -3,7 +3,7 @@
 scenario (a measurement script, not a test: nothing is asserted).
 
     pip install grpcio grpcio-reflection protobuf
-    python3 scripts/hostile_checks.py --addr 127.0.0.1:50051 --pid <server pid> [--only NAME ...] [--scale S]
+    python3 scripts/bench/hostile_scenarios.py --addr 127.0.0.1:50051 --pid <server pid> [--only NAME ...] [--scale S]
 
 The message types come from the server's reflection service (no generated code). The server's memory is read
 from /proc/<pid>/status: VmRSS before a scenario and VmHWM after it; the peak is reset before each scenario
@@ -54,9 +54,10 @@ import time
 
 import grpc
 from google.protobuf import text_format
-from google.protobuf.descriptor_pool import DescriptorPool
-from google.protobuf.message_factory import GetMessageClass
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "lib"))
+import rerank_grpc  # noqa: E402
+from rerank_grpc import connect  # noqa: E402
 
 MB = 1024 * 1024
 KB = 1024
@@ -85,53 +86,8 @@ simple early late old young great little good bad right left open close short fu
 """.split()
 
 
-def connect(address, extra_options=()):
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS + list(extra_options))
-    grpc.channel_ready_future(channel).result(timeout=30)
-    return channel
-
-
-class Api:
-    """Message classes (from reflection) and the Reranker's methods on one channel."""
-
-    def __init__(self, channel, types=None):
-        if types is None:
-            pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-            service = pool.FindServiceByName("rerank.v1.RerankerService")
-            types = {}
-            for name in ("Rerank", "RerankStream", "Info"):
-                method = service.methods_by_name[name]
-                types[name] = (GetMessageClass(method.input_type), GetMessageClass(method.output_type))
-            start_field = types["RerankStream"][0].DESCRIPTOR.fields_by_name["start"]
-            docs_field = types["RerankStream"][0].DESCRIPTOR.fields_by_name["documents"]
-            types["RerankStart"] = GetMessageClass(start_field.message_type)
-            types["DocumentChunk"] = GetMessageClass(docs_field.message_type)
-        self.types = types
-        self.RerankRequest, rerank_response = types["Rerank"]
-        self.StreamRequest, stream_response = types["RerankStream"]
-        self.InfoRequest, info_response = types["Info"]
-        self.RerankStart, self.DocumentChunk = types["RerankStart"], types["DocumentChunk"]
-        self.rerank = channel.unary_unary(
-            "/rerank.v1.RerankerService/Rerank",
-            request_serializer=self.RerankRequest.SerializeToString,
-            response_deserializer=rerank_response.FromString,
-        )
-        # Takes an already serialized RerankRequest (bytes): one serialization for many identical calls.
-        self.rerank_raw = channel.unary_unary(
-            "/rerank.v1.RerankerService/Rerank",
-            request_serializer=None,
-            response_deserializer=rerank_response.FromString,
-        )
-        self.rerank_stream = channel.stream_stream(
-            "/rerank.v1.RerankerService/RerankStream",
-            request_serializer=self.StreamRequest.SerializeToString,
-            response_deserializer=stream_response.FromString,
-        )
-        self.info = channel.unary_unary(
-            "/rerank.v1.RerankerService/Info",
-            request_serializer=self.InfoRequest.SerializeToString,
-            response_deserializer=info_response.FromString,
-        )
+class Api(rerank_grpc.Api):
+    """The shared client (scripts/lib/rerank_grpc.py), with the server's stats from Info."""
 
     def stats(self):
         return self.info(self.InfoRequest(), timeout=30).stats

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Peak resident memory of the server across one RerankStream of N documents (return_documents off), for the
 # bounded-memory check: run with 10000 and 100000 and compare.
-# usage: scripts/stream-memory.sh N [MODEL_DIR] [BIN_DIR]
+# usage: scripts/bench/stream-memory.sh N [MODEL_DIR] [BIN_DIR]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 N=${1:?documents}
 MODEL=${2:-tests/fixtures/bert-tiny-1label}
 BIN=${3:-target/release}

@@ -3,7 +3,7 @@
 on identical (query, document) pairs in one process; prints pairs/s, the ratios and the largest score
 differences from the reference fp32.
 
-    python3 scripts/decoder_vs_transformers.py --model models/qwen3-0.6b-reranker --server fp32=127.0.0.1:50081 \
+    python3 scripts/bench/decoder_vs_transformers.py --model models/qwen3-0.6b-reranker --server fp32=127.0.0.1:50081 \
         [--server bf16=127.0.0.1:50082] [--rounds 2] [--requests 2 --documents 8]
 
 The pairs: `--requests` queries of 16 words, each with `--documents` documents of 32..480 words, drawn from the
@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cpu_vs_crossencoder import Server, max_diff  # noqa: E402
+from side_by_side import Server, max_diff  # noqa: E402
 
 PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
           "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")

@@ -4,7 +4,7 @@ so both see the same machine state: latency (p50/p99) of a small request (what t
 100-document request (where the model dominates), and whether every transport returns identical scores.
 
     pip install grpcio grpcio-reflection protobuf
-    python3 scripts/http_vs_grpc.py localhost:50051 [ROUNDS]
+    python3 scripts/bench/http_vs_grpc.py localhost:50051 [ROUNDS]
 """
 import http.client
 import json
@@ -12,10 +12,10 @@ import statistics
 import sys
 import time
 
-import grpc
-from google.protobuf.descriptor_pool import DescriptorPool
-from google.protobuf.message_factory import GetMessageClass
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+import pathlib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lib"))
+from rerank_grpc import Api, connect  # noqa: E402
 
 WORDS = ("the river flows through the old city past the market where people sell bread fish and fruit "
          "while the harbour wall was rebuilt after the storm").split()
@@ -26,16 +26,10 @@ def documents(count):
 
 
 def grpc_call(address):
-    channel = grpc.insecure_channel(address)
-    pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-    method = pool.FindServiceByName("rerank.v1.RerankerService").methods_by_name["Rerank"]
-    request_type, response_type = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
-    rerank = channel.unary_unary("/rerank.v1.RerankerService/Rerank",
-                                 request_serializer=request_type.SerializeToString,
-                                 response_deserializer=response_type.FromString)
+    api = Api(connect(address))
 
     def call(query, docs):
-        response = rerank(request_type(query=query, documents=docs))
+        response = api.rerank(api.RerankRequest(query=query, documents=docs))
         return [(r.index, r.score) for r in response.results]
     return call
 

@@ -2,7 +2,7 @@
 """Times sentence-transformers' CrossEncoder (torch fp32 and bf16) and running rerank-server(s) on identical
 (query, document) pairs in one process, and prints pairs/s, the ratios and the largest score differences.
 
-    python3 scripts/cpu_vs_crossencoder.py --model models/minilm-reranker --server fp32=127.0.0.1:50051 \
+    python3 scripts/bench/side_by_side.py --model models/minilm-reranker --server fp32=127.0.0.1:50051 \
         [--server bf16=127.0.0.1:50052] [--rounds 3]
 
 The pairs: `--requests` queries of 16 words, each with `--documents` documents of 32..480 words drawn from the
@@ -16,14 +16,15 @@ import pathlib
 import random
 import statistics
 import threading
+import sys
 import time
 
 import grpc
 import torch
-from google.protobuf.descriptor_pool import DescriptorPool
-from google.protobuf.message_factory import GetMessageClass
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from sentence_transformers import CrossEncoder
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "lib"))
+from rerank_grpc import Api, connect  # noqa: E402
 
 WORDS_FALLBACK = "market river city bread fish fruit people sell old new north south trade history bridge".split()
 
@@ -49,21 +50,10 @@ class Server:
     """A rerank-server reached through gRPC reflection (no generated stubs)."""
 
     def __init__(self, address: str):
-        channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
-        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-        method = pool.FindServiceByName("rerank.v1.RerankerService").methods_by_name["Rerank"]
-        self.request_type = GetMessageClass(method.input_type)
-        response_type = GetMessageClass(method.output_type)
-        self.rerank = channel.unary_unary("/rerank.v1.RerankerService/Rerank",
-                                          request_serializer=self.request_type.SerializeToString,
-                                          response_deserializer=response_type.FromString)
+        self.api = Api(connect(address))
 
     def scores(self, query: str, documents: list) -> list:
-        response = self.rerank(self.request_type(query=query, documents=documents), timeout=600)
-        scores = [0.0] * len(documents)
-        for result in response.results:
-            scores[result.index] = result.score
-        return scores
+        return self.api.scores(query, documents, timeout=600)
 
     def run(self, requests: list, clients: int) -> tuple:
         """Sends every request from `clients` threads; returns (seconds, scores per request)."""
@@ -128,7 +118,7 @@ def main():
     if json.loads((args.model / "config.json").read_text()).get("model_type") == "new":
         # GTE multilingual's architecture is remote code on the Hub: CrossEncoder loads the written-out copy.
         import sys
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "fixtures"))
         import gte_reference
         gte_reference.register()
     requests = make_requests(vocabulary_words(args.model), args.requests, args.documents, args.seed)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Reference side of scripts/gpu-check.sh, run on the GPU machine with torch, transformers and
+"""Reference side of scripts/checks/gpu-check.sh, run on the GPU machine with torch, transformers and
 sentence-transformers:
 
-    python3 scripts/gpu_reference.py models OUT      # seeded real-shape models + reference logits (fp32)
-    python3 scripts/gpu_reference.py baseline OUT    # torch fp16 model-only throughput on the same shapes
-    python3 scripts/gpu_reference.py crossencoder OUT  # CrossEncoder.predict fp16 on text, the same workloads
+    python3 scripts/checks/gpu_reference.py models OUT      # seeded real-shape models + reference logits (fp32)
+    python3 scripts/checks/gpu_reference.py baseline OUT    # torch fp16 model-only throughput on the same shapes
+    python3 scripts/checks/gpu_reference.py crossencoder OUT  # CrossEncoder.predict fp16 on text, the same workloads
 
 DEVICE (default cuda), PAIRS (default 4096) and MODELS (default "minilm xlmr-base") may be set for a dry run
 of the plumbing on a CPU.
@@ -27,7 +27,7 @@ from sentence_transformers import CrossEncoder
 from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
                           XLMRobertaConfig, XLMRobertaForSequenceClassification)
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEVICE = os.environ.get("DEVICE", "cuda")
 PAIRS = int(os.environ.get("PAIRS", "4096"))
 MODELS = os.environ.get("MODELS", "minilm xlmr-base").split()

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Calls a running rerank-server's HTTP endpoints through the real client libraries (Cohere SDK v2 and v1,
 # LangChain's CohereRerank, LlamaIndex's Text Embeddings Inference reranker) and checks that they agree.
-#   scripts/http-clients.sh [URL]     (URL defaults to http://127.0.0.1:50051; VENV=.venv-clients)
-#   RERANK_API_KEY=secret RERANK_MODEL=name scripts/http-clients.sh http://127.0.0.1:50051
+#   scripts/checks/http-clients.sh [URL]     (URL defaults to http://127.0.0.1:50051; VENV=.venv-clients)
+#   RERANK_API_KEY=secret RERANK_MODEL=name scripts/checks/http-clients.sh http://127.0.0.1:50051
 # Needs Python 3.11+ with pip (langchain-core 1.x requires it) and access to PyPI the first time.
 # Exits non-zero when a client fails or the clients disagree on order or scores.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv-clients}
 URL=${1:-http://127.0.0.1:50051}
 # The versions these endpoints were checked against; the two cores are pinned so the set stays reproducible.
@@ -16,4 +16,4 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/pip" freeze 2>/dev/null | grep -q
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "${PACKAGES[@]}"
 fi
-exec "$VENV/bin/python" scripts/http_clients.py "$URL"
+exec "$VENV/bin/python" scripts/checks/http_client_matrix.py "$URL"

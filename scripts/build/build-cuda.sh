@@ -6,7 +6,7 @@
 # Without one, on a machine with no GPU: set CUDA_TOOLCHAIN=/path/to/toolchain.sh, a script that installs a
 # CUDA 13.0 toolchain from PyPI wheels with a libcuda link stub and exports CUDA_ROOT/PATH; it is sourced first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 if [ -n "${CUDA_TOOLCHAIN:-}" ]; then
   cargo fetch >/dev/null  # the libcuda stub is generated from cudarc's sources
