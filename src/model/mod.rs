@@ -4,6 +4,7 @@ pub mod architectures;
 pub mod hf_config;
 pub mod ops;
 pub mod prefix_cache;
+pub mod prefix_reuse;
 pub mod registry;
 pub mod scoring;
 

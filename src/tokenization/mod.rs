@@ -16,6 +16,7 @@ mod chunks;
 mod fast_path;
 mod lengths;
 mod prompt;
+pub mod templates;
 mod unigram;
 mod workers;
 use cache::DocumentCache;

@@ -3,12 +3,15 @@
 
 pub mod bert;
 pub mod deberta;
+pub mod decoder;
 pub mod decoder_rerankers;
 pub mod electra;
 mod encoder;
+pub mod gemma;
 pub mod gte;
 pub mod modernbert;
-pub mod qwen;
+pub mod qwen2;
+pub mod qwen3;
 pub mod xlm_roberta;
 
 use super::build_own;
@@ -26,13 +29,10 @@ pub static ARCHITECTURES: &[Architecture] = &[
         build_own::<modernbert::ModernBert>,
     ),
     row(gte::ARCHITECTURE, build_own::<gte::Gte>),
-    row(decoder_rerankers::CAUSAL_LM, decoder_rerankers::build),
-    row(
-        decoder_rerankers::SEQUENCE_CLASSIFICATION,
-        decoder_rerankers::build,
-    ),
-    row(decoder_rerankers::QWEN2_CAUSAL_LM, decoder_rerankers::build),
-    row(decoder_rerankers::GEMMA_CAUSAL_LM, decoder_rerankers::build),
+    row(qwen3::CAUSAL_LM, qwen3::build),
+    row(qwen3::SEQUENCE_CLASSIFICATION, qwen3::build_converted),
+    row(qwen2::CAUSAL_LM, qwen2::build),
+    row(gemma::CAUSAL_LM, gemma::build),
 ];
 
 const fn row(name: &'static str, build: super::registry::Builder) -> Architecture {

@@ -1,17 +1,19 @@
-//! The Qwen2/Qwen3 decoder as a reranker: RMSNorm, rotary positions, grouped-query causal attention (q/k norms in
-//! Qwen3, q/k/v biases in Qwen2), SwiGLU, over packed sequences; the score is one row of the output projection at
-//! each sequence's last token (see `decoder_rerankers.rs` for which row and which prompt).
+//! The decoder body the LLM rerankers share (Qwen2, Qwen3, Gemma: `qwen2.rs`, `qwen3.rs`, `gemma.rs` say which
+//! variant and which score): RMSNorm, rotary positions, grouped-query causal attention, a gated MLP, over packed
+//! sequences; the score is one row of the output projection at each sequence's last token. Prompt prefixes are
+//! reused across pairs by wrapping it in `PrefixReuse`.
 
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
 use crate::model::ops::{self, Bias, FeedForwardActivation, Linear, RmsNorm, Target, Weights};
-use crate::model::prefix_cache::{self, KeysValues, PrefixCache, PrefixCacheStats, MIN_PREFIX};
-use crate::model::{CrossEncoder, PackedBatch};
+use crate::model::prefix_cache::KeysValues;
+use crate::model::prefix_reuse::PrefixRun;
+use crate::model::PackedBatch;
 
-/// The fields of a Qwen3 `config.json` the decoder needs, as transformers writes them (v4 and v5).
+/// The fields of a decoder `config.json` (Qwen2, Qwen3, Gemma) the decoder needs, as transformers writes them (v4 and v5).
 #[derive(Debug, Clone, Deserialize)]
-pub struct Qwen3Config {
+pub struct DecoderConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -54,7 +56,7 @@ fn default_act() -> String {
     "silu".into()
 }
 
-impl Qwen3Config {
+impl DecoderConfig {
     fn mlp_activation(&self) -> &str {
         self.hidden_activation
             .as_deref()
@@ -116,7 +118,7 @@ struct Layer {
 }
 
 /// The decoder and a one-row head: the score of a sequence is head · final_norm(h_last).
-pub struct Qwen3Reranker {
+pub struct Decoder {
     embeddings: Tensor,
     layers: Vec<Layer>,
     final_norm: RmsNorm,
@@ -130,20 +132,19 @@ pub struct Qwen3Reranker {
     activation: FeedForwardActivation,
     /// Gemma scales embeddings by √hidden.
     embedding_scale: Option<f64>,
-    /// Prompt prefixes computed by earlier batches (see `prefix_cache`).
-    prefix_cache: PrefixCache,
-    /// The most leading tokens of one sequence the cache keeps.
-    cacheable_tokens: usize,
+    /// Bytes of one token's keys and values over all layers (fp32).
+    kv_bytes_per_token: usize,
     target: Target,
 }
 
-/// The decoder generation: Qwen2 has q/k/v biases and no q/k norms, Qwen3 the other way round; Gemma has
-/// neither, norms that scale by 1 + weight, and embeddings scaled by √hidden.
+/// Where the decoder generations differ, each set by its file: Qwen2 has q/k/v biases and no q/k norms, Qwen3
+/// the other way round; Gemma has neither, norms that scale by 1 + weight, and embeddings scaled by √hidden.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Qwen2,
-    Qwen3,
-    Gemma,
+pub struct Variant {
+    pub qkv_bias: bool,
+    pub qk_norms: bool,
+    pub norms_plus_one: bool,
+    pub scaled_embeddings: bool,
 }
 
 /// Which row(s) of the output projection make the score.
@@ -157,23 +158,23 @@ pub enum ScoreHead {
     Stored,
 }
 
-impl Qwen3Reranker {
+impl Decoder {
     pub fn load(
         vb: Weights,
-        config: &Qwen3Config,
-        family: Family,
+        config: &DecoderConfig,
+        variant: Variant,
         head: ScoreHead,
     ) -> Result<Self> {
         let body = vb.pp("model");
         let (h, head_dim) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
         let eps = config.rms_norm_eps;
-        let norm = |vb: Weights, dim: usize| vb.rms_norm(dim, eps, family == Family::Gemma);
+        let norm = |vb: Weights, dim: usize| vb.rms_norm(dim, eps, variant.norms_plus_one);
         let embeddings = body
             .pp("embed_tokens")
             .tensor((config.vocab_size, h), "weight")?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| load_layer(&body.pp("layers").pp(i), config, family, norm))
+            .map(|i| load_layer(&body.pp("layers").pp(i), config, variant, norm))
             .collect::<Result<Vec<_>>>()?;
         let head = match head {
             ScoreHead::Stored => vb.pp("score").fp32_tensor((1, h), "weight")?,
@@ -204,12 +205,8 @@ impl Qwen3Reranker {
             activation: FeedForwardActivation::from_config(config.mlp_activation()).ok_or_else(
                 || candle_core::Error::Msg(format!("activation {:?}", config.mlp_activation())),
             )?,
-            embedding_scale: (family == Family::Gemma).then(|| (h as f64).sqrt()),
-            prefix_cache: PrefixCache::new(prefix_cache::DEFAULT_BUDGET),
-            cacheable_tokens: PrefixCache::new(prefix_cache::DEFAULT_BUDGET).tokens_within(
-                // fp32 keys and values of every layer.
-                config.num_hidden_layers * 2 * kv_heads * head_dim * 4,
-            ),
+            embedding_scale: variant.scaled_embeddings.then(|| (h as f64).sqrt()),
+            kv_bytes_per_token: config.num_hidden_layers * 2 * kv_heads * head_dim * 4,
             target: vb.target(),
         })
     }
@@ -256,6 +253,12 @@ impl Qwen3Reranker {
         let gated = ops::gated_activation(&gate_up, ops::ActivatedHalf::First, self.activation)?;
         let x = (x + ops::residual(&ops::linear(&layer.down, &gated)?)?)?;
         Ok((x, (k, v)))
+    }
+}
+
+impl PrefixRun for Decoder {
+    fn kv_bytes_per_token(&self) -> usize {
+        self.kv_bytes_per_token
     }
 
     /// The layers over `batch`, whose sequences sit at positions `offset..` after the cached keys and values of
@@ -316,28 +319,11 @@ impl Qwen3Reranker {
     }
 }
 
-impl Qwen3Reranker {
-    /// A cached run `ids` start with; a cache that fails (a device out of memory) costs only the reuse.
-    fn lookup(&self, ids: &[u32]) -> Option<(usize, Vec<KeysValues>)> {
-        self.prefix_cache.lookup(ids).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "prefix cache lookup failed; computing the whole prompt");
-            None
-        })
-    }
-
-    /// Keeps a computed run for later batches; a failure to keep it costs only the reuse.
-    fn keep(&self, ids: &[u32], layers: Vec<KeysValues>) {
-        if let Err(e) = self.prefix_cache.insert(ids, layers, false) {
-            tracing::warn!(error = %e, "prefix cache insert failed");
-        }
-    }
-}
-
 /// One decoder layer's weights, `model.layers.{i}`; Q, K and V fused, gate and up fused.
 fn load_layer(
     layer: &Weights,
-    config: &Qwen3Config,
-    family: Family,
+    config: &DecoderConfig,
+    variant: Variant,
     norm: impl Fn(Weights, usize) -> Result<RmsNorm>,
 ) -> Result<Layer> {
     let (h, head_dim, inner) = (
@@ -347,7 +333,7 @@ fn load_layer(
     );
     let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
     let (attn, mlp) = (layer.pp("self_attn"), layer.pp("mlp"));
-    let qkv_bias = match family == Family::Qwen2 || config.attention_bias {
+    let qkv_bias = match variant.qkv_bias || config.attention_bias {
         true => Bias::Stored,
         false => Bias::None,
     };
@@ -360,124 +346,16 @@ fn load_layer(
     Ok(Layer {
         input_norm: norm(layer.pp("input_layernorm"), h)?,
         qkv: attn.fused_linear(&qkv, h, qkv_bias)?,
-        qk_norms: match family {
-            Family::Qwen3 => Some((
+        qk_norms: match variant.qk_norms {
+            true => Some((
                 attn.pp("q_norm").rms_norm(head_dim, eps, false)?,
                 attn.pp("k_norm").rms_norm(head_dim, eps, false)?,
             )),
-            Family::Qwen2 | Family::Gemma => None,
+            false => None,
         },
         o: attn.pp("o_proj").linear(heads * head_dim, h, Bias::None)?,
         post_norm: norm(layer.pp("post_attention_layernorm"), h)?,
         gate_up: mlp.fused_linear(&[("gate_proj", inner), ("up_proj", inner)], h, Bias::None)?,
         down: mlp.pp("down_proj").linear(inner, h, Bias::None)?,
     })
-}
-
-/// The longest run of leading tokens every sequence of the batch shares, keeping at least one token of each
-/// sequence apart (its last token gives its score); for one sequence, all but its last token.
-fn common_run(batch: &PackedBatch) -> usize {
-    let mut rows = batch.rows().map(|(ids, _)| ids);
-    let Some(first) = rows.next() else {
-        return 0;
-    };
-    rows.fold(first.len().saturating_sub(1), |shared, ids| {
-        let common = first.iter().zip(ids).take_while(|(a, b)| a == b).count();
-        shared.min(common).min(ids.len().saturating_sub(1))
-    })
-}
-
-impl CrossEncoder for Qwen3Reranker {
-    /// The leading tokens every pair of the batch shares (the prompt, the instruction, usually the query) are
-    /// computed once, or taken from an earlier batch that computed them (the prefix cache), and each pair's own
-    /// tokens attend to their keys and values: causal attention makes the result the same as computing every
-    /// pair whole. What a batch computes from the start is kept for the batches after it.
-    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let shared = common_run(batch);
-        let (first, first_types) = batch.rows().next().unwrap_or((&[], &[]));
-        // What is worth keeping for the request's other pairs: the first segment (prompt, instruction, query) where
-        // the tokenizer marks it with type id 1, else the whole first sequence.
-        let segment = first_types.iter().take_while(|&&t| t == 1).count();
-        let worth_keeping = match segment >= MIN_PREFIX {
-            true => segment,
-            false => first.len(),
-        }
-        .min(self.cacheable_tokens);
-        let cached = match shared >= MIN_PREFIX {
-            true => self.lookup(&first[..shared]),
-            false => None,
-        };
-        let scores = match cached {
-            // Pairs that share more than was cached (a new query after a cached prompt): that part once, kept.
-            Some((len, kvs)) if batch.size() > 1 && shared > len => {
-                let (part, _) = split_prefix(&split_prefix(batch, len).1, shared - len);
-                let (_, more) = self.run(&part, len, Some(&kvs), (false, shared - len))?;
-                let longer = extend(&kvs, &more)?;
-                self.keep(&first[..shared], longer.clone());
-                let (_, suffixes) = split_prefix(batch, shared);
-                self.run(&suffixes, shared, Some(&longer), (true, 0))?.0
-            }
-            Some((len, kvs)) => {
-                // One pair: what it computes after the cached run is kept as far as the cache takes it.
-                let capture = shared.min(worth_keeping).saturating_sub(len);
-                let (_, suffixes) = split_prefix(batch, len);
-                let (scores, own) = self.run(&suffixes, len, Some(&kvs), (true, capture))?;
-                if capture > 0 {
-                    self.keep(&first[..len + capture], extend(&kvs, &own)?);
-                }
-                scores
-            }
-            None if shared >= MIN_PREFIX && batch.size() > 1 => {
-                let (prefix, suffixes) = split_prefix(batch, shared);
-                let (_, kvs) = self.run(&prefix, 0, None, (false, shared))?;
-                self.keep(&prefix.input_ids, kvs.clone());
-                self.run(&suffixes, shared, Some(&kvs), (true, 0))?.0
-            }
-            None => {
-                // Another batch of the same request will share this pair's prompt.
-                let capture = match worth_keeping >= MIN_PREFIX {
-                    true => worth_keeping,
-                    false => 0,
-                };
-                let (scores, kvs) = self.run(batch, 0, None, (true, capture))?;
-                if capture > 0 {
-                    self.keep(&first[..capture], kvs);
-                }
-                scores
-            }
-        };
-        scores.ok_or_else(|| candle_core::Error::Msg("no scores from the decoder".into()))
-    }
-
-    fn clear_prefix_cache(&self) {
-        self.prefix_cache.clear();
-    }
-
-    fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
-        Some(self.prefix_cache.stats())
-    }
-}
-
-/// Each layer's cached keys and values followed by those computed after them.
-fn extend(cached: &[KeysValues], computed: &[KeysValues]) -> Result<Vec<KeysValues>> {
-    cached
-        .iter()
-        .zip(computed)
-        .map(|((ck, cv), (k, v))| Ok((Tensor::cat(&[ck, k], 0)?, Tensor::cat(&[cv, v], 0)?)))
-        .collect()
-}
-
-/// The shared prefix as a batch of one sequence, and every sequence's tokens after it.
-fn split_prefix(batch: &PackedBatch, shared: usize) -> (PackedBatch, PackedBatch) {
-    let rows: Vec<(&[u32], &[u32])> = batch.rows().collect();
-    let prefix = PackedBatch::from_sequences(
-        rows.iter()
-            .take(1)
-            .map(|(ids, types)| (&ids[..shared], &types[..shared])),
-    );
-    let suffixes = PackedBatch::from_sequences(
-        rows.iter()
-            .map(|(ids, types)| (&ids[shared..], &types[shared..])),
-    );
-    (prefix, suffixes)
 }

@@ -1,0 +1,55 @@
+//! bge-reranker-v2-gemma (BAAI/bge-reranker-v2-gemma): the Gemma decoder (norms scaling by 1 + weight, embeddings
+//! scaled by √hidden, no q/k/v biases or q/k norms) scored by logit("Yes") at the last token of FlagEmbedding's
+//! LLM reranker prompt, with FlagEmbedding's default limits unless max_length is configured.
+
+use super::decoder::{ScoreHead, Variant};
+use super::decoder_rerankers::{self, first_token_id, token_count, Reranker};
+use crate::error::StartupError;
+use crate::model::ops::Weights;
+use crate::model::scoring::{Activation, Scoring};
+use crate::model::{Built, ModelSource};
+use crate::tokenization::templates::bge_reranker_gemma_prompt;
+use crate::tokenization::PromptLayout;
+
+pub const CAUSAL_LM: &str = "GemmaForCausalLM";
+
+pub const VARIANT: Variant = Variant {
+    qkv_bias: false,
+    qk_norms: false,
+    norms_plus_one: true,
+    scaled_embeddings: true,
+};
+
+/// The registry's builder: FlagEmbedding scores the logit of the first token of "Yes" alone.
+pub fn build(source: &ModelSource, weights: Weights) -> Result<Built, StartupError> {
+    let dir = source.dir.as_path();
+    let reranker = Reranker {
+        variant: VARIANT,
+        head: ScoreHead::TokenLogits {
+            positive: first_token_id(dir, "Yes")?,
+            negative: None,
+        },
+        scoring: Scoring::SingleLogit(Activation::Sigmoid),
+        prompt: bge_reranker_gemma_prompt(),
+        default_max_length: flag_default_max_length(dir)?,
+    };
+    decoder_rerankers::build(source, weights, reranker)
+}
+
+/// FlagEmbedding's LLM reranker default `max_length`: the query keeps at most 3/4 of it, the passage at most all
+/// of it, and the prompt's separator and question come on top (see `PromptLayout::Flag`).
+const FLAG_MAX_LENGTH: usize = 512;
+
+/// Our whole-pair max_length that gives FlagEmbedding's default limits: its 512 for query (3/4) and passage, plus
+/// twice the separator and question tokens (S), since our query and document limits leave 2·S of max_length
+/// (see `PromptLayout::Flag`). S is counted with the model's own tokenizer.
+fn flag_default_max_length(dir: &std::path::Path) -> Result<usize, StartupError> {
+    let PromptLayout::Flag {
+        separator, task, ..
+    } = bge_reranker_gemma_prompt().layout
+    else {
+        return Ok(FLAG_MAX_LENGTH);
+    };
+    let suffix = token_count(dir, &separator)? + token_count(dir, &task)?;
+    Ok(FLAG_MAX_LENGTH + 2 * suffix)
+}
