@@ -1,107 +1,14 @@
-//! The device operations every encoder architecture is built from (GEMM, fused bias/activation, residual LayerNorm,
-//! attention over packed sequences, embeddings). Architectures call only these, so a device backend can replace each one.
+//! The device operations every architecture is built from, one module per op, each owning its device dispatch
+//! (CUDA kernel, else CPU kernel, else candle's composed ops) and returning `Result`: `linear` (GEMMs and their
+//! fused epilogues), `norm` (LayerNorm, RMSNorm), `activation` (bias + activation, GLU), `embedding`,
+//! `attention` (bidirectional, windowed, causal; `sequences` the packed layout and padded form), `disentangled`
+//! (DeBERTa), `rotary`; `weights` makes the load-time device and precision choices. Architectures call only these.
 //!
 //! Precision: GEMM weights and activations are in the model dtype (fp16 on GPUs), while LayerNorm parameters and
 //! outputs (the residual stream) and the classification head stay fp32. Rounding the residual stream to fp16
 //! after every sublayer is what moves half-precision scores furthest from an fp32 reference.
 
 use candle_core::{DType, Result, Tensor};
-
-/// A dense layer y = x·Wᵀ (+ b), W stored [out, in] as in the checkpoints.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-    /// The weight as bf16 AMX tile panels, when the CPU runs this layer's GEMM in bf16 (`GemmPrecision`).
-    bf16_tiles: Option<std::sync::Arc<cpu::amx::PackedWeight>>,
-}
-
-/// How the CPU computes the GEMMs of the encoder layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GemmPrecision {
-    /// In the weights' dtype (fp32 on the CPU unless configured otherwise).
-    Weights,
-    /// bf16 products with fp32 sums on AMX tiles; everything else stays fp32.
-    Bf16Tiles,
-}
-
-/// Whether this CPU can run GEMMs in bf16 on AMX tiles.
-pub fn cpu_has_bf16_tiles() -> bool {
-    cpu::amx::available()
-}
-
-impl Linear {
-    pub fn from_parts(weight: Tensor, bias: Tensor) -> Self {
-        Self {
-            weight,
-            bias,
-            bf16_tiles: None,
-        }
-    }
-
-    /// The layer with its GEMM in `precision`: for `Bf16Tiles`, an f32 CPU weight is packed into AMX tile
-    /// panels (left as it is where the CPU lacks AMX).
-    pub fn with_precision(mut self, precision: GemmPrecision) -> Result<Self> {
-        if precision == GemmPrecision::Bf16Tiles && cpu::amx::available() {
-            let (n, k) = self.weight.dims2()?;
-            let values: Vec<f32> = self.weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            self.bf16_tiles = cpu::amx::PackedWeight::pack(&values, n, k).map(std::sync::Arc::new);
-        }
-        Ok(self)
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    /// Stacks layers that read the same input into one wider layer (e.g. Q, K and V into one GEMM).
-    pub fn concat(parts: &[Linear]) -> Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
-        let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
-        Ok(Self::from_parts(
-            Tensor::cat(&weights, 0)?,
-            Tensor::cat(&biases, 0)?,
-        ))
-    }
-
-    pub fn bias(&self) -> &Tensor {
-        &self.bias
-    }
-
-    /// x·Wᵀ without the bias, for callers that fuse the bias into the next operation. x: [rows, in].
-    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)
-    }
-
-    /// x·Wᵀ + b. x: [rows, in].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.matmul(x)?.broadcast_add(&self.bias)
-    }
-}
-
-/// LayerNorm over the last dimension.
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    pub fn new(weight: Tensor, bias: Tensor, eps: f32) -> Self {
-        Self { weight, bias, eps }
-    }
-
-    /// LayerNorm in fp32, whatever the dtype of `x`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(
-            &x.to_dtype(DType::F32)?.contiguous()?,
-            &self.weight.to_dtype(DType::F32)?,
-            &self.bias.to_dtype(DType::F32)?,
-            self.eps,
-        )
-    }
-}
 
 /// The hidden state between sublayers: the fp32 residual stream, and the same values in the model dtype as the
 /// input of the next GEMM (one tensor twice when the model is fp32).
@@ -126,185 +33,30 @@ impl Hidden {
     }
 }
 
-/// The feed-forward activation named by `hidden_act` in config.json.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FeedForwardActivation {
-    /// Exact GELU, 0.5·x·(1 + erf(x/√2)): transformers' "gelu".
-    GeluErf,
-    /// The tanh approximation: "gelu_new", "gelu_pytorch_tanh".
-    GeluTanh,
-    Relu,
-    /// x·sigmoid(x): "silu" / "swish" (the gate of SwiGLU).
-    Silu,
-}
-
-impl FeedForwardActivation {
-    pub fn from_config(name: &str) -> Option<Self> {
-        match name {
-            "gelu" => Some(Self::GeluErf),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
-            "relu" => Some(Self::Relu),
-            "silu" | "swish" => Some(Self::Silu),
-            _ => None,
-        }
-    }
-
-    /// act(x) elementwise, in candle's device-generic ops.
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::GeluErf => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-            Self::Relu => x.relu(),
-            Self::Silu => candle_nn::ops::silu(x),
-        }
-    }
-}
-
-/// act(x + bias), the first feed-forward projection's epilogue. x: [rows, n], bias: [n].
-pub fn bias_activation(
-    x: &Tensor,
-    bias: &Tensor,
-    activation: FeedForwardActivation,
-) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() {
-        return cuda::bias_activation(x, bias, activation);
-    }
-    if let Some(result) = cpu::bias_activation(x, bias, activation) {
-        return result;
-    }
-    let x = x.broadcast_add(bias)?;
-    match activation {
-        FeedForwardActivation::GeluErf => x.gelu_erf(),
-        FeedForwardActivation::GeluTanh => x.gelu(),
-        FeedForwardActivation::Relu => x.relu(),
-        FeedForwardActivation::Silu => candle_nn::ops::silu(&x),
-    }
-}
-
-/// LayerNorm(x + bias + residual): a sublayer's output projection epilogue in post-LN encoders. x: [rows, n] and
-/// bias: [n] in the model dtype (a GEMM's output and bias); residual: [rows, n] fp32. The result's `input` has
-/// the dtype of x.
-pub fn add_bias_layer_norm(
-    x: &Tensor,
-    bias: &Tensor,
-    residual: &Tensor,
-    norm: &LayerNorm,
-) -> Result<Hidden> {
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() {
-        if let Some(hidden) = cuda::add_bias_layer_norm(x, bias, residual, norm) {
-            return hidden;
-        }
-    }
-    let residual = match cpu::add_bias_layer_norm(x, bias, residual, norm) {
-        Some(result) => result?,
-        None => norm.forward(
-            &x.to_dtype(DType::F32)?
-                .broadcast_add(&bias.to_dtype(DType::F32)?)?
-                .add(&residual.to_dtype(DType::F32)?)?,
-        )?,
-    };
-    Hidden::from_residual(residual, x.dtype())
-}
-
-/// Sum of the word, position and token-type embeddings of each token, then LayerNorm. All id tensors: [tokens].
-/// The result's `input` has the dtype of the tables.
-pub fn embed(
-    tables: &EmbeddingTables,
-    input_ids: &Tensor,
-    position_ids: &Tensor,
-    type_ids: Option<&Tensor>,
-    norm: &LayerNorm,
-) -> Result<Hidden> {
-    #[cfg(feature = "cuda")]
-    if let (true, Some(type_ids)) = (input_ids.device().is_cuda(), type_ids) {
-        if let Some(hidden) = cuda::embed(tables, input_ids, position_ids, type_ids, norm) {
-            return hidden;
-        }
-    }
-    let as_f32 = |t: Tensor| t.to_dtype(DType::F32);
-    let mut sum = as_f32(tables.word.index_select(input_ids, 0)?)?
-        .add(&as_f32(tables.position.index_select(position_ids, 0)?)?)?;
-    if let (Some(table), Some(ids)) = (&tables.token_type, type_ids) {
-        sum = sum.add(&as_f32(table.index_select(ids, 0)?)?)?;
-    }
-    Hidden::from_residual(norm.forward(&sum)?, tables.word.dtype())
-}
-
-/// The embedding matrices of an encoder, [rows, hidden] each.
-#[derive(Debug, Clone)]
-pub struct EmbeddingTables {
-    pub word: Tensor,
-    pub position: Tensor,
-    pub token_type: Option<Tensor>,
-}
-
-/// act(x·Wᵀ + b): a feed-forward block's first projection. x: [rows, in] in the model dtype.
-pub fn linear_activation(
-    layer: &Linear,
-    x: &Tensor,
-    activation: FeedForwardActivation,
-) -> Result<Tensor> {
-    if let Some(result) = cpu::linear_activation(layer, x, activation) {
-        return result;
-    }
-    bias_activation(&layer.matmul(x)?, layer.bias(), activation)
-}
-
-/// LayerNorm(x·Wᵀ + b + residual): a sublayer's output projection in post-LN encoders, with the fp32 residual.
-pub fn linear_residual_norm(
-    layer: &Linear,
-    x: &Tensor,
-    residual: &Tensor,
-    norm: &LayerNorm,
-) -> Result<Hidden> {
-    if let Some(result) = cpu::linear_residual_norm(layer, x, residual, norm) {
-        return Hidden::from_residual(result?, x.dtype());
-    }
-    add_bias_layer_norm(&layer.matmul(x)?, layer.bias(), residual, norm)
-}
-
-/// Multi-head self-attention of packed sequences from the hidden state through the fused QKV layer (see
-/// `self_attention`). x: [tokens, hidden].
-pub fn projected_self_attention(
-    qkv: &Linear,
-    x: &Tensor,
-    sequences: &Sequences,
-    heads: usize,
-    first_only: bool,
-) -> Result<Tensor> {
-    if let Some(context) =
-        cpu::projected_self_attention(qkv, x, &sequences.cu_seqlens, heads, first_only)
-    {
-        return context;
-    }
-    self_attention(&qkv.matmul(x)?, qkv.bias(), sequences, heads, first_only)
-}
-
-/// tanh(x·Wᵀ + b): the pooler and RoBERTa head's dense layer.
-pub fn dense_tanh(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() {
-        return cuda::bias_tanh(&layer.matmul(x)?, layer.bias());
-    }
-    layer.forward(x)?.tanh()
-}
-
+mod activation;
+mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
-mod decoder;
 mod disentangled;
+mod embedding;
+mod linear;
+mod norm;
+mod rotary;
 mod sequences;
 mod weights;
-pub use decoder::{
-    causal_attention, gated_activation, inverse_frequencies, linear, rotary_tables,
-    rotary_tables_from, rotate, rotate_qk, windowed_attention, ActivatedHalf, RmsNorm,
-};
+pub use activation::{bias_activation, gated_activation, ActivatedHalf, FeedForwardActivation};
+pub use attention::{causal_attention, projected_self_attention, windowed_attention};
 pub use disentangled::{
     disentangled_attention, PositionProjections, RelativeDistances, RelativeRows,
 };
+pub use embedding::{embed, EmbeddingTables};
+pub use linear::{
+    cpu_has_bf16_tiles, dense_tanh, linear, linear_activation, linear_residual_norm, GemmPrecision,
+    Linear,
+};
+pub use norm::{add_bias_layer_norm, LayerNorm, RmsNorm};
+pub use rotary::{inverse_frequencies, rotary_tables, rotary_tables_from, rotate, rotate_qk};
 pub use sequences::{self_attention, Sequences};
 pub use weights::{residual, Bias, Target, Weights};
 

@@ -1,43 +1,27 @@
-//! The operations the decoder rerankers and ModernBERT add to the encoders' (RMSNorm, bias-free projections and
-//! norms, rotary positions, causal grouped-query and sliding-window attention over packed sequences), in candle's
-//! device-generic ops, so the same code runs on CPU and CUDA.
+//! Self-attention over packed sequences: bidirectional (through the fused QKV layer, on the CPU's attention
+//! kernel where it applies; the padded and per-sequence forms are in `sequences.rs`), windowed (ModernBERT's
+//! local layers) and causal with grouped-query heads after a cached prefix (the decoders). The disentangled form
+//! of DeBERTa is in `disentangled.rs`.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
-use super::Linear;
+use super::{cpu, self_attention, Linear, Sequences};
 
-/// RMSNorm over the last dimension, computed in fp32 whatever the input dtype (as transformers' Qwen/Llama norms).
-#[derive(Debug, Clone)]
-pub struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    /// `weight` in fp32 (see `Weights::rms_norm`).
-    pub fn new(weight: Tensor, eps: f64) -> Self {
-        Self {
-            weight,
-            eps: eps as f32,
-        }
+/// Multi-head self-attention of packed sequences from the hidden state through the fused QKV layer (see
+/// `self_attention`). x: [tokens, hidden].
+pub fn projected_self_attention(
+    qkv: &Linear,
+    x: &Tensor,
+    sequences: &Sequences,
+    heads: usize,
+    first_only: bool,
+) -> Result<Tensor> {
+    if let Some(context) =
+        cpu::projected_self_attention(qkv, x, &sequences.cu_seqlens, heads, first_only)
+    {
+        return context;
     }
-
-    /// fp32 out.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(
-            &x.to_dtype(DType::F32)?.contiguous()?,
-            &self.weight,
-            self.eps,
-        )
-    }
-}
-
-/// x·Wᵀ + b: the CPU's own GEMM (on AMX tiles where the layer is packed for them), else candle's.
-pub fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    if let Some(result) = super::cpu::linear(layer, x) {
-        return result;
-    }
-    layer.forward(x)
+    self_attention(&qkv.matmul(x)?, qkv.bias(), sequences, heads, first_only)
 }
 
 /// Scores held at once per block of query rows (fp32 values), so a long sequence never holds [heads, L, L].
@@ -250,113 +234,11 @@ fn mask(
     Tensor::from_vec(values, (group * rows, seen.len()), device)
 }
 
-/// cos and sin of each packed token's position (`spans`: each sequence's positions), [tokens, head_dim / 2] each, fp32, as
-/// transformers computes rotary angles (inverse frequencies and products in fp32).
-pub fn rotary_tables(
-    spans: impl Iterator<Item = std::ops::Range<usize>>,
-    head_dim: usize,
-    theta: f64,
-    device: &candle_core::Device,
-) -> Result<(Tensor, Tensor)> {
-    rotary_tables_from(spans, &inverse_frequencies(head_dim, theta), device)
-}
-
-/// The unscaled rotary inverse frequencies 1/θ^(2i/d), i < d/2.
-pub fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| 1.0 / (theta.powf((2 * i) as f64 / head_dim as f64) as f32))
-        .collect()
-}
-
-/// Rotary cos and sin tables [tokens, d/2] for the positions in `spans`, from given inverse frequencies (a model
-/// that scales its frequencies computes its own).
-pub fn rotary_tables_from(
-    spans: impl Iterator<Item = std::ops::Range<usize>>,
-    inverse: &[f32],
-    device: &candle_core::Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = inverse.len();
-    let (mut cos, mut sin) = (Vec::new(), Vec::new());
-    for span in spans {
-        for position in span {
-            for &frequency in inverse {
-                let angle = position as f32 * frequency;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-    }
-    let tokens = cos.len() / half.max(1);
-    Ok((
-        Tensor::from_vec(cos, (tokens, half), device)?,
-        Tensor::from_vec(sin, (tokens, half), device)?,
-    ))
-}
-
-/// Rotary positions on the Q and K blocks of a fused projection qkv [tokens, 3·hidden] (V passes through), in
-/// the dtype of qkv; rotary: cos and sin [tokens, head_dim/2].
-pub fn rotate_qk(qkv: &Tensor, heads: usize, rotary: &(Tensor, Tensor)) -> Result<Tensor> {
-    let (tokens, width) = qkv.dims2()?;
-    let hidden = width / 3;
-    let head_dim = hidden / heads.max(1);
-    if let Some(rotated) = super::cpu::rotate_qk(qkv, head_dim, &rotary.0, &rotary.1) {
-        return rotated;
-    }
-    let part = |i: usize| qkv.narrow(1, i * hidden, hidden);
-    let rotated = |i: usize| {
-        rotate(&part(i)?.reshape((tokens, heads, head_dim))?, rotary)?
-            .reshape((tokens, hidden))?
-            .to_dtype(qkv.dtype())
-    };
-    Tensor::cat(&[rotated(0)?, rotated(1)?, part(2)?], 1)
-}
-
-/// Which half of a GLU projection's output goes through the activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActivatedHalf {
-    /// act(first) · second (ModernBERT's input | gate).
-    First,
-    /// act(second) · first (GTE's up | gate).
-    Second,
-}
-
-/// The GLU product of x [rows, 2·n]: act(one half) · the other, [rows, n], in the dtype of x.
-pub fn gated_activation(
-    x: &Tensor,
-    half: ActivatedHalf,
-    activation: super::FeedForwardActivation,
-) -> Result<Tensor> {
-    let activated_first = half == ActivatedHalf::First;
-    if let Some(result) = super::cpu::gated_activation(x, activated_first, activation) {
-        return result;
-    }
-    let n = x.dim(1)? / 2;
-    let (first, second) = (x.narrow(1, 0, n)?, x.narrow(1, n, n)?);
-    let (activated, other) = if activated_first {
-        (first, second)
-    } else {
-        (second, first)
-    };
-    activation.apply(&activated)? * other
-}
-
-/// Rotary positions on [tokens, heads, head_dim] (the rotate-half form), computed in fp32.
-pub fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
-    let x = x
-        .to_dtype(DType::F32)?
-        .transpose(0, 1)?
-        .unsqueeze(0)?
-        .contiguous()?;
-    candle_nn::rotary_emb::rope(&x, cos, sin)?
-        .squeeze(0)?
-        .transpose(0, 1)?
-        .contiguous()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::model::ops::{gated_activation, rotary_tables_from, rotate_qk, ActivatedHalf};
+    use candle_core::{DType, Device};
 
     /// The CPU kernel (f32) and the composed path (taken for f64) against the rotation written out.
     #[test]
