@@ -340,8 +340,7 @@ impl Deberta {
         };
         let mut sum = looked_up(&e.word, &batch.input_ids)?;
         if let Some(table) = &e.position {
-            let positions: Vec<u32> = batch.lengths().flat_map(|len| 0..len as u32).collect();
-            sum = (sum + looked_up(table, &positions)?)?;
+            sum = (sum + looked_up(table, &super::encoder::absolute_positions(batch))?)?;
         }
         if let Some(table) = &e.token_type {
             let rows = table.dim(0)?;

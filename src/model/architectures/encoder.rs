@@ -1,12 +1,15 @@
-//! The post-LayerNorm transformer encoder shared by BERT and (XLM-)RoBERTa: fused-QKV self-attention and feed-forward.
+//! The post-LayerNorm transformer encoder shared by BERT, (XLM-)RoBERTa, ELECTRA and jina-reranker-v2: the
+//! embeddings, fused-QKV self-attention and feed-forward layers, the RoBERTa-style head, and their builder.
 
 use candle_core::{Result, Tensor};
 
+use crate::error::StartupError;
 use crate::model::hf_config::ModelConfig;
 use crate::model::ops::{
     self, Bias, EmbeddingTables, FeedForwardActivation, Hidden, LayerNorm, Linear, Sequences,
-    Weights,
+    Target, Weights,
 };
+use crate::model::{Built, CrossEncoder, EncoderFacts, ModelSource, PackedBatch};
 
 /// The weights of the base model: under `prefix` (as *ForSequenceClassification checkpoints save them, e.g.
 /// `bert.`) or at the root of the file.
@@ -18,30 +21,129 @@ pub fn base_weights<'a>(vb: &Weights<'a>, prefix: &str) -> Weights<'a> {
     }
 }
 
-/// The word, position and token-type tables and their LayerNorm, from `embeddings.*` of the base model.
-pub fn load_embeddings(
-    base: &Weights,
-    config: &ModelConfig,
-) -> Result<(EmbeddingTables, LayerNorm)> {
-    let h = config.hidden_size;
-    let embeddings = base.pp("embeddings");
-    let tables = EmbeddingTables {
-        word: embeddings.tensor((config.vocab_size, h), "word_embeddings.weight")?,
-        position: embeddings.tensor(
-            (config.max_position_embeddings, h),
-            "position_embeddings.weight",
-        )?,
-        token_type: Some(
-            embeddings.tensor((config.type_vocab_size, h), "token_type_embeddings.weight")?,
-        ),
-    };
-    // flash-attention's layout keeps the embedding LayerNorm beside the embeddings, as `emb_ln`.
-    let norm = match Layout::of(base) {
-        Layout::Transformers => embeddings.pp("LayerNorm"),
-        Layout::FlashAttention => base.pp("emb_ln"),
-    };
-    let norm = norm.layer_norm(h, config.layer_norm_eps, Bias::Stored)?;
-    Ok((tables, norm))
+/// The registry's builder of the encoders whose config.json is BERT's: labels first (a config whose labels cannot
+/// be scored is refused before any weight is read), then the activation and `load`.
+pub fn build_with<M: CrossEncoder + 'static>(
+    source: &ModelSource,
+    weights: Weights,
+    max_positions: fn(&ModelConfig) -> usize,
+    load: fn(Weights, &ModelConfig, FeedForwardActivation) -> Result<M>,
+) -> std::result::Result<Built, StartupError> {
+    let config: ModelConfig = source.config()?;
+    let scoring = source.scoring()?;
+    let activation = source.activation(&config.hidden_act)?;
+    let model = load(weights, &config, activation)?;
+    let facts = EncoderFacts::bert_like(&config, max_positions(&config));
+    Ok(Built::encoder(Box::new(model), facts, scoring))
+}
+
+/// Where a model's token types come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenTypes {
+    /// The tokenizer's type ids (0 for the query, 1 for the document), checked against the table.
+    FromTokenizer,
+    /// Type 0 for every token, as the reference does for tokenizers that give no type ids (XLM-R).
+    Zero,
+}
+
+/// BERT's embeddings: word + position + token type, then LayerNorm, at the tables' width.
+pub struct Embeddings {
+    tables: EmbeddingTables,
+    norm: LayerNorm,
+    types: TokenTypes,
+    target: Target,
+}
+
+impl Embeddings {
+    /// The tables of `embeddings.*` of the base model, `width` wide (hidden_size, or ELECTRA's embedding_size).
+    pub fn load(
+        base: &Weights,
+        config: &ModelConfig,
+        width: usize,
+        types: TokenTypes,
+    ) -> Result<Self> {
+        let embeddings = base.pp("embeddings");
+        let table = |rows: usize, name: &str| embeddings.tensor((rows, width), name);
+        let tables = EmbeddingTables {
+            word: table(config.vocab_size, "word_embeddings.weight")?,
+            position: table(config.max_position_embeddings, "position_embeddings.weight")?,
+            token_type: Some(table(
+                config.type_vocab_size,
+                "token_type_embeddings.weight",
+            )?),
+        };
+        // flash-attention's layout keeps the embedding LayerNorm beside the embeddings, as `emb_ln`.
+        let norm = match Layout::of(base) {
+            Layout::Transformers => embeddings.pp("LayerNorm"),
+            Layout::FlashAttention => base.pp("emb_ln"),
+        };
+        Ok(Self {
+            tables,
+            norm: norm.layer_norm(width, config.layer_norm_eps, Bias::Stored)?,
+            types,
+            target: base.target(),
+        })
+    }
+
+    /// The normalised embeddings of a packed batch, with one position per token.
+    pub fn forward(&self, batch: &PackedBatch, positions: &[u32]) -> Result<Hidden> {
+        let type_ids = match self.types {
+            TokenTypes::FromTokenizer => {
+                let rows = self
+                    .tables
+                    .token_type
+                    .as_ref()
+                    .map_or(0, |t| t.dim(0).unwrap_or(0));
+                if let Some(&t) = batch.type_ids.iter().find(|&&t| t as usize >= rows) {
+                    candle_core::bail!("token type {t} is outside the model's {rows} types");
+                }
+                self.target.ids(&batch.type_ids)?
+            }
+            TokenTypes::Zero => self.target.zero_ids(batch.real_tokens())?,
+        };
+        ops::embed(
+            &self.tables,
+            &self.target.ids(&batch.input_ids)?,
+            &self.target.ids(positions)?,
+            Some(&type_ids),
+            &self.norm,
+        )
+    }
+}
+
+/// Positions 0.. within each sequence of a packed batch.
+pub fn absolute_positions(batch: &PackedBatch) -> Vec<u32> {
+    batch.lengths().flat_map(|len| 0..len as u32).collect()
+}
+
+/// The RoBERTa-style head on the first token: out_proj(act(dense(x))), fp32.
+pub struct ClassificationHead {
+    dense: Linear,
+    out_proj: Linear,
+    /// tanh (RoBERTa, XLM-R), else exact GELU (ELECTRA).
+    tanh: bool,
+}
+
+impl ClassificationHead {
+    /// `classifier.dense` and `classifier.out_proj` under `vb`.
+    pub fn load(vb: &Weights, config: &ModelConfig, tanh: bool) -> Result<Self> {
+        let h = config.hidden_size;
+        Ok(Self {
+            dense: vb.pp("dense").head_linear(h, h, Bias::Stored)?,
+            out_proj: vb
+                .pp("out_proj")
+                .head_linear(h, config.num_labels(), Bias::Stored)?,
+            tanh,
+        })
+    }
+
+    pub fn forward(&self, first: &Tensor) -> Result<Tensor> {
+        let dense = match self.tanh {
+            true => ops::dense_tanh(&self.dense, first)?,
+            false => FeedForwardActivation::GeluErf.apply(&self.dense.forward(first)?)?,
+        };
+        self.out_proj.forward(&dense)
+    }
 }
 
 /// One encoder layer, weights as in transformers' `encoder.layer.{i}`; Q, K and V fused into one GEMM at load.
@@ -117,10 +219,22 @@ impl Encoder {
         Ok(Self { layers, dims })
     }
 
-    /// Runs every layer over packed sequences and returns the hidden state of each sequence's first token,
+    /// Runs every layer over a packed batch's embeddings and returns each sequence's first-token residual,
+    /// [sequences, hidden].
+    pub fn first_tokens(
+        &self,
+        hidden: Hidden,
+        batch: &PackedBatch,
+        target: &Target,
+    ) -> Result<Tensor> {
+        let sequences = target.sequences(&batch.cu_seqlens)?;
+        Ok(self.first_token_hidden(hidden, &sequences)?.residual)
+    }
+
+    /// Every layer over packed sequences, returning the hidden state of each sequence's first token,
     /// [sequences, hidden]. `hidden`: [tokens, hidden]. The last layer computes only the first-token rows
     /// after attention, since nothing else reaches the classification head.
-    pub fn forward_first_token(&self, hidden: Hidden, sequences: &Sequences) -> Result<Hidden> {
+    fn first_token_hidden(&self, hidden: Hidden, sequences: &Sequences) -> Result<Hidden> {
         let Some((last, rest)) = self.layers.split_last() else {
             return hidden.first_tokens(sequences);
         };

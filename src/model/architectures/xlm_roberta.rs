@@ -3,31 +3,21 @@
 
 use candle_core::{Result, Tensor};
 
-use super::encoder::{self, Encoder};
+use super::encoder::{self, ClassificationHead, Embeddings, Encoder, TokenTypes};
 use crate::error::StartupError;
 use crate::model::hf_config::ModelConfig;
-use crate::model::ops::{
-    self, Bias, EmbeddingTables, FeedForwardActivation, LayerNorm, Linear, Target, Weights,
-};
-use crate::model::{Built, CrossEncoder, EncoderFacts, ModelSource, PackedBatch};
+use crate::model::ops::{FeedForwardActivation, Target, Weights};
+use crate::model::{Built, CrossEncoder, ModelSource, PackedBatch};
 
 /// The registry's builder: config.json as BERT's, positions after padding_idx.
 pub fn build(source: &ModelSource, weights: Weights) -> std::result::Result<Built, StartupError> {
-    let config: ModelConfig = source.config()?;
-    let activation = source.activation(&config.hidden_act)?;
-    // Labels first: a config whose labels cannot be scored is refused before any weight is read.
-    let scoring = source.scoring()?;
-    let model = XlmRoberta::load(weights, &config, activation)?;
-    let facts = EncoderFacts::bert_like(&config, max_positions(&config));
-    Ok(Built::encoder(Box::new(model), facts, scoring))
+    encoder::build_with(source, weights, max_positions, XlmRoberta::load)
 }
 
 pub struct XlmRoberta {
-    tables: EmbeddingTables,
-    embedding_norm: LayerNorm,
+    embeddings: Embeddings,
     encoder: Encoder,
-    head_dense: Linear,
-    head_out: Linear,
+    head: ClassificationHead,
     padding_idx: u32,
     target: Target,
 }
@@ -44,29 +34,21 @@ fn padding_idx(config: &ModelConfig) -> u32 {
 }
 
 impl XlmRoberta {
-    /// Loads weights stored with or without the `roberta.` prefix.
+    /// Loads weights stored with or without the `roberta.` prefix, in transformers' or flash-attention's names
+    /// (jina-reranker-v2).
     pub fn load(
         vb: Weights,
         config: &ModelConfig,
         activation: FeedForwardActivation,
     ) -> Result<Self> {
         let body = encoder::base_weights(&vb, "roberta");
-        let h = config.hidden_size;
-        let (tables, embedding_norm) = encoder::load_embeddings(&body, config)?;
-        let head = vb.pp("classifier");
+        let layout = encoder::Layout::of(&body);
+        // The XLM-R tokenizer returns no token type ids: every token uses type 0, as in the reference.
+        let types = TokenTypes::Zero;
         Ok(Self {
-            tables,
-            embedding_norm,
-            encoder: Encoder::load(
-                &body.pp("encoder"),
-                config,
-                activation,
-                encoder::Layout::of(&body),
-            )?,
-            head_dense: head.pp("dense").head_linear(h, h, Bias::Stored)?,
-            head_out: head
-                .pp("out_proj")
-                .head_linear(h, config.num_labels(), Bias::Stored)?,
+            embeddings: Embeddings::load(&body, config, config.hidden_size, types)?,
+            encoder: Encoder::load(&body.pp("encoder"), config, activation, layout)?,
+            head: ClassificationHead::load(&vb.pp("classifier"), config, true)?,
             padding_idx: padding_idx(config),
             target: vb.target(),
         })
@@ -93,24 +75,10 @@ pub fn position_ids(batch: &PackedBatch, padding_idx: u32) -> Vec<u32> {
 
 impl CrossEncoder for XlmRoberta {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let ids = self.target.ids(&batch.input_ids)?;
-        let positions = self.target.ids(&position_ids(batch, self.padding_idx))?;
-        // The XLM-R tokenizer returns no token type ids: every token uses type 0, as in the reference.
-        let type_ids = self.target.zero_ids(batch.real_tokens())?;
-        let hidden = ops::embed(
-            &self.tables,
-            &ids,
-            &positions,
-            Some(&type_ids),
-            &self.embedding_norm,
-        )?;
-        let sequences = self.target.sequences(&batch.cu_seqlens)?;
-        let first = self
-            .encoder
-            .forward_first_token(hidden, &sequences)?
-            .residual;
-        self.head_out
-            .forward(&ops::dense_tanh(&self.head_dense, &first)?)
+        let positions = position_ids(batch, self.padding_idx);
+        let hidden = self.embeddings.forward(batch, &positions)?;
+        let first = self.encoder.first_tokens(hidden, batch, &self.target)?;
+        self.head.forward(&first)
     }
 }
 
