@@ -232,7 +232,7 @@ fn relative_table(encoder: &Weights, config: &DebertaConfig) -> Result<Option<Te
     let h = config.hidden_size;
     let table = encoder
         .pp("rel_embeddings")
-        .fp32_tensor((2 * distances.span, h), "weight")?;
+        .residual_tensor((2 * distances.span, h), "weight")?;
     if !config.normalises_relative_embeddings() {
         return Ok(Some(table));
     }

@@ -177,7 +177,7 @@ impl Decoder {
             .map(|i| load_layer(&body.pp("layers").pp(i), config, variant, norm))
             .collect::<Result<Vec<_>>>()?;
         let head = match head {
-            ScoreHead::Stored => vb.pp("score").fp32_tensor((1, h), "weight")?,
+            ScoreHead::Stored => vb.pp("score").residual_tensor((1, h), "weight")?,
             ScoreHead::TokenLogits { positive, negative } => {
                 // Tied checkpoints store no lm_head: the output projection is the embedding table.
                 // (Gemma configs leave the tie implicit: no stored output projection means the tie.)

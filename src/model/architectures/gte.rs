@@ -206,7 +206,7 @@ impl OwnConfigEncoder for Gte {
             rows => Some(
                 embeddings
                     .pp("token_type_embeddings")
-                    .fp32_tensor((rows, h), "weight")?,
+                    .residual_tensor((rows, h), "weight")?,
             ),
         };
         let activation =

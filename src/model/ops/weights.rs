@@ -127,8 +127,9 @@ impl<'a> Weights<'a> {
         self.vb.get(shape, name)
     }
 
-    /// A tensor in fp32 whatever the model dtype (score heads read as vectors).
-    pub fn fp32_tensor(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+    /// A tensor that meets the residual stream rather than a GEMM (a table added to it, a score row read
+    /// against it, a table projected once at load): in the residual stream's precision (fp32).
+    pub fn residual_tensor(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         self.vb.clone().set_dtype(DType::F32).get(shape, name)
     }
 
@@ -175,7 +176,7 @@ impl<'a> Weights<'a> {
 
     /// RMSNorm (fp32); `plus_one` for Gemma's norm, which scales by 1 + the stored weight.
     pub fn rms_norm(&self, dim: usize, eps: f64, plus_one: bool) -> Result<RmsNorm> {
-        let weight = self.fp32_tensor(dim, "weight")?;
+        let weight = self.residual_tensor(dim, "weight")?;
         let weight = if plus_one { (weight + 1.0)? } else { weight };
         Ok(RmsNorm::new(weight, eps))
     }
