@@ -6,7 +6,8 @@
 #   MODELS=qwen3-0.6b ROUNDS=2 scripts/bench/cpu-vs-crossencoder.sh   (the Qwen3-Reranker-0.6B shape against the model
 #   card's scoring code with transformers, fp32 and bf16: scripts/bench/decoder_vs_transformers.py)
 #   MODELS=gte-multilingual scripts/bench/cpu-vs-crossencoder.sh    (the gte-multilingual-reranker-base shape)
-#   MODELS="electra-base deberta-v3-base" scripts/bench/cpu-vs-crossencoder.sh  (ms-marco-electra-base, mxbai-rerank-base-v1)
+#   MODELS="electra-base deberta-v3-base jina-v2" scripts/bench/cpu-vs-crossencoder.sh  (ms-marco-electra-base,
+#   mxbai-rerank-base-v1, jina-reranker-v2-base-multilingual)
 # MiniLM runs 4 queries x 64 documents; the base-size shapes (XLM-R, GTE multilingual, ELECTRA, DeBERTa-v3), about 10x the work per pair,
 # 2 x 32; Qwen3 2 x 8.
 # Needs Python 3 with pip and network access to PyPI the first time; builds the release server if missing.
@@ -56,7 +57,7 @@ for kind in $MODELS; do
     cleanup; pids=(); continue
   fi
   size=(--requests 4 --documents 64)
-  case "$kind" in xlmr-base|gte-multilingual|electra-base|deberta-v3-base) size=(--requests 2 --documents 32) ;; esac
+  case "$kind" in xlmr-base|gte-multilingual|electra-base|deberta-v3-base|jina-v2) size=(--requests 2 --documents 32) ;; esac
   HF_HUB_OFFLINE=1 "$VENV/bin/python" scripts/bench/side_by_side.py --model "$dir" --rounds "$ROUNDS" \
     "${size[@]}" "${servers[@]}"
   cleanup; pids=()

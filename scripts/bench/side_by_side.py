@@ -115,12 +115,16 @@ def main():
     parser.add_argument("--no-bf16", action="store_true", help="skip CrossEncoder bf16")
     args = parser.parse_args()
 
-    if json.loads((args.model / "config.json").read_text()).get("model_type") == "new":
-        # GTE multilingual's architecture is remote code on the Hub: CrossEncoder loads the written-out copy.
-        import sys
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "fixtures"))
+    # GTE multilingual's and jina-reranker-v2's architectures are remote code on the Hub: CrossEncoder loads the
+    # written-out copies.
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "fixtures"))
+    model_type = json.loads((args.model / "config.json").read_text()).get("model_type")
+    if model_type == "new":
         import gte_reference
         gte_reference.register()
+    elif model_type == "jina-xlm-roberta-flash-reference":
+        import jina_reference
+        jina_reference.register()
     requests = make_requests(vocabulary_words(args.model), args.requests, args.documents, args.seed)
     pairs = sum(len(d) for _, d in requests)
     systems = {"CrossEncoder fp32": CrossEncoder(str(args.model), device="cpu")}
