@@ -83,141 +83,96 @@ impl Default for Metrics {
     }
 }
 
+/// Creates metrics and registers them in one registry.
+struct Register(Registry);
+
+impl Register {
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        registered(&self.0, IntCounter::new(name, help))
+    }
+
+    /// A counter of seconds (busy time).
+    fn seconds_counter(&self, name: &str, help: &str) -> Counter {
+        registered(&self.0, Counter::new(name, help))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        registered(&self.0, IntGauge::new(name, help))
+    }
+
+    fn float_gauge(&self, name: &str, help: &str) -> prometheus::Gauge {
+        registered(&self.0, prometheus::Gauge::new(name, help))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets);
+        registered(&self.0, Histogram::with_opts(opts))
+    }
+
+    /// A latency histogram (1 ms to 60 s).
+    fn seconds(&self, name: &str, help: &str) -> Histogram {
+        self.histogram(name, help, SECONDS.to_vec())
+    }
+
+    /// Latency by one label.
+    fn seconds_by(&self, name: &str, help: &str, label: &str) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(SECONDS.to_vec());
+        registered(&self.0, HistogramVec::new(opts, &[label]))
+    }
+
+    /// A counter by labels; the `known` values of the first label are exported at 0 from the start, so
+    /// rates over them exist before the first event.
+    fn counter_by(&self, name: &str, help: &str, labels: &[&str], known: &[&str]) -> IntCounterVec {
+        let counters = registered(&self.0, IntCounterVec::new(Opts::new(name, help), labels));
+        for value in known {
+            counters.with_label_values(&[*value]);
+        }
+        counters
+    }
+}
+
+/// Buckets `from`, 2·`from`, … (`count` of them).
+fn powers(from: f64, count: usize) -> Vec<f64> {
+    prometheus::exponential_buckets(from, 2.0, count).unwrap_or_default()
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let seconds = |name: &str, help: &str| {
-            let opts = HistogramOpts::new(name, help).buckets(SECONDS.to_vec());
-            registered(&registry, Histogram::with_opts(opts))
-        };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            registered(
-                &registry,
-                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)),
-            )
-        };
-        let counter = |name: &str, help: &str| registered(&registry, IntCounter::new(name, help));
-        let seconds_counter =
-            |name: &str, help: &str| registered(&registry, Counter::new(name, help));
-        let gauge = |name: &str, help: &str| registered(&registry, IntGauge::new(name, help));
-        let requests = registered(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "rerank_requests_total",
-                    "Rerank calls by endpoint and outcome.",
-                ),
-                &["endpoint", "outcome"],
-            ),
-        );
-        let request_duration = registered(
-            &registry,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "rerank_request_duration_seconds",
-                    "Wall time of rerank calls, from arrival to the ranking.",
-                )
-                .buckets(SECONDS.to_vec()),
-                &["endpoint"],
-            ),
-        );
-        let refusals = registered(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "rerank_admission_refusals_total",
-                    "Work refused at once by admission (RESOURCE_EXHAUSTED / 429), by the limit that refused it.",
-                ),
-                &["reason"],
-            ),
-        );
-        for reason in Refusal::ALL {
-            refusals.with_label_values(&[reason.label()]);
-        }
-        let connections_closed = registered(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "rerank_connections_closed_total",
-                    "Connections ended, by why: the peer closed or failed, header_timeout, idle, age (max_connection_age) or drain.",
-                ),
-                &["reason"],
-            ),
-        );
-        for reason in ["peer", "header_timeout", "idle", "age", "drain"] {
-            connections_closed.with_label_values(&[reason]);
-        }
-        let tokens_per_second = registered(
-            &registry,
-            prometheus::Gauge::new(
-                "rerank_engine_tokens_per_second",
-                "The engine's measured speed in real tokens per second (smoothed), which admission and batch sizes follow.",
-            ),
-        );
-        let powers = |from: f64, count: usize| {
-            prometheus::exponential_buckets(from, 2.0, count).unwrap_or_default()
-        };
+        let r = Register(Registry::new());
+        let refusal_reasons: Vec<&str> = Refusal::ALL.iter().map(|reason| reason.label()).collect();
         Self {
-            requests,
-            request_duration,
-            documents: counter("rerank_documents_total", "Documents ranked."),
-            pairs: counter("rerank_pairs_total", "(query, document) pairs scored; a chunked document counts each window."),
-            tokens: counter("rerank_tokens_total", "Real tokens of the pairs scored, special tokens included."),
-            queue_pairs: gauge("rerank_queue_pairs", "Pairs waiting in the scheduler's queue for a batch."),
-            queue_tokens: gauge("rerank_queue_tokens", "Real tokens of the pairs waiting in the scheduler's queue."),
-            pending_pairs: gauge("rerank_pending_pairs", "Pairs admitted and not yet scored, across all calls."),
-            pending_tokens: gauge("rerank_pending_tokens", "Tokens of the pairs admitted and not yet scored."),
-            held_bytes: gauge("rerank_held_bytes", "Bytes of request text held (not yet tokenized, or kept to return)."),
-            batch_pairs: histogram("rerank_batch_pairs", "Pairs per batch.", powers(1.0, 11)),
-            batch_tokens: histogram("rerank_batch_tokens", "Tokens the device computes per batch, padding included.", powers(64.0, 12)),
-            batch_padding_ratio: histogram(
-                "rerank_batch_padding_ratio",
-                "Device tokens per real token of each batch (1 = no padding).",
-                vec![1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0],
-            ),
-            device_tokens: counter("rerank_device_tokens_total", "Tokens the device computed, padding included."),
-            real_tokens: counter("rerank_real_tokens_total", "Real tokens the device computed."),
-            queue_duration: seconds(
-                "rerank_queue_duration_seconds",
-                "Per batch and call: the longest wait of the call's pairs in the queue before the batch ran.",
-            ),
-            tokenize_duration: seconds("rerank_tokenize_duration_seconds", "Tokenization wall time per request or stream chunk."),
-            inference_duration: seconds("rerank_inference_duration_seconds", "Model time per batch."),
-            engine_busy: seconds_counter(
-                "rerank_engine_busy_seconds_total",
-                "Time the engine spent running batches; its rate is the engine's utilisation.",
-            ),
-            tokenizer_busy: seconds_counter(
-                "rerank_tokenizer_busy_seconds_total",
-                "Worker time spent tokenizing documents; its rate over tokenizer_workers is their utilisation.",
-            ),
-            engine_tokens_per_second: tokens_per_second,
-            refusals,
-            cancelled_pairs: counter("rerank_cancelled_pairs_total", "Pairs dropped before the model because their call ended."),
-            stalled_streams: counter(
-                "rerank_stalled_streams_total",
-                "Streams ended because the client neither read nor sent for stream_idle_timeout.",
-            ),
-            token_cache_hits: counter(
-                "rerank_token_cache_hits_total",
-                "Documents whose token ids came from the document cache (not tokenized again).",
-            ),
-            token_cache_misses: counter(
-                "rerank_token_cache_misses_total",
-                "Documents looked up in the document cache and tokenized.",
-            ),
-            serving: gauge("rerank_serving", "1 while the server serves (model loaded, not draining), else 0."),
-            calls_in_progress: gauge(
-                "rerank_calls_in_progress",
-                "Rerank calls holding a slot among max_concurrent_calls (requests arrived, work not done).",
-            ),
-            connections_open: gauge("rerank_connections_open", "Client connections open now."),
-            connections_refused: counter(
-                "rerank_connections_refused_total",
-                "Connections closed as soon as they were accepted because max_connections were open.",
-            ),
-            connections_closed,
-            registry,
+            requests: r.counter_by("rerank_requests_total", "Rerank calls by endpoint and outcome.", &["endpoint", "outcome"], &[]),
+            request_duration: r.seconds_by("rerank_request_duration_seconds", "Wall time of rerank calls, from arrival to the ranking.", "endpoint"),
+            documents: r.counter("rerank_documents_total", "Documents ranked."),
+            pairs: r.counter("rerank_pairs_total", "(query, document) pairs scored; a chunked document counts each window."),
+            tokens: r.counter("rerank_tokens_total", "Real tokens of the pairs scored, special tokens included."),
+            queue_pairs: r.gauge("rerank_queue_pairs", "Pairs waiting in the scheduler's queue for a batch."),
+            queue_tokens: r.gauge("rerank_queue_tokens", "Real tokens of the pairs waiting in the scheduler's queue."),
+            pending_pairs: r.gauge("rerank_pending_pairs", "Pairs admitted and not yet scored, across all calls."),
+            pending_tokens: r.gauge("rerank_pending_tokens", "Tokens of the pairs admitted and not yet scored."),
+            held_bytes: r.gauge("rerank_held_bytes", "Bytes of request text held (not yet tokenized, or kept to return)."),
+            batch_pairs: r.histogram("rerank_batch_pairs", "Pairs per batch.", powers(1.0, 11)),
+            batch_tokens: r.histogram("rerank_batch_tokens", "Tokens the device computes per batch, padding included.", powers(64.0, 12)),
+            batch_padding_ratio: r.histogram("rerank_batch_padding_ratio", "Device tokens per real token of each batch (1 = no padding).", vec![1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0]),
+            device_tokens: r.counter("rerank_device_tokens_total", "Tokens the device computed, padding included."),
+            real_tokens: r.counter("rerank_real_tokens_total", "Real tokens the device computed."),
+            queue_duration: r.seconds("rerank_queue_duration_seconds", "Per batch and call: the longest wait of the call's pairs in the queue before the batch ran."),
+            tokenize_duration: r.seconds("rerank_tokenize_duration_seconds", "Tokenization wall time per request or stream chunk."),
+            inference_duration: r.seconds("rerank_inference_duration_seconds", "Model time per batch."),
+            engine_busy: r.seconds_counter("rerank_engine_busy_seconds_total", "Time the engine spent running batches; its rate is the engine's utilisation."),
+            tokenizer_busy: r.seconds_counter("rerank_tokenizer_busy_seconds_total", "Worker time spent tokenizing documents; its rate over tokenizer_workers is their utilisation."),
+            engine_tokens_per_second: r.float_gauge("rerank_engine_tokens_per_second", "The engine's measured speed in real tokens per second (smoothed), which admission and batch sizes follow."),
+            refusals: r.counter_by("rerank_admission_refusals_total", "Work refused at once by admission (RESOURCE_EXHAUSTED / 429), by the limit that refused it.", &["reason"], &refusal_reasons),
+            cancelled_pairs: r.counter("rerank_cancelled_pairs_total", "Pairs dropped before the model because their call ended."),
+            stalled_streams: r.counter("rerank_stalled_streams_total", "Streams ended because the client neither read nor sent for stream_idle_timeout."),
+            token_cache_hits: r.counter("rerank_token_cache_hits_total", "Documents whose token ids came from the document cache (not tokenized again)."),
+            token_cache_misses: r.counter("rerank_token_cache_misses_total", "Documents looked up in the document cache and tokenized."),
+            serving: r.gauge("rerank_serving", "1 while the server serves (model loaded, not draining), else 0."),
+            calls_in_progress: r.gauge("rerank_calls_in_progress", "Rerank calls holding a slot among max_concurrent_calls (requests arrived, work not done)."),
+            connections_open: r.gauge("rerank_connections_open", "Client connections open now."),
+            connections_refused: r.counter("rerank_connections_refused_total", "Connections closed as soon as they were accepted because max_connections were open."),
+            connections_closed: r.counter_by("rerank_connections_closed_total", "Connections ended, by why: the peer closed or failed, header_timeout, idle, age (max_connection_age) or drain.", &["reason"], &["peer", "header_timeout", "idle", "age", "drain"]),
+            registry: r.0,
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -154,29 +155,60 @@ pub async fn start_with(
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     follow_lifecycle(&lifecycle, health.clone());
+    let (app, http_state) = app(&config, &lifecycle, health_service.clone(), &metrics)?;
+    let limits = connection_limits(&config);
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let listener = Listener::serve(listener, tls, app, limits.clone(), Arc::clone(&metrics));
+    tracing::info!(%local_addr, "listening for gRPC and HTTP (not serving until the model is loaded)");
+    let (health_listener, health_addr) =
+        serve_health(&config, health_service, http_state, limits, &metrics).await?;
+    load_in_background(config.clone(), wrapper, Arc::clone(&lifecycle));
+    Ok(RunningServer {
+        local_addr,
+        health_addr,
+        lifecycle,
+        listener,
+        health_listener,
+        health,
+        drain_delay: config.drain_delay,
+        drain_timeout: config.drain_timeout,
+    })
+}
+
+/// The router of the main port: gRPC (rerank behind its gate, health, reflection) and HTTP, with the
+/// client and request-id layers.
+fn app(
+    config: &Config,
+    lifecycle: &Arc<Lifecycle>,
+    health_service: HealthServer<impl Health>,
+    metrics: &Arc<Metrics>,
+) -> Result<(axum::Router, HttpState), StartupError> {
     let api_key = ApiKey::new(config.api_key.as_ref().map(|key| key.expose()));
     let slots = CallSlots::new(
         config.max_concurrent_calls,
         config.max_client_share,
-        Arc::clone(&metrics),
+        Arc::clone(metrics),
     );
     let rerank_service =
-        RerankerServiceServer::new(GrpcReranker::new(Arc::clone(&lifecycle), slots.clone()))
+        RerankerServiceServer::new(GrpcReranker::new(Arc::clone(lifecycle), slots.clone()))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
     let rerank_service = GrpcGate::new(
         rerank_service,
         api_key.clone(),
         config.request_read_timeout,
-        Arc::clone(&lifecycle),
+        Arc::clone(lifecycle),
     );
     let reflection = reflection_services()?;
-    let grpc = tonic::service::Routes::new(health_service.clone())
+    let grpc = tonic::service::Routes::new(health_service)
         .add_service(reflection.0)
         .add_service(reflection.1)
         .add_service(rerank_service);
     let http_state = HttpState {
-        lifecycle: Arc::clone(&lifecycle),
+        lifecycle: Arc::clone(lifecycle),
         api_key,
         slots,
         max_body_bytes: config.max_message_bytes,
@@ -192,39 +224,30 @@ pub async fn start_with(
             crate::transport::with_client,
         ))
         .layer(axum::middleware::from_fn(crate::transport::with_request_id));
-    let limits = connection_limits(&config);
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
-        _ => None,
+    Ok((app, http_state))
+}
+
+/// The plaintext health port, when `health_port` is set.
+async fn serve_health(
+    config: &Config,
+    health_service: HealthServer<impl Health>,
+    http_state: HttpState,
+    limits: ConnectionLimits,
+    metrics: &Arc<Metrics>,
+) -> Result<(Option<Listener>, Option<SocketAddr>), StartupError> {
+    let port = match config.health_port {
+        0 => return Ok((None, None)),
+        port => port,
     };
-    let listener = Listener::serve(listener, tls, app, limits.clone(), Arc::clone(&metrics));
-    tracing::info!(%local_addr, "listening for gRPC and HTTP (not serving until the model is loaded)");
-    let (health_listener, health_addr) = match config.health_port {
-        0 => (None, None),
-        port => {
-            let bound =
-                TcpListener::bind(SocketAddr::new(config.listen_addr()?.ip(), port)).await?;
-            let addr = bound.local_addr()?;
-            let app = tonic::service::Routes::new(health_service)
-                .into_axum_router()
-                .merge(http::health_router(http_state))
-                .fallback(not_found);
-            tracing::info!(%addr, "health (gRPC and GET /health, plaintext) listening");
-            let served = Listener::serve(bound, None, app, limits, Arc::clone(&metrics));
-            (Some(served), Some(addr))
-        }
-    };
-    load_in_background(config.clone(), wrapper, Arc::clone(&lifecycle));
-    Ok(RunningServer {
-        local_addr,
-        health_addr,
-        lifecycle,
-        listener,
-        health_listener,
-        health,
-        drain_delay: config.drain_delay,
-        drain_timeout: config.drain_timeout,
-    })
+    let bound = TcpListener::bind(SocketAddr::new(config.listen_addr()?.ip(), port)).await?;
+    let addr = bound.local_addr()?;
+    let app = tonic::service::Routes::new(health_service)
+        .into_axum_router()
+        .merge(http::health_router(http_state))
+        .fallback(not_found);
+    tracing::info!(%addr, "health (gRPC and GET /health, plaintext) listening");
+    let served = Listener::serve(bound, None, app, limits, Arc::clone(metrics));
+    Ok((Some(served), Some(addr)))
 }
 
 fn connection_limits(config: &Config) -> ConnectionLimits {

@@ -224,65 +224,7 @@ impl PromptEncoder {
         room: usize,
         index: usize,
     ) -> Result<PairTokens, RerankError> {
-        let failed = |e: String| {
-            RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
-        };
-        let (first, second, whole) = match (query, &self.template.layout) {
-            (PromptedQuery::WholeBody(body, _), _) => {
-                let text = [
-                    body.before_document.as_str(),
-                    document,
-                    body.after_document.as_str(),
-                ]
-                .concat();
-                let ids = encode(tokenizer, &text).map_err(failed)?;
-                let whole = ids.len();
-                (
-                    ids.into_iter().take(room).collect::<Vec<_>>(),
-                    Vec::new(),
-                    whole,
-                )
-            }
-            (
-                PromptedQuery::QueryThenDocument(query_ids),
-                PromptLayout::QueryThenDocument {
-                    document: template, ..
-                },
-            ) => {
-                let mut doc = encode(tokenizer, &fill(template, &[("{document}", document)]))
-                    .map_err(failed)?;
-                let whole = query_ids.len() + self.separator.len() + doc.len();
-                // The document's own cap, then the pair's: only the document part is cut (only_second).
-                let fixed = self.fixed_tokens();
-                doc.truncate(
-                    self.positions
-                        .saturating_sub(query_ids.len() + fixed)
-                        .min(room),
-                );
-                let mut second = [self.separator.as_slice(), &doc].concat();
-                second.truncate(room.saturating_sub(query_ids.len()));
-                (query_ids.clone(), second, whole)
-            }
-            (
-                PromptedQuery::QueryThenDocument(query_ids),
-                PromptLayout::Flag {
-                    document: template, ..
-                },
-            ) => {
-                let text = fill(template, &[("{document}", document)]);
-                let mut doc = encode(tokenizer, &text).map_err(failed)?;
-                let whole = query_ids.len() + self.separator.len() + doc.len();
-                doc.truncate(room);
-                let mut second = [self.separator.as_slice(), &doc].concat();
-                second.truncate((room + self.suffix.len()).saturating_sub(query_ids.len()));
-                (query_ids.clone(), second, whole)
-            }
-            (PromptedQuery::QueryThenDocument(_), PromptLayout::WholeBody) => {
-                return Err(RerankError::internal(
-                    "a query prepared for another prompt layout",
-                ))
-            }
-        };
+        let (first, second, whole) = self.segments(tokenizer, query, document, room, index)?;
         if truncation == Truncation::Reject && whole > room {
             return Err(RerankError::invalid(format!(
                 "documents[{index}]: the prompted pair is {} tokens, over max_length {} (truncation is REJECT)",
@@ -302,6 +244,86 @@ impl PromptEncoder {
             type_ids,
             input_ids,
         })
+    }
+
+    /// The pair's two segments as the layout cuts them (prefix and suffix apart), and the untruncated length.
+    fn segments(
+        &self,
+        tokenizer: &Tokenizer,
+        query: &PromptedQuery,
+        document: &str,
+        room: usize,
+        index: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>, usize), RerankError> {
+        let segments = match (query, &self.template.layout) {
+            (PromptedQuery::WholeBody(body, _), _) => {
+                let text = [
+                    body.before_document.as_str(),
+                    document,
+                    body.after_document.as_str(),
+                ]
+                .concat();
+                encode(tokenizer, &text).map(|ids| {
+                    let whole = ids.len();
+                    (ids.into_iter().take(room).collect(), Vec::new(), whole)
+                })
+            }
+            (
+                PromptedQuery::QueryThenDocument(query_ids),
+                PromptLayout::QueryThenDocument {
+                    document: template, ..
+                },
+            ) => encode(tokenizer, &fill(template, &[("{document}", document)]))
+                .map(|doc| self.cut_only_second(query_ids, doc, room)),
+            (
+                PromptedQuery::QueryThenDocument(query_ids),
+                PromptLayout::Flag {
+                    document: template, ..
+                },
+            ) => encode(tokenizer, &fill(template, &[("{document}", document)]))
+                .map(|doc| self.cut_flag(query_ids, doc, room)),
+            (PromptedQuery::QueryThenDocument(_), PromptLayout::WholeBody) => {
+                return Err(RerankError::internal(
+                    "a query prepared for another prompt layout",
+                ))
+            }
+        };
+        segments.map_err(|e| {
+            RerankError::invalid(format!("documents[{index}] could not be tokenized: {e}"))
+        })
+    }
+
+    /// The document's own cap, then the pair's: only the document part is cut (only_second).
+    fn cut_only_second(
+        &self,
+        query_ids: &[u32],
+        mut doc: Vec<u32>,
+        room: usize,
+    ) -> (Vec<u32>, Vec<u32>, usize) {
+        let whole = query_ids.len() + self.separator.len() + doc.len();
+        let fixed = self.fixed_tokens();
+        doc.truncate(
+            self.positions
+                .saturating_sub(query_ids.len() + fixed)
+                .min(room),
+        );
+        let mut second = [self.separator.as_slice(), &doc].concat();
+        second.truncate(room.saturating_sub(query_ids.len()));
+        (query_ids.to_vec(), second, whole)
+    }
+
+    /// FlagEmbedding's cut: the passage to `room`, then separator and passage to what the pair limit leaves.
+    fn cut_flag(
+        &self,
+        query_ids: &[u32],
+        mut doc: Vec<u32>,
+        room: usize,
+    ) -> (Vec<u32>, Vec<u32>, usize) {
+        let whole = query_ids.len() + self.separator.len() + doc.len();
+        doc.truncate(room);
+        let mut second = [self.separator.as_slice(), &doc].concat();
+        second.truncate((room + self.suffix.len()).saturating_sub(query_ids.len()));
+        (query_ids.to_vec(), second, whole)
     }
 }
 

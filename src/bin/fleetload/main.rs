@@ -9,22 +9,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rerank_server::proto::rerank_stream_response;
 use rerank_server::proto::reranker_service_client::RerankerServiceClient;
-use rerank_server::proto::{
-    rerank_stream_request, rerank_stream_response, DocumentChunk, RerankRequest, RerankResponse,
-    RerankStart, RerankStreamRequest, RerankStreamResponse,
-};
 use tonic::transport::Channel;
 
 #[path = "../loadgen/texts.rs"]
 #[allow(dead_code)]
 mod texts;
-use texts::{text, Lcg};
+
+mod calls;
+mod pool;
+
+use pool::{Pool, POOL};
+
+use calls::code_name;
 
 #[derive(Debug, Clone, Parser)]
 #[command(about = "Steady load of unary gRPC, RerankStream and HTTP calls, every outcome recorded")]
@@ -89,51 +91,6 @@ struct Args {
 /// One call: what it was, when it started and ended (ms since the run began) and how it ended.
 type Record = (&'static str, u64, u64, String);
 
-/// Requests made once and sent again and again (in turn), so that the client spends its CPU on calls, not on
-/// making texts: this client shares the machine with the fleet it loads.
-struct Pool {
-    queries: Vec<String>,
-    documents: Vec<Vec<String>>,
-    /// The same requests as HTTP JSON bodies.
-    bodies: Vec<hyper::body::Bytes>,
-}
-
-/// Distinct requests in the pool.
-const POOL: usize = 256;
-
-impl Pool {
-    fn new(args: &Args) -> Self {
-        let mut rng = Lcg(args.seed);
-        let (lo, hi) = (args.min_words, args.max_words.max(args.min_words));
-        let documents = |rng: &mut Lcg| -> Vec<String> {
-            (0..args.documents)
-                .map(|_| {
-                    let words = lo + rng.below(hi - lo + 1);
-                    text(rng, words)
-                })
-                .collect()
-        };
-        let (mut queries, mut all) = (Vec::new(), Vec::new());
-        for _ in 0..POOL {
-            queries.push(text(&mut rng, 8));
-            all.push(documents(&mut rng));
-        }
-        let bodies = queries
-            .iter()
-            .zip(&all)
-            .map(|(query, documents)| {
-                let body = serde_json::json!({ "query": query, "documents": documents });
-                hyper::body::Bytes::from(body.to_string())
-            })
-            .collect();
-        Self {
-            queries,
-            documents: all,
-            bodies,
-        }
-    }
-}
-
 #[derive(Clone)]
 struct Load {
     args: Arc<Args>,
@@ -144,20 +101,6 @@ struct Load {
     records: Arc<Mutex<Vec<Record>>>,
     /// Calls retried because their first attempt never left the client.
     unsent_retried: Arc<AtomicU64>,
-}
-
-/// Whether a call failed before its request left the client: hyper had it queued for a connection that closed
-/// (the server's `max_connection_age` or drain sent GOAWAY). The server never saw it, so it is safe to send
-/// again; gRPC's own clients do so transparently (gRFC A6), tonic does not.
-fn never_sent(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-            return hyper.is_canceled();
-        }
-        source = error.source();
-    }
-    false
 }
 
 impl Load {
@@ -269,152 +212,6 @@ impl Load {
     }
 }
 
-impl Load {
-    /// Sends call `n` as a unary Rerank, once more if the first attempt never left the client.
-    async fn call_unary(&self, n: u64) -> Result<tonic::Response<RerankResponse>, tonic::Status> {
-        let mut client = self.grpc(n);
-        match client.rerank(self.unary_request(n)).await {
-            Err(status) if never_sent(&status) => {
-                self.unsent_retried.fetch_add(1, Ordering::Relaxed);
-                client.rerank(self.unary_request(n)).await
-            }
-            other => other,
-        }
-    }
-
-    /// Opens call `n` as a RerankStream sending what `outbound` makes (with the call's deadline when `timed`),
-    /// once more if the first attempt never left the client.
-    async fn open_stream<S>(
-        &self,
-        n: u64,
-        timed: bool,
-        outbound: impl Fn() -> S,
-    ) -> Result<tonic::Response<tonic::Streaming<RerankStreamResponse>>, tonic::Status>
-    where
-        S: futures::Stream<Item = RerankStreamRequest> + Send + 'static,
-    {
-        let request = || {
-            let mut request = tonic::Request::new(outbound());
-            if timed {
-                request.set_timeout(self.args.deadline.into());
-            }
-            request
-        };
-        let mut client = self.grpc(n);
-        match client.rerank_stream(request()).await {
-            Err(status) if never_sent(&status) => {
-                self.unsent_retried.fetch_add(1, Ordering::Relaxed);
-                client.rerank_stream(request()).await
-            }
-            other => other,
-        }
-    }
-
-    fn unary_request(&self, n: u64) -> tonic::Request<RerankRequest> {
-        let i = self.pick(n);
-        let mut request = tonic::Request::new(RerankRequest {
-            query: self.pool.queries[i].clone(),
-            documents: self.pool.documents[i].clone(),
-            ..Default::default()
-        });
-        request.set_timeout(self.args.deadline.into());
-        request
-    }
-
-    fn stream_messages(&self, n: u64) -> Vec<RerankStreamRequest> {
-        let i = self.pick(n);
-        let start = RerankStreamRequest {
-            item: Some(rerank_stream_request::Item::Start(RerankStart {
-                query: self.pool.queries[i].clone(),
-                top_n: 5,
-                ..Default::default()
-            })),
-        };
-        std::iter::once(start)
-            .chain((0..self.args.stream_chunks).map(|c| RerankStreamRequest {
-                item: Some(rerank_stream_request::Item::Documents(DocumentChunk {
-                    documents: self.pool.documents[(i + c + 1) % POOL].clone(),
-                })),
-            }))
-            .collect()
-    }
-
-    /// A unary call dropped by its client after a few milliseconds (a user who gave up).
-    async fn cancelled_unary(self, n: u64) {
-        let started = Instant::now();
-        let call = self.call_unary(n);
-        let outcome = match tokio::time::timeout(Duration::from_millis(5 + n % 40), call).await {
-            Err(_) => "cancelled_by_client".to_string(),
-            Ok(Ok(_)) => "ok".to_string(),
-            Ok(Err(status)) => code_name(status.code()),
-        };
-        self.record("cancelled_unary", started, outcome);
-    }
-
-    /// A stream whose client sends `start` and one chunk, reads nothing and goes away.
-    async fn cancelled_stream(self, n: u64) {
-        let started = Instant::now();
-        // The request side stays open (no half-close), so the call is still running when it is dropped.
-        let outbound = || {
-            let messages: Vec<RerankStreamRequest> =
-                self.stream_messages(n).into_iter().take(2).collect();
-            futures::stream::iter(messages).chain(futures::stream::pending())
-        };
-        let call = async {
-            let mut inbound = self.open_stream(n, false, outbound).await?.into_inner();
-            inbound.message().await
-        };
-        let outcome = match tokio::time::timeout(Duration::from_millis(20 + n % 50), call).await {
-            Err(_) | Ok(Ok(_)) => "cancelled_by_client".to_string(),
-            Ok(Err(status)) => code_name(status.code()),
-        };
-        self.record("cancelled_stream", started, outcome);
-    }
-
-    /// A stream that sends everything and never reads: the server must end it (stream_idle_timeout) once its
-    /// unread scores fill the window, or finish it; the client lets go after --unread-hold.
-    async fn unread_stream(self, n: u64) {
-        let started = Instant::now();
-        let outbound = || futures::stream::iter(self.stream_messages(n));
-        let outcome = match self.open_stream(n, false, outbound).await {
-            Ok(response) => {
-                let held = response.into_inner();
-                tokio::time::sleep(self.args.unread_hold.into()).await;
-                drop(held);
-                "unread_dropped".to_string()
-            }
-            Err(status) => code_name(status.code()),
-        };
-        self.record("unread_stream", started, outcome);
-    }
-
-    /// An HTTP/1.1 client that sends its request and closes the connection without waiting for the answer.
-    async fn http_disconnect(self, n: u64) {
-        use tokio::io::AsyncWriteExt;
-        let started = Instant::now();
-        let body = self.pool.bodies[self.pick(n)].clone();
-        let head = format!(
-            "POST /v2/rerank HTTP/1.1\r\nhost: load\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        let sent = async {
-            let mut socket = tokio::net::TcpStream::connect(&self.args.target).await?;
-            socket.write_all(head.as_bytes()).await?;
-            socket.write_all(&body).await?;
-            socket.flush().await
-        };
-        let outcome = match sent.await {
-            Ok(()) => "cancelled_by_client".to_string(),
-            Err(_) => "http_conn_error".to_string(),
-        };
-        self.record("http_disconnect", started, outcome);
-    }
-}
-
-fn code_name(code: tonic::Code) -> String {
-    format!("{code:?}")
-}
-
 /// Starts calls of one kind at `rate` per second until `stop` is set.
 async fn steady(
     load: Load,
@@ -480,12 +277,11 @@ async fn stop_signal(duration: Duration) {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+/// The load's clients: `grpc_connections` lazy channels (each connects and reconnects as calls need it, as a
+/// long-lived client does) and one pooled HTTP client.
+fn connect(args: &Args) -> Result<Load, Box<dyn std::error::Error>> {
     let mut grpc = Vec::new();
     for _ in 0..args.grpc_connections.max(1) {
-        // Lazy: a channel connects (and reconnects) as calls need it, as a long-lived client does.
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.target))?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
@@ -494,52 +290,55 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let http = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
-    let load = Load {
-        pool: Arc::new(Pool::new(&args)),
+    Ok(Load {
+        pool: Arc::new(Pool::new(args)),
         args: Arc::new(args.clone()),
         grpc,
         http,
         began: Instant::now(),
         records: Arc::default(),
         unsent_retried: Arc::default(),
-    };
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut drivers = Vec::new();
-    match args.closed {
-        Some(workers) => {
-            for worker in 0..workers {
-                drivers.push(tokio::spawn(closed_worker(
-                    load.clone(),
-                    worker,
-                    stopped.clone(),
-                )));
-            }
-        }
-        None => {
-            for (kind, rate) in [
-                ("unary", args.unary_rate),
-                ("stream", args.stream_rate),
-                ("http", args.http_rate),
-                ("cancelled_unary", args.cancel_rate),
-                ("cancelled_stream", args.stream_cancel_rate),
-                ("unread_stream", args.unread_stream_rate),
-                ("http_disconnect", args.http_disconnect_rate),
-            ] {
-                let (load, stopped) = (load.clone(), stopped.clone());
-                drivers.push(tokio::spawn(async move {
-                    for call in steady(load, kind, rate, stopped).await {
-                        let _ = call.await;
-                    }
-                }));
-            }
-        }
+    })
+}
+
+/// One task per closed-loop worker, or per call kind at its steady rate.
+fn drivers(
+    load: &Load,
+    args: &Args,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    if let Some(workers) = args.closed {
+        return (0..workers)
+            .map(|worker| tokio::spawn(closed_worker(load.clone(), worker, stopped.clone())))
+            .collect();
     }
-    stop_signal(args.duration.into()).await;
-    let stopped_at = load.ms(Instant::now());
-    let _ = stop.send(true);
-    for driver in drivers {
-        let _ = driver.await;
-    }
+    [
+        ("unary", args.unary_rate),
+        ("stream", args.stream_rate),
+        ("http", args.http_rate),
+        ("cancelled_unary", args.cancel_rate),
+        ("cancelled_stream", args.stream_cancel_rate),
+        ("unread_stream", args.unread_stream_rate),
+        ("http_disconnect", args.http_disconnect_rate),
+    ]
+    .into_iter()
+    .map(|(kind, rate)| {
+        let (load, stopped) = (load.clone(), stopped.clone());
+        tokio::spawn(async move {
+            for call in steady(load, kind, rate, stopped).await {
+                let _ = call.await;
+            }
+        })
+    })
+    .collect()
+}
+
+/// Writes every call's record, with when the load stopped, to `--report`.
+fn write_report(
+    load: &Load,
+    args: &Args,
+    stopped_at: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
     let records = load
         .records
         .lock()
@@ -565,4 +364,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         load.unsent_retried.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let load = connect(&args)?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let drivers = drivers(&load, &args, &stopped);
+    stop_signal(args.duration.into()).await;
+    let stopped_at = load.ms(Instant::now());
+    let _ = stop.send(true);
+    for driver in drivers {
+        let _ = driver.await;
+    }
+    write_report(&load, &args, stopped_at)
 }

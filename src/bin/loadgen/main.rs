@@ -77,6 +77,23 @@ struct ClientReport {
     failed_latencies: BTreeMap<String, Vec<Duration>>,
 }
 
+impl ClientReport {
+    /// Adds one client's report to the total.
+    fn absorb(&mut self, report: ClientReport) {
+        self.latencies.extend(report.latencies);
+        self.pairs += report.pairs;
+        for (code, n) in report.errors {
+            *self.errors.entry(code).or_default() += n;
+        }
+        for (code, latencies) in report.failed_latencies {
+            self.failed_latencies
+                .entry(code)
+                .or_default()
+                .extend(latencies);
+        }
+    }
+}
+
 fn with_timeout(request: RerankRequest, args: &Args) -> tonic::Request<RerankRequest> {
     let mut request = tonic::Request::new(request);
     request.set_timeout(args.timeout.into());
@@ -279,6 +296,49 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The run's throughput, latency percentiles and outcomes (and the server's own counters when it has them).
+fn print_report(
+    args: &Args,
+    total: &mut ClientReport,
+    elapsed: f64,
+    stats: Option<(SchedulerStats, SchedulerStats)>,
+) {
+    total.latencies.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mode = match args.rate {
+        Some(rate) => format!("rate={rate}/s"),
+        None => format!("concurrency={}", args.concurrency),
+    };
+    println!(
+        "{mode} documents={} doc_words={} ok_requests={} elapsed={:.1}s",
+        args.documents,
+        args.doc_words,
+        total.latencies.len(),
+        elapsed
+    );
+    if let Some((before, after)) = &stats {
+        print_server_stats(before, after, elapsed);
+    }
+    println!(
+        "pairs/s={:.1} requests/s={:.2} p50={:.1}ms p95={:.1}ms p99={:.1}ms outcomes={:?}",
+        total.pairs as f64 / elapsed,
+        total.latencies.len() as f64 / elapsed,
+        ms(percentile(&total.latencies, 0.50)),
+        ms(percentile(&total.latencies, 0.95)),
+        ms(percentile(&total.latencies, 0.99)),
+        total.errors
+    );
+    for (code, latencies) in &mut total.failed_latencies {
+        latencies.sort_unstable();
+        println!(
+            "{code}: answered after p50={:.1}ms p99={:.1}ms max={:.1}ms",
+            ms(percentile(latencies, 0.50)),
+            ms(percentile(latencies, 0.99)),
+            ms(latencies.last().copied().unwrap_or_default())
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
@@ -321,54 +381,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut total = ClientReport::default();
     for task in tasks {
-        let report = task.await?;
-        total.latencies.extend(report.latencies);
-        total.pairs += report.pairs;
-        for (code, n) in report.errors {
-            *total.errors.entry(code).or_default() += n;
-        }
-        for (code, latencies) in report.failed_latencies {
-            total
-                .failed_latencies
-                .entry(code)
-                .or_default()
-                .extend(latencies);
-        }
+        total.absorb(task.await?);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    total.latencies.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let mode = match args.rate {
-        Some(rate) => format!("rate={rate}/s"),
-        None => format!("concurrency={}", args.concurrency),
-    };
-    println!(
-        "{mode} documents={} doc_words={} ok_requests={} elapsed={:.1}s",
-        args.documents,
-        args.doc_words,
-        total.latencies.len(),
-        elapsed
-    );
-    if let (Some(before), Some(after)) = (before, server_stats(&client).await) {
-        print_server_stats(&before, &after, elapsed);
-    }
-    println!(
-        "pairs/s={:.1} requests/s={:.2} p50={:.1}ms p95={:.1}ms p99={:.1}ms outcomes={:?}",
-        total.pairs as f64 / elapsed,
-        total.latencies.len() as f64 / elapsed,
-        ms(percentile(&total.latencies, 0.50)),
-        ms(percentile(&total.latencies, 0.95)),
-        ms(percentile(&total.latencies, 0.99)),
-        total.errors
-    );
-    for (code, latencies) in &mut total.failed_latencies {
-        latencies.sort_unstable();
-        println!(
-            "{code}: answered after p50={:.1}ms p99={:.1}ms max={:.1}ms",
-            ms(percentile(latencies, 0.50)),
-            ms(percentile(latencies, 0.99)),
-            ms(latencies.last().copied().unwrap_or_default())
-        );
-    }
+    let after = server_stats(&client).await;
+    print_report(&args, &mut total, elapsed, before.zip(after));
     Ok(())
 }

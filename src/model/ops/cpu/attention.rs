@@ -143,13 +143,21 @@ fn one_head(rows: &[f32], len: usize, head: usize, shape: AttentionShape<'_>, ds
                 gemm::Parallelism::None,
             );
         }
-        for (row, &sum) in sums.iter().enumerate() {
-            // SAFETY: row < q_rows, so these head_dim elements are inside this task's block.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(dst.add(row * hidden + column), head_dim) };
-            vector::scale(out, 1.0 / sum);
-        }
+        // SAFETY: dst has q_rows = sums.len() rows of head_dim columns at `column`, row stride `hidden`.
+        unsafe { divide_rows(dst.add(column), hidden, head_dim, sums) };
     });
+}
+
+/// Divides each of `sums.len()` rows of `width` elements at `dst` (row stride `stride`) by its softmax sum.
+///
+/// # Safety
+/// Those rows must lie inside memory this task alone writes.
+unsafe fn divide_rows(dst: *mut f32, stride: usize, width: usize, sums: &[f32]) {
+    for (row, &sum) in sums.iter().enumerate() {
+        // SAFETY: the caller guarantees the row is inside its block.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(row * stride), width) };
+        vector::scale(out, 1.0 / sum);
+    }
 }
 
 #[cfg(test)]

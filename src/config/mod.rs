@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::StartupError;
 
+mod validate;
+mod values;
+
+pub use values::{IpRange, Secret};
+
 /// Every setting of the server. Field docs are repeated, with defaults, in `config/default.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -193,73 +198,6 @@ impl Default for Config {
     }
 }
 
-/// An address or CIDR range (`10.0.0.7`, `10.0.0.0/24`, `fd00::/8`), as written in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpRange(pub ipnet::IpNet);
-
-impl IpRange {
-    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
-        self.0.contains(ip)
-    }
-}
-
-impl std::str::FromStr for IpRange {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let text = text.trim();
-        text.parse::<ipnet::IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map(Self)
-            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))
-    }
-}
-
-impl Serialize for IpRange {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for IpRange {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// A secret setting: its value is only reachable through `expose`; Debug and Serialize (the log, Info)
-/// write "[redacted]" instead.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub const REDACTED: &'static str = "[redacted]";
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(value: &str) -> Self {
-        Self(value.to_string())
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(Self::REDACTED)
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(Self::REDACTED)
-    }
-}
-
 /// Command-line overrides; each flag left out keeps the value from the lower layers.
 #[derive(Debug, Default, Clone, clap::Parser, Serialize)]
 #[command(
@@ -346,90 +284,6 @@ impl Config {
             .map_err(|e| StartupError::Config(e.to_string()))?;
         config.validate()?;
         Ok(config)
-    }
-
-    /// Rejects values no server could run with, naming the key.
-    pub fn validate(&self) -> Result<(), StartupError> {
-        let positive = [
-            ("max_batch_tokens", self.max_batch_tokens),
-            ("max_batch_size", self.max_batch_size),
-            ("max_documents", self.max_documents),
-            ("max_stream_documents", self.max_stream_documents),
-            ("max_document_bytes", self.max_document_bytes),
-            ("max_query_bytes", self.max_query_bytes),
-            ("max_message_bytes", self.max_message_bytes),
-            ("max_chunks_per_doc", self.max_chunks_per_doc),
-            ("max_pending_pairs", self.max_pending_pairs),
-            ("max_pending_tokens", self.max_pending_tokens),
-            ("max_stream_pending_pairs", self.max_stream_pending_pairs),
-            (
-                "max_concurrent_streams",
-                self.max_concurrent_streams as usize,
-            ),
-            ("max_concurrent_calls", self.max_concurrent_calls),
-            ("max_inflight_bytes", self.max_inflight_bytes),
-            ("max_consecutive_failures", self.max_consecutive_failures),
-            ("max_connections", self.max_connections),
-            ("max_headers", self.max_headers),
-        ];
-        let positive_times = [
-            ("max_queue_time", self.max_queue_time),
-            ("keepalive_interval", self.keepalive_interval),
-            ("keepalive_timeout", self.keepalive_timeout),
-            ("stream_idle_timeout", self.stream_idle_timeout),
-            ("request_read_timeout", self.request_read_timeout),
-            ("header_read_timeout", self.header_read_timeout),
-            ("idle_timeout", self.idle_timeout),
-        ];
-        if let Some((key, _)) = positive_times.iter().find(|(_, value)| value.is_zero()) {
-            return Err(StartupError::Config(format!(
-                "{key} must be greater than 0"
-            )));
-        }
-        if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
-            return Err(StartupError::Config(format!(
-                "{key} must be greater than 0"
-            )));
-        }
-        if self
-            .api_key
-            .as_ref()
-            .is_some_and(|key| key.expose().trim().is_empty())
-        {
-            return Err(StartupError::Config(
-                "api_key must not be empty when set".into(),
-            ));
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(StartupError::Config(
-                "tls_cert and tls_key must be set together".into(),
-            ));
-        }
-        if !(self.max_client_share > 0.0 && self.max_client_share <= 1.0) {
-            return Err(StartupError::Config(
-                "max_client_share must be greater than 0 and at most 1".into(),
-            ));
-        }
-        // hyper reads an HTTP/1.1 head into a buffer of at least 8 KiB.
-        if self.max_header_bytes < 8192 {
-            return Err(StartupError::Config(
-                "max_header_bytes must be at least 8192".into(),
-            ));
-        }
-        if self.health_port != 0 && self.health_port == self.port {
-            return Err(StartupError::Config(
-                "health_port must differ from port".into(),
-            ));
-        }
-        if self.max_length == Some(0) {
-            return Err(StartupError::Config(
-                "max_length must be greater than 0".into(),
-            ));
-        }
-        if self.model_id.trim().is_empty() {
-            return Err(StartupError::Config("model_id must not be empty".into()));
-        }
-        self.listen_addr().map(|_| ())
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, StartupError> {
@@ -534,7 +388,7 @@ mod tests {
 
     #[test]
     fn committed_default_file_matches_builtin_defaults() {
-        let text = include_str!("../config/default.toml");
+        let text = include_str!("../../config/default.toml");
         let from_file: Config = Figment::new()
             .merge(Toml::string(text))
             .extract()

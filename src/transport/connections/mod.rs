@@ -2,26 +2,29 @@
 //! connections, per-connection header, idle and age limits, and the two steps of a drain (GOAWAY, then close).
 
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::metrics::Metrics;
+
+mod activity;
+mod lifecycle;
+
+use activity::{Activity, CallGuard, Guarded, Watched, SNIFF_DONE};
+use lifecycle::{at_or_far, Lifecycle, Step};
 
 /// The address a request's connection came from (a request extension).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,279 +312,41 @@ where
     });
     let connection = server.builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    let mut age_due = limits
-        .max_connection_age
-        .map(|age| tokio::time::Instant::now() + jittered(age));
-    let mut force_due: Option<tokio::time::Instant> = None;
-    let mut closing: Option<Ended> = None;
+    let mut life = Lifecycle::new(limits);
     if *phase.borrow_and_update() != Phase::Open {
         connection.as_mut().graceful_shutdown();
-        closing = Some(Ended::Drain);
+        life.closing = Some(Ended::Drain);
     }
     loop {
         // A connection already closing has nothing left for the watchdog to do (and a deadline in the past
         // would fire on every turn).
-        let watchdog = activity.due(limits).filter(|_| closing.is_none());
+        let watchdog = activity.due(limits).filter(|_| life.closing.is_none());
         // Biased: a drain that has begun is applied before the connection writes its next response, so that
         // response already says the connection ends.
-        tokio::select! {
+        let step = tokio::select! {
             biased;
             changed = phase.changed() => {
-                let now = if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Closed };
-                match now {
-                    Phase::Open => {}
-                    Phase::Closing if closing.is_none() => {
-                        connection.as_mut().graceful_shutdown();
-                        closing = Some(Ended::Drain);
-                    }
-                    Phase::Closing => {}
-                    Phase::Closed => return Ended::Drain,
-                }
+                life.phase(if changed.is_ok() { *phase.borrow_and_update() } else { Phase::Closed })
             }
-            _ = tokio::time::sleep_until(age_due.unwrap_or_else(far)), if age_due.is_some() => {
-                age_due = None;
-                if closing.is_none() {
-                    connection.as_mut().graceful_shutdown();
-                    closing = Some(Ended::Age);
-                    force_due = Some(tokio::time::Instant::now() + limits.age_grace);
-                }
+            _ = tokio::time::sleep_until(at_or_far(life.age_due)), if life.age_due.is_some() => life.aged(),
+            _ = tokio::time::sleep_until(at_or_far(life.force_due)), if life.force_due.is_some() => {
+                Step::End(life.closing.unwrap_or(Ended::Age))
             }
-            _ = tokio::time::sleep_until(force_due.unwrap_or_else(far)), if force_due.is_some() => {
-                return closing.unwrap_or(Ended::Age);
-            }
-            _ = activity.changed.notified() => {}
-            _ = tokio::time::sleep_until(watchdog.map_or_else(far, |(due, _)| due.into())), if watchdog.is_some() => {
-                // The state may have moved on while this timer ran: act on what is due now.
-                match activity.due(limits) {
-                    Some((due, Watchdog::HeaderTimeout)) if due <= Instant::now() => return Ended::HeaderTimeout,
-                    Some((due, Watchdog::Idle)) if due <= Instant::now() => {
-                        connection.as_mut().graceful_shutdown();
-                        closing = Some(Ended::Idle);
-                    }
-                    _ => {}
-                }
+            _ = activity.changed.notified() => Step::Continue,
+            _ = tokio::time::sleep_until(at_or_far(watchdog.map(|(due, _)| due.into()))), if watchdog.is_some() => {
+                life.watchdog(activity.due(limits))
             }
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
-                return closing.unwrap_or(Ended::Peer);
+                Step::End(life.closing.unwrap_or(Ended::Peer))
             }
+        };
+        match step {
+            Step::Continue => {}
+            Step::Close => connection.as_mut().graceful_shutdown(),
+            Step::End(ended) => return ended,
         }
-    }
-}
-
-/// `age` moved by up to ±10%, so that connections opened together do not all close together.
-fn jittered(age: Duration) -> Duration {
-    use std::hash::BuildHasher;
-    let random = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
-    let fraction = (random % 10_000) as f64 / 10_000.0;
-    age.mul_f64(0.9 + 0.2 * fraction)
-}
-
-/// What the watchdog would do at its deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Watchdog {
-    /// An HTTP/1.1 request head (or a new connection's first bytes) took too long: drop the connection.
-    HeaderTimeout,
-    /// No call for idle_timeout: close gracefully.
-    Idle,
-}
-
-/// "Not set" for the millisecond stamps of `Activity`.
-const NEVER: u64 = u64::MAX;
-
-/// A connection's calls in progress and when it went idle, shared by its IO, its calls and its watchdog.
-struct Activity {
-    epoch: Instant,
-    calls: AtomicUsize,
-    /// Milliseconds after `epoch` when the connection last had no call in progress.
-    idle_since: AtomicU64,
-    /// Milliseconds after `epoch` when an HTTP/1.1 request head began to arrive with no call in progress (a new
-    /// connection counts from its start); NEVER while none is arriving.
-    head_since: AtomicU64,
-    /// HTTP/2 (by preface or ALPN): its requests arrive in frames, which HTTP/2's own limits bound.
-    http2: AtomicBool,
-    changed: Notify,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            calls: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
-            head_since: AtomicU64::new(0),
-            http2: AtomicBool::new(false),
-            changed: Notify::new(),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(NEVER - 1)
-    }
-
-    fn at(&self, ms: u64) -> Instant {
-        self.epoch + Duration::from_millis(ms)
-    }
-
-    /// Bytes arrived: on an idle HTTP/1.1 connection they start a request head, which has a time limit.
-    fn bytes_arrived(&self) {
-        if self.calls.load(Ordering::Acquire) == 0
-            && !self.http2.load(Ordering::Acquire)
-            && self.head_since.load(Ordering::Acquire) == NEVER
-        {
-            self.head_since.store(self.now_ms(), Ordering::Release);
-            self.changed.notify_one();
-        }
-    }
-
-    /// When the watchdog must act next, and how; None while a call is in progress.
-    fn due(&self, limits: &ConnectionLimits) -> Option<(Instant, Watchdog)> {
-        if self.calls.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let head = self.head_since.load(Ordering::Acquire);
-        if head != NEVER && !self.http2.load(Ordering::Acquire) {
-            return Some((
-                self.at(head) + limits.header_read_timeout,
-                Watchdog::HeaderTimeout,
-            ));
-        }
-        let idle = self.idle_since.load(Ordering::Acquire);
-        Some((self.at(idle) + limits.idle_timeout, Watchdog::Idle))
-    }
-}
-
-/// One call in progress on a connection: from its request head until its response body is done or dropped.
-struct CallGuard(Arc<Activity>);
-
-impl CallGuard {
-    fn begin(activity: &Arc<Activity>) -> Self {
-        activity.calls.fetch_add(1, Ordering::AcqRel);
-        activity.head_since.store(NEVER, Ordering::Release);
-        Self(Arc::clone(activity))
-    }
-}
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        let activity = &self.0;
-        if activity.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
-            activity
-                .idle_since
-                .store(activity.now_ms(), Ordering::Release);
-            activity.changed.notify_one();
-        }
-    }
-}
-
-/// A response body that keeps its call counted as in progress until it is done.
-struct Guarded {
-    body: Body,
-    _call: CallGuard,
-}
-
-impl http_body::Body for Guarded {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// How many leading bytes of a plaintext connection tell HTTP/2's preface ("PRI * HTTP/2.0") from HTTP/1.1.
-const SNIFF: usize = 3;
-const SNIFF_DONE: usize = usize::MAX;
-
-/// The connection's socket, reporting arriving bytes to its `Activity` (and, in plaintext, whether the
-/// client speaks HTTP/2).
-struct Watched {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-    /// Leading bytes compared with the HTTP/2 preface so far; SNIFF_DONE once decided (or under TLS).
-    sniffed: usize,
-}
-
-impl Watched {
-    fn sniff(&mut self, bytes: &[u8]) {
-        let preface = b"PRI";
-        for &byte in bytes {
-            if self.sniffed >= SNIFF {
-                break;
-            }
-            if byte != preface[self.sniffed] {
-                self.sniffed = SNIFF_DONE;
-                return;
-            }
-            self.sniffed += 1;
-        }
-        if self.sniffed == SNIFF {
-            self.activity.http2.store(true, Ordering::Release);
-            self.sniffed = SNIFF_DONE;
-            self.activity.changed.notify_one();
-        }
-    }
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            if self.sniffed != SNIFF_DONE {
-                let arrived = buf.filled()[before..].to_vec();
-                self.sniff(&arrived);
-            }
-            self.activity.bytes_arrived();
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
