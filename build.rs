@@ -31,6 +31,10 @@ fn compile_protos(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
             ".rerank.v1.PromptTemplate",
             "#[derive(serde::Serialize, utoipa::ToSchema)]",
         )
+        .type_attribute(
+            ".rerank.v1.CutoffLayers",
+            "#[derive(serde::Serialize, utoipa::ToSchema)]",
+        )
         .file_descriptor_set_path(out_dir.join("rerank_descriptor.bin"))
         .compile_protos(&["proto/rerank/v1/rerank.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

@@ -42,17 +42,28 @@ pub struct RequestHandle {
     pub id: RequestId,
     /// The call's span, so the engine's batch spans can link to the calls they serve.
     pub span: tracing::Span,
+    /// Layerwise rerankers: the layer the request's pairs are scored after (0: the model's default).
+    pub exit_layer: u32,
     cancelled: AtomicBool,
     sink: mpsc::UnboundedSender<BatchOutcome>,
 }
 
 impl RequestHandle {
     pub fn new(id: RequestId) -> (Arc<Self>, mpsc::UnboundedReceiver<BatchOutcome>) {
+        Self::exiting_after(id, 0)
+    }
+
+    /// A request whose pairs a layerwise reranker scores after `exit_layer` (0: the model's default).
+    pub fn exiting_after(
+        id: RequestId,
+        exit_layer: u32,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<BatchOutcome>) {
         let (sink, receiver) = mpsc::unbounded_channel();
         (
             Arc::new(Self {
                 id,
                 span: tracing::Span::current(),
+                exit_layer,
                 cancelled: AtomicBool::new(false),
                 sink,
             }),
@@ -111,4 +122,17 @@ pub struct Batch {
 /// What a call gets once the engine has stopped: UNAVAILABLE, so clients retry at another replica.
 pub fn engine_gone() -> RerankError {
     RerankError::Unavailable("the inference engine has stopped; retry at another replica".into())
+}
+
+/// Packs pairs into the model's input, with each pair's exit layer where a request chose one.
+pub fn pack(pairs: &[Pair]) -> PackedBatch {
+    let mut inputs = PackedBatch::from_sequences(
+        pairs
+            .iter()
+            .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
+    );
+    if pairs.iter().any(|p| p.request.exit_layer != 0) {
+        inputs.exit_layers = pairs.iter().map(|p| p.request.exit_layer).collect();
+    }
+    inputs
 }

@@ -167,6 +167,7 @@ fn describe(
         scoring: model.scoring,
         max_message_bytes: config.max_message_bytes,
         prompt: model.prompt.clone(),
+        cutoff_layers: model.cutoff_layers,
     }
 }
 

@@ -308,6 +308,7 @@ mod tests {
             attention_span: 1000,
             prompt: None,
             default_max_length: None,
+            cutoff_layers: None,
         };
         let (good, mut good_rx) = RequestHandle::new(1);
         let (bad, mut bad_rx) = RequestHandle::new(2);

@@ -26,6 +26,9 @@ pub struct PackedBatch {
     pub cu_seqlens: Vec<usize>,
     /// The longest sequence.
     pub max_len: usize,
+    /// Layerwise rerankers: per sequence, the layer whose score head gives its score (0: the model's default);
+    /// empty when every sequence takes the default.
+    pub exit_layers: Vec<u32>,
 }
 
 impl Default for PackedBatch {
@@ -35,6 +38,7 @@ impl Default for PackedBatch {
             type_ids: Vec::new(),
             cu_seqlens: vec![0],
             max_len: 0,
+            exit_layers: Vec::new(),
         }
     }
 }
@@ -67,10 +71,19 @@ impl PackedBatch {
     /// Splits into the first `n` sequences and the rest.
     pub fn split_at(&self, n: usize) -> (PackedBatch, PackedBatch) {
         let rows = self.rows();
-        (
-            Self::from_sequences(rows.clone().take(n)),
-            Self::from_sequences(rows.skip(n)),
-        )
+        let mut first = Self::from_sequences(rows.clone().take(n));
+        let mut rest = Self::from_sequences(rows.skip(n));
+        if !self.exit_layers.is_empty() {
+            let cut = n.min(self.exit_layers.len());
+            first.exit_layers = self.exit_layers[..cut].to_vec();
+            rest.exit_layers = self.exit_layers[cut..].to_vec();
+        }
+        (first, rest)
+    }
+
+    /// Sequence `i`'s exit layer (0: the model's default).
+    pub fn exit_layer(&self, i: usize) -> u32 {
+        self.exit_layers.get(i).copied().unwrap_or(0)
     }
 
     /// Packs sequences (ids, type ids).
@@ -100,6 +113,28 @@ pub trait CrossEncoder: Send + Sync {
     fn clear_prefix_cache(&self) {}
 }
 
+/// The layers of a layerwise reranker that carry a score head, 1-based: a request may read its score after any
+/// of first..=last; `default` when it names none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutoffLayers {
+    pub first: usize,
+    pub last: usize,
+    pub default: usize,
+}
+
+impl CutoffLayers {
+    /// Refuses a layer without a score head.
+    pub fn check(&self, layer: usize) -> Result<(), String> {
+        match (self.first..=self.last).contains(&layer) {
+            true => Ok(()),
+            false => Err(format!(
+                "cutoff_layer {layer} has no score head: this model scores after layers {} to {} (default {})",
+                self.first, self.last, self.default
+            )),
+        }
+    }
+}
+
 /// A loaded model with what the rest of the server needs to know about it.
 pub struct LoadedModel {
     pub model: Box<dyn CrossEncoder>,
@@ -119,6 +154,8 @@ pub struct LoadedModel {
     pub prompt: Option<PromptTemplate>,
     /// The max_length to use when none is configured, if lower than the positions and the tokenizer's limit.
     pub default_max_length: Option<usize>,
+    /// Layerwise rerankers: the layers a request may read its score after.
+    pub cutoff_layers: Option<CutoffLayers>,
 }
 
 impl LoadedModel {

@@ -23,6 +23,9 @@ pub trait PrefixRun: Send + Sync {
 
     /// Bytes the keys and values of one token take over all layers (what the cache holds per token).
     fn kv_bytes_per_token(&self) -> usize;
+
+    /// Layers whose keys and values a run captures when it runs them all.
+    fn layer_count(&self) -> usize;
 }
 
 /// `D` with its prompt prefixes reused (see the module).
@@ -54,8 +57,12 @@ impl<D: PrefixRun> PrefixReuse<D> {
         })
     }
 
-    /// Keeps a computed run for later batches; a failure to keep it costs only the reuse.
+    /// Keeps a computed run for later batches; a failure to keep it costs only the reuse. A run that stopped
+    /// before the last layer (a layerwise exit) is not kept: a later batch may need the layers it skipped.
     fn keep(&self, ids: &[u32], layers: Vec<KeysValues>) {
+        if layers.len() < self.decoder.layer_count() {
+            return;
+        }
         if let Err(e) = self.cache.insert(ids, layers, false) {
             tracing::warn!(error = %e, "prefix cache insert failed");
         }
@@ -171,9 +178,10 @@ fn split_prefix(batch: &PackedBatch, shared: usize) -> (PackedBatch, PackedBatch
             .take(1)
             .map(|(ids, types)| (&ids[..shared], &types[..shared])),
     );
-    let suffixes = PackedBatch::from_sequences(
+    let mut suffixes = PackedBatch::from_sequences(
         rows.iter()
             .map(|(ids, types)| (&ids[shared..], &types[shared..])),
     );
+    suffixes.exit_layers = batch.exit_layers.clone();
     (prefix, suffixes)
 }

@@ -106,6 +106,7 @@ pub struct Built {
     pub scoring: Scoring,
     pub prompt: Option<PromptTemplate>,
     pub default_max_length: Option<usize>,
+    pub cutoff_layers: Option<super::CutoffLayers>,
 }
 
 impl Built {
@@ -124,6 +125,7 @@ impl Built {
             scoring,
             prompt: None,
             default_max_length: None,
+            cutoff_layers: None,
         }
     }
 }
@@ -155,6 +157,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, St
         attention_span: built.attention_span,
         prompt: built.prompt,
         default_max_length: built.default_max_length,
+        cutoff_layers: built.cutoff_layers,
     })
 }
 

@@ -37,6 +37,8 @@ pub struct RerankOptions {
     pub deadline: Option<Instant>,
     /// For instruction-following rerankers (Qwen3-Reranker): the task instruction instead of the model's default.
     pub instruction: Option<String>,
+    /// For layerwise rerankers: the layer whose score head gives the score (None: the model's default).
+    pub cutoff_layer: Option<usize>,
     /// Who calls: admission holds each client to its share (max_client_share). None: the global limits only.
     pub client: Option<clients::ClientId>,
 }
@@ -84,6 +86,8 @@ pub struct ModelDescription {
     pub max_message_bytes: usize,
     /// Decoder rerankers: the prompt pairs are put in.
     pub prompt: Option<crate::tokenization::PromptTemplate>,
+    /// Layerwise rerankers: the layers a request may choose.
+    pub cutoff_layers: Option<crate::model::CutoffLayers>,
 }
 
 impl ModelDescription {
@@ -125,6 +129,23 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Set when the server stops: calls still in flight end with UNAVAILABLE.
     stopped: tokio::sync::watch::Sender<bool>,
+}
+
+impl Inner {
+    /// The exit layer a request's pairs carry: 0 for the model's default; a layer only a layerwise reranker with
+    /// a head there takes.
+    fn check_cutoff_layer(&self, layer: Option<usize>) -> Result<u32, RerankError> {
+        let Some(layer) = layer else {
+            return Ok(0);
+        };
+        let Some(layers) = &self.description.cutoff_layers else {
+            return Err(RerankError::invalid(
+                "cutoff_layer is only for layerwise rerankers; this model scores after its last layer",
+            ));
+        };
+        layers.check(layer).map_err(RerankError::invalid)?;
+        Ok(u32::try_from(layer).unwrap_or(u32::MAX))
+    }
 }
 
 impl Reranker {

@@ -44,7 +44,15 @@ pub struct SchedulerHandle {
 impl SchedulerHandle {
     /// Registers a new request; its outcomes arrive on the returned receiver.
     pub fn new_request(&self) -> (Arc<RequestHandle>, mpsc::UnboundedReceiver<BatchOutcome>) {
-        RequestHandle::new(self.next_id.fetch_add(1, Ordering::Relaxed))
+        self.new_request_exiting_after(0)
+    }
+
+    /// A request whose pairs a layerwise reranker scores after `exit_layer` (0: the model's default).
+    pub fn new_request_exiting_after(
+        &self,
+        exit_layer: u32,
+    ) -> (Arc<RequestHandle>, mpsc::UnboundedReceiver<BatchOutcome>) {
+        RequestHandle::exiting_after(self.next_id.fetch_add(1, Ordering::Relaxed), exit_layer)
     }
 
     /// Queues pairs for computation.

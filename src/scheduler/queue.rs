@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use super::cost::{BatchPolicy, BatchShape, Fill};
 use crate::batch::{Batch, Pair, RequestId};
-use crate::model::PackedBatch;
 
 /// Pairs of one request inside one bucket, oldest first.
 #[derive(Debug)]
@@ -270,11 +269,7 @@ impl BatchQueue {
             }
             if !fill.pairs.is_empty() {
                 let pairs = fill.pairs;
-                let inputs = PackedBatch::from_sequences(
-                    pairs
-                        .iter()
-                        .map(|p| (&p.tokens.input_ids[..], &p.tokens.type_ids[..])),
-                );
+                let inputs = crate::batch::pack(&pairs);
                 self.batches_cut += 1;
                 return Some(Batch {
                     id: self.batches_cut,

@@ -45,23 +45,37 @@ pub fn mxbai_rerank_v2_prompt() -> PromptTemplate {
     }
 }
 
-/// bge-reranker-v2-gemma's prompt, as FlagEmbedding's LLM reranker builds it: BOS, `A: {query}`, a newline,
-/// `B: {passage}`, a newline and the yes/no question.
-pub fn bge_reranker_gemma_prompt() -> PromptTemplate {
-    let task = "Given a query A and a passage B, determine whether the passage contains an answer to the query by \
-                providing a prediction of either 'Yes' or 'No'.";
+/// FlagEmbedding's LLM reranker question, shared by its Gemma and layerwise MiniCPM rerankers.
+const FLAG_TASK: &str =
+    "Given a query A and a passage B, determine whether the passage contains an answer to the \
+                         query by providing a prediction of either 'Yes' or 'No'.";
+
+/// The prompt FlagEmbedding's LLM rerankers build: the tokenizer's BOS (`bos`), `A: {query}`, a newline,
+/// `B: {passage}`, a newline and the yes/no question, each part tokenized on its own.
+fn flag_llm_reranker_prompt(family: &str, bos: &str) -> PromptTemplate {
     PromptTemplate {
-        family: "bge-reranker-v2-gemma".into(),
+        family: family.into(),
         prefix: String::new(),
-        body: "<bos>A: {query}\nB: {document}".into(),
-        suffix: ["\n", task].concat(),
+        body: format!("{bos}A: {{query}}\nB: {{document}}"),
+        suffix: ["\n", FLAG_TASK].concat(),
         default_instruction: None,
         layout: PromptLayout::Flag {
-            lead: "<bos>".into(),
+            lead: bos.into(),
             query: "A: {query}".into(),
             document: "B: {document}".into(),
             separator: "\n".into(),
-            task: task.into(),
+            task: FLAG_TASK.into(),
         },
     }
+}
+
+/// bge-reranker-v2-gemma's prompt (FlagEmbedding's `FlagLLMReranker`).
+pub fn bge_reranker_gemma_prompt() -> PromptTemplate {
+    flag_llm_reranker_prompt("bge-reranker-v2-gemma", "<bos>")
+}
+
+/// bge-reranker-v2-minicpm-layerwise's prompt (FlagEmbedding's `LayerWiseFlagLLMReranker`): the same parts after
+/// MiniCPM's BOS.
+pub fn bge_reranker_minicpm_layerwise_prompt() -> PromptTemplate {
+    flag_llm_reranker_prompt("bge-reranker-v2-minicpm-layerwise", "<s>")
 }

@@ -103,6 +103,7 @@ struct Requested {
     truncation: i32,
     max_chunks_per_doc: u32,
     instruction: Option<String>,
+    cutoff_layer: Option<u32>,
 }
 
 fn request_options(limits: &Limits, requested: Requested) -> Result<RerankOptions, RerankError> {
@@ -129,6 +130,7 @@ fn request_options(limits: &Limits, requested: Requested) -> Result<RerankOption
         max_document_tokens: None,
         deadline: None,
         instruction: requested.instruction,
+        cutoff_layer: requested.cutoff_layer.map(|layer| layer as usize),
         client: None,
     })
 }
@@ -173,6 +175,7 @@ pub fn unary_options(
         truncation: request.truncation,
         max_chunks_per_doc: request.max_chunks_per_doc,
         instruction: request.instruction.clone(),
+        cutoff_layer: request.cutoff_layer,
     };
     request_options(limits, requested)
 }
@@ -191,6 +194,7 @@ pub fn decode_stream_message(
                 truncation: start.truncation,
                 max_chunks_per_doc: start.max_chunks_per_doc,
                 instruction: start.instruction,
+                cutoff_layer: start.cutoff_layer,
             };
             Ok(StreamRequest::Start {
                 options: request_options(limits, requested)?,
@@ -320,6 +324,11 @@ pub fn info(reranker: &Reranker) -> proto::InfoResponse {
         supported_architectures: crate::model::registry::supported()
             .map(String::from)
             .collect(),
+        cutoff_layers: description.cutoff_layers.map(|layers| proto::CutoffLayers {
+            first: clamp(layers.first),
+            last: clamp(layers.last),
+            default_layer: clamp(layers.default),
+        }),
         max_length: clamp(description.max_length),
         device: description.device.clone(),
         dtype: description.dtype.clone(),

@@ -6,8 +6,8 @@ use crate::error::StartupError;
 use crate::model::ops::Weights;
 use crate::model::prefix_reuse::PrefixReuse;
 use crate::model::scoring::Scoring;
-use crate::model::{Built, ModelSource};
-use crate::tokenization::PromptTemplate;
+use crate::model::{Built, CutoffLayers, ModelSource};
+use crate::tokenization::{PromptLayout, PromptTemplate};
 
 /// How a family's reranker reads and scores: its decoder variant, which logits make the score and how, its
 /// prompt, and the longest pair unless configured (the reference's default).
@@ -27,6 +27,14 @@ pub fn build(
 ) -> Result<Built, StartupError> {
     let config: DecoderConfig = source.config()?;
     source.refuse(config.unsupported())?;
+    let cutoff_layers = match reranker.head {
+        ScoreHead::PerLayer { first, default } => Some(CutoffLayers {
+            first,
+            last: config.num_hidden_layers,
+            default,
+        }),
+        _ => None,
+    };
     let decoder = Decoder::load(weights, &config, reranker.variant, reranker.head)?;
     Ok(Built {
         model: Box::new(PrefixReuse::new(decoder)),
@@ -37,6 +45,7 @@ pub fn build(
         scoring: reranker.scoring,
         prompt: Some(reranker.prompt),
         default_max_length: Some(reranker.default_max_length),
+        cutoff_layers,
     })
 }
 
@@ -105,4 +114,25 @@ fn attention_span(config: &DecoderConfig) -> usize {
     let kv = config.num_key_value_heads * config.head_dim();
     let dense = 2 * config.hidden_size * (2 * q + 2 * kv + 3 * config.intermediate_size);
     dense / (4 * q).max(1)
+}
+
+/// FlagEmbedding's LLM reranker default `max_length`: the query keeps at most 3/4 of it, the passage at most all
+/// of it, and the prompt's separator and question come on top (see `PromptLayout::Flag`).
+const FLAG_MAX_LENGTH: usize = 512;
+
+/// Our whole-pair max_length that gives FlagEmbedding's default limits for `prompt` (a `PromptLayout::Flag`): its
+/// 512 for query (3/4) and passage, plus twice the separator and question tokens (S), since our query and
+/// document limits leave 2·S of max_length. S is counted with the model's own tokenizer.
+pub fn flag_default_max_length(
+    dir: &std::path::Path,
+    prompt: &PromptTemplate,
+) -> Result<usize, StartupError> {
+    let PromptLayout::Flag {
+        separator, task, ..
+    } = &prompt.layout
+    else {
+        return Ok(FLAG_MAX_LENGTH);
+    };
+    let suffix = token_count(dir, separator)? + token_count(dir, task)?;
+    Ok(FLAG_MAX_LENGTH + 2 * suffix)
 }

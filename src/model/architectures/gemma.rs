@@ -3,13 +3,12 @@
 //! LLM reranker prompt, with FlagEmbedding's default limits unless max_length is configured.
 
 use super::decoder::{ScoreHead, Variant};
-use super::decoder_rerankers::{self, first_token_id, token_count, Reranker};
+use super::decoder_rerankers::{self, first_token_id, flag_default_max_length, Reranker};
 use crate::error::StartupError;
 use crate::model::ops::Weights;
 use crate::model::scoring::{Activation, Scoring};
 use crate::model::{Built, ModelSource};
 use crate::tokenization::templates::bge_reranker_gemma_prompt;
-use crate::tokenization::PromptLayout;
 
 pub const CAUSAL_LM: &str = "GemmaForCausalLM";
 
@@ -31,25 +30,7 @@ pub fn build(source: &ModelSource, weights: Weights) -> Result<Built, StartupErr
         },
         scoring: Scoring::SingleLogit(Activation::Sigmoid),
         prompt: bge_reranker_gemma_prompt(),
-        default_max_length: flag_default_max_length(dir)?,
+        default_max_length: flag_default_max_length(dir, &bge_reranker_gemma_prompt())?,
     };
     decoder_rerankers::build(source, weights, reranker)
-}
-
-/// FlagEmbedding's LLM reranker default `max_length`: the query keeps at most 3/4 of it, the passage at most all
-/// of it, and the prompt's separator and question come on top (see `PromptLayout::Flag`).
-const FLAG_MAX_LENGTH: usize = 512;
-
-/// Our whole-pair max_length that gives FlagEmbedding's default limits: its 512 for query (3/4) and passage, plus
-/// twice the separator and question tokens (S), since our query and document limits leave 2·S of max_length
-/// (see `PromptLayout::Flag`). S is counted with the model's own tokenizer.
-fn flag_default_max_length(dir: &std::path::Path) -> Result<usize, StartupError> {
-    let PromptLayout::Flag {
-        separator, task, ..
-    } = bge_reranker_gemma_prompt().layout
-    else {
-        return Ok(FLAG_MAX_LENGTH);
-    };
-    let suffix = token_count(dir, &separator)? + token_count(dir, &task)?;
-    Ok(FLAG_MAX_LENGTH + 2 * suffix)
 }

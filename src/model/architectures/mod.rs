@@ -9,6 +9,7 @@ pub mod electra;
 mod encoder;
 pub mod gemma;
 pub mod gte;
+pub mod minicpm;
 pub mod modernbert;
 pub mod qwen2;
 pub mod qwen3;
@@ -33,6 +34,7 @@ pub static ARCHITECTURES: &[Architecture] = &[
     row(qwen3::SEQUENCE_CLASSIFICATION, qwen3::build_converted),
     row(qwen2::CAUSAL_LM, qwen2::build),
     row(gemma::CAUSAL_LM, gemma::build),
+    row(minicpm::CAUSAL_LM, minicpm::build),
 ];
 
 const fn row(name: &'static str, build: super::registry::Builder) -> Architecture {

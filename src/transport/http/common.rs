@@ -103,6 +103,11 @@ pub(super) struct Common {
     rank_fields: Option<Vec<String>>,
     /// Instruction-following rerankers (Qwen3-Reranker): the task instruction instead of the model's default.
     instruction: Option<String>,
+    /// Layerwise rerankers (bge-reranker-v2-minicpm-layerwise): the layer whose score head gives the score; the
+    /// model computes no layer past it (see `cutoff_layers` in `GET /info`).
+    #[serde(default, deserialize_with = "count")]
+    #[schema(value_type = Option<u64>, maximum = 9007199254740991_u64)]
+    cutoff_layer: Option<usize>,
 }
 
 /// A count: a non-negative integer, also when written as a whole float (`5.0`, as some JSON encoders write
@@ -281,7 +286,7 @@ fn known<'a>(own: &[&'a str]) -> Vec<&'a str> {
 }
 
 /// The fields of [`Common`], as they are written in JSON.
-const COMMON_FIELDS: [&str; 8] = [
+const COMMON_FIELDS: [&str; 9] = [
     "model",
     "top_n",
     "return_documents",
@@ -290,6 +295,7 @@ const COMMON_FIELDS: [&str; 8] = [
     "max_tokens_per_doc",
     "rank_fields",
     "instruction",
+    "cutoff_layer",
 ];
 
 /// The options of one call from the shared fields; `truncate` is TEI's flag (false = reject over-long pairs).
@@ -337,6 +343,7 @@ fn options(
         max_document_tokens: common.max_tokens_per_doc,
         deadline: None,
         instruction: common.instruction.clone(),
+        cutoff_layer: common.cutoff_layer,
         client: None,
     })
 }

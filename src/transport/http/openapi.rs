@@ -124,7 +124,21 @@ fn complete(schema: &mut Value, documents: &str, reranker: &Reranker) {
         properties["max_tokens_per_doc"] = refused.clone();
     }
     if !instructed {
-        properties["instruction"] = refused;
+        properties["instruction"] = refused.clone();
+    }
+    match description.cutoff_layers {
+        Some(layers) => {
+            properties["cutoff_layer"] = json!({
+                "type": ["integer", "null"],
+                "minimum": layers.first,
+                "maximum": layers.last,
+                "description": format!(
+                    "The layer whose score head gives the score ({} to {}; absent: {}).",
+                    layers.first, layers.last, layers.default
+                ),
+            });
+        }
+        None => properties["cutoff_layer"] = refused,
     }
     // A document cut to max_tokens_per_doc cannot also be scored whole in windows (400).
     schema["not"] = json!({"anyOf": [
@@ -183,6 +197,7 @@ mod tests {
             ),
             max_message_bytes: 1 << 20,
             prompt: None,
+            cutoff_layers: None,
         }
     }
 

@@ -9,10 +9,12 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::admission::Admission;
-use super::documents::{ranked, Documents};
+use super::documents::Documents;
 use super::windows::Windows;
+
+mod scoring;
 use super::{nanos, RankedDocument, RerankOptions, RerankOutcome, Reranker, Usage};
-use crate::batch::{engine_gone, BatchOutcome, Pair, RequestHandle, ScoredPairs};
+use crate::batch::{engine_gone, BatchOutcome, Pair, RequestHandle};
 use crate::error::RerankError;
 use crate::tokenization::{PairTokens, QueryTokens, Truncation};
 
@@ -67,8 +69,9 @@ impl RerankSession {
             options.max_document_tokens,
             instruction,
         )?;
+        let exit_layer = inner.check_cutoff_layer(options.cutoff_layer)?;
         let query = Arc::new(inner.tokenizer.encode_query(query, instruction)?);
-        let (request, outcomes) = inner.scheduler.new_request();
+        let (request, outcomes) = inner.scheduler.new_request_exiting_after(exit_layer);
         let windows =
             matches!(options.truncation, Truncation::ChunkMax { .. }).then(Windows::default);
         Ok(Self {
@@ -117,19 +120,34 @@ impl RerankSession {
         if documents.is_empty() {
             return Ok(());
         }
-        let inner = Arc::clone(&self.reranker.inner);
-        inner.limits.check_documents(self.pushed, &documents)?;
-        let first_index = self.pushed;
-        let count = documents.len();
+        self.reranker
+            .inner
+            .limits
+            .check_documents(self.pushed, &documents)?;
+        let (first_index, count) = (self.pushed, documents.len());
         let bytes: usize = documents.iter().map(String::len).sum();
-        let at_least =
-            inner
-                .tokenizer
-                .least_tokens(&self.query, &documents, self.options.max_document_tokens);
+        self.admit_text(&documents, bytes).await?;
         let documents: Arc<[String]> = documents.into();
-        // Text and pairs are admitted before the tokenizer spends work on them, tokens once they are known.
-        // Work that could not be admitted even at a low estimate of its tokens is refused before tokenizing,
-        // so a flood of retries costs the engine little.
+        let per_document = self.tokenize(&documents, first_index).await?;
+        if self.options.return_documents {
+            self.documents.hold_chunk(first_index, documents);
+        } else {
+            self.release_bytes(bytes);
+        }
+        let pairs = self.map_windows(first_index, per_document);
+        let token_count = self.admit_pairs_and_tokens(&pairs, count).await?;
+        self.enqueue(pairs, count, token_count)
+    }
+
+    /// Admits the documents' text and one pair each before the tokenizer spends work on them. Work that could
+    /// not be admitted even at a low estimate of its tokens is refused before tokenizing, so a flood of
+    /// retries costs the engine little.
+    async fn admit_text(&mut self, documents: &[String], bytes: usize) -> Result<(), RerankError> {
+        let at_least = self.reranker.inner.tokenizer.least_tokens(
+            &self.query,
+            documents,
+            self.options.max_document_tokens,
+        );
         let (call, deadline) = (self.request.id, self.options.deadline);
         let client = self.options.client.clone();
         let client = client.as_ref();
@@ -140,16 +158,26 @@ impl RerankSession {
         self.admit_or_wait(|admission| admission.admit_bytes(client, bytes))
             .await?;
         self.documents.held_bytes += bytes;
+        let count = documents.len();
         self.admit_or_wait(|admission| admission.admit_pairs(client, count))
             .await?;
         self.admitted.0 += count;
-        let tokenizing = tracing::debug_span!("tokenize", documents = count);
-        // Tokenization time only: the admission steps around it may wait for this session's own batches.
+        Ok(())
+    }
+
+    /// Tokenizes the documents (windows per document under chunk-max), counting the time in usage and metrics.
+    async fn tokenize(
+        &mut self,
+        documents: &Arc<[String]>,
+        first_index: usize,
+    ) -> Result<Vec<Vec<PairTokens>>, RerankError> {
+        let inner = Arc::clone(&self.reranker.inner);
+        let tokenizing = tracing::debug_span!("tokenize", documents = documents.len());
         let started = Instant::now();
         let per_document = tracing::Instrument::instrument(
             inner.tokenizer.encode_documents(
                 Arc::clone(&self.query),
-                Arc::clone(&documents),
+                Arc::clone(documents),
                 first_index,
                 self.options.truncation,
                 self.options.max_document_tokens,
@@ -157,15 +185,27 @@ impl RerankSession {
             tokenizing,
         )
         .await?;
+        // Tokenization time only: the admission steps around it may wait for this session's own batches.
         let tokenize_time = started.elapsed();
-        if self.options.return_documents {
-            self.documents.hold_chunk(first_index, documents);
-        } else {
-            self.release_bytes(bytes);
-        }
-        let pairs = self.map_windows(first_index, per_document);
-        // Windows beyond one per document are more pairs than admitted above.
-        let extra = pairs.len() - count;
+        self.usage.tokenize_ns += nanos(tokenize_time);
+        inner
+            .metrics
+            .tokenize_duration
+            .observe(tokenize_time.as_secs_f64());
+        Ok(per_document)
+    }
+
+    /// Admits the pairs beyond one per document (extra windows) and the tokens, now that they are known;
+    /// returns the token count.
+    async fn admit_pairs_and_tokens(
+        &mut self,
+        pairs: &[PairTokens],
+        documents: usize,
+    ) -> Result<usize, RerankError> {
+        let (call, deadline) = (self.request.id, self.options.deadline);
+        let client = self.options.client.clone();
+        let client = client.as_ref();
+        let extra = pairs.len() - documents;
         if extra > 0 {
             self.admit_or_wait(|admission| admission.admit_pairs(client, extra))
                 .await?;
@@ -177,11 +217,16 @@ impl RerankSession {
         })
         .await?;
         self.admitted.1 += token_count;
-        self.usage.tokenize_ns += nanos(tokenize_time);
-        inner
-            .metrics
-            .tokenize_duration
-            .observe(tokenize_time.as_secs_f64());
+        Ok(token_count)
+    }
+
+    /// Hands admitted pairs to the scheduler, numbered after the pairs pushed before.
+    fn enqueue(
+        &mut self,
+        pairs: Vec<PairTokens>,
+        documents: usize,
+        token_count: usize,
+    ) -> Result<(), RerankError> {
         let enqueued_at = Instant::now();
         let first_pair = self.pairs_pushed;
         let pairs: Vec<Pair> = pairs
@@ -195,7 +240,7 @@ impl RerankSession {
             })
             .collect();
         tracing::debug!(
-            documents = count,
+            documents,
             pairs = pairs.len(),
             tokens = token_count,
             "queued"
@@ -203,10 +248,10 @@ impl RerankSession {
         if self.scoring.is_none() {
             self.scoring = Some(tracing::debug_span!("scoring"));
         }
-        self.pushed += count;
+        self.pushed += documents;
         self.pairs_pushed += pairs.len();
         self.scores.resize(self.pushed, f32::NAN);
-        inner.scheduler.submit(pairs)
+        self.reranker.inner.scheduler.submit(pairs)
     }
 
     /// Flattens the documents' pairs, recording which document and window each pair is when documents are
@@ -271,81 +316,6 @@ impl RerankSession {
         }
     }
 
-    fn record(&mut self, scored: ScoredPairs) -> ScoredChunk {
-        let inner = Arc::clone(&self.reranker.inner);
-        let (scoring, raw) = (inner.description.scoring, self.options.raw_scores);
-        self.release(scored.pairs.len(), scored.tokens as usize);
-        self.usage.tokens += scored.tokens;
-        self.usage.inference_ns += nanos(scored.inference);
-        self.usage.queue_ns += nanos(scored.queued);
-        inner.metrics.pairs.inc_by(scored.pairs.len() as u64);
-        inner.metrics.tokens.inc_by(scored.tokens);
-        inner
-            .metrics
-            .queue_duration
-            .observe(scored.queued.as_secs_f64());
-        tracing::debug!(
-            batch = scored.batch,
-            pairs = scored.pairs.len(),
-            queue_ms = scored.queued.as_secs_f64() * 1e3,
-            inference_ms = scored.inference.as_secs_f64() * 1e3,
-            "scored in batch"
-        );
-        let mut chunk = Vec::with_capacity(scored.pairs.len());
-        for (pair, logits) in scored.pairs {
-            let score = if raw {
-                scoring.raw(&logits)
-            } else {
-                scoring.score(&logits)
-            };
-            self.pairs_scored += 1;
-            if let Some(document) = self.document_scored(pair, score) {
-                chunk.push(document);
-            }
-        }
-        if self.outstanding() == 0 {
-            // Nothing queued or computing: the span ends here (a stream opens a new one with its next push).
-            self.scoring = None;
-        }
-        inner.metrics.documents.inc_by(chunk.len() as u64);
-        if self.options.return_documents {
-            let held_before = self.documents.held_bytes;
-            let mut freed = 0;
-            for doc in &chunk {
-                freed += self
-                    .documents
-                    .scored(doc.index, doc.score, self.options.top_n);
-            }
-            let copied = self.documents.held_bytes - held_before;
-            inner
-                .admission
-                .hold_bytes(self.options.client.as_ref(), copied);
-            self.release_bytes(freed);
-        }
-        chunk
-    }
-
-    /// Records a pair's score; returns its document once every window of it is scored.
-    fn document_scored(&mut self, pair: u32, score: f32) -> Option<RankedDocument> {
-        let Some(windows) = &mut self.windows else {
-            let slot = self.scores.get_mut(pair as usize)?;
-            *slot = score;
-            return Some(RankedDocument {
-                index: pair,
-                score,
-                document: None,
-                chunk: None,
-            });
-        };
-        let (index, score, window) = windows.scored(pair, score, &mut self.scores)?;
-        Some(RankedDocument {
-            index,
-            score,
-            document: None,
-            chunk: Some(window),
-        })
-    }
-
     /// Waits for every outstanding score and ranks all documents pushed.
     pub async fn finish(mut self) -> Result<RerankOutcome, RerankError> {
         if self.pushed == 0 {
@@ -361,19 +331,6 @@ impl RerankSession {
         usage.documents = u32::try_from(self.pushed).unwrap_or(u32::MAX);
         usage.total_ns = nanos(self.received_at.elapsed());
         Ok(RerankOutcome { results, usage })
-    }
-
-    /// All scores sorted highest first (ties by index), cut to top_n, documents attached if asked.
-    fn rank(&self) -> Vec<RankedDocument> {
-        ranked(&self.scores, self.options.top_n)
-            .into_iter()
-            .map(|index| RankedDocument {
-                index,
-                score: self.scores[index as usize],
-                document: self.documents.kept.get(&index).cloned(),
-                chunk: self.windows.as_ref().and_then(|w| w.best(index)),
-            })
-            .collect()
     }
 
     /// Returns admitted work to the global counts as it is scored (or dropped).

@@ -4,105 +4,17 @@
 //! reused across pairs by wrapping it in `PrefixReuse`.
 
 use candle_core::{Result, Tensor};
-use serde::Deserialize;
 
 use crate::model::ops::{self, Bias, FeedForwardActivation, Linear, RmsNorm, Target, Weights};
 use crate::model::prefix_cache::KeysValues;
 use crate::model::prefix_reuse::PrefixRun;
 use crate::model::PackedBatch;
 
-/// The fields of a decoder `config.json` (Qwen2, Qwen3, Gemma) the decoder needs, as transformers writes them (v4 and v5).
-#[derive(Debug, Clone, Deserialize)]
-pub struct DecoderConfig {
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    #[serde(default)]
-    pub head_dim: Option<usize>,
-    pub rms_norm_eps: f64,
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-    /// transformers 5 keeps rope_theta here.
-    #[serde(default)]
-    pub rope_parameters: Option<RopeParameters>,
-    #[serde(default)]
-    pub rope_scaling: Option<serde_json::Value>,
-    pub max_position_embeddings: usize,
-    pub vocab_size: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    #[serde(default)]
-    pub use_sliding_window: bool,
-    #[serde(default)]
-    pub attention_bias: bool,
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
-    /// Gemma checkpoints may name the MLP activation here instead (it wins where set).
-    #[serde(default)]
-    pub hidden_activation: Option<String>,
-}
+mod config;
+mod exits;
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct RopeParameters {
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-    #[serde(default)]
-    pub rope_type: Option<String>,
-}
-
-fn default_act() -> String {
-    "silu".into()
-}
-
-impl DecoderConfig {
-    fn mlp_activation(&self) -> &str {
-        self.hidden_activation
-            .as_deref()
-            .unwrap_or(&self.hidden_act)
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
-    }
-
-    fn rope_theta(&self) -> f64 {
-        self.rope_theta
-            .or_else(|| self.rope_parameters.as_ref()?.rope_theta)
-            .unwrap_or(1_000_000.0)
-    }
-
-    /// Why this configuration cannot be served as written, if it cannot: what the decoder does not implement.
-    pub fn unsupported(&self) -> Option<String> {
-        let scaled = self.rope_scaling.as_ref().is_some_and(|s| {
-            !s.is_null() && s.get("rope_type").and_then(|t| t.as_str()) != Some("default")
-        }) || self
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_type.as_deref())
-            .is_some_and(|t| t != "default");
-        if scaled {
-            Some("rope scaling other than the default".into())
-        } else if self.use_sliding_window {
-            Some("sliding-window attention (use_sliding_window)".into())
-        } else if FeedForwardActivation::from_config(self.mlp_activation()).is_none() {
-            Some(format!(
-                "hidden_act {:?} (silu, gelu or gelu_pytorch_tanh)",
-                self.mlp_activation()
-            ))
-        } else if self.num_key_value_heads == 0
-            || !self
-                .num_attention_heads
-                .is_multiple_of(self.num_key_value_heads)
-        {
-            Some("attention heads that are not a multiple of the key/value heads".into())
-        } else {
-            None
-        }
-    }
-}
+pub use config::DecoderConfig;
+use exits::{leading, ExitScores, Heads};
 
 struct Layer {
     input_norm: RmsNorm,
@@ -117,21 +29,23 @@ struct Layer {
     down: Linear,
 }
 
-/// The decoder and a one-row head: the score of a sequence is head · final_norm(h_last).
+/// The decoder and its score rows: the score of a sequence is head · final_norm(h_last), h the output of the last
+/// layer or of the layer the sequence exits after.
 pub struct Decoder {
     embeddings: Tensor,
     layers: Vec<Layer>,
     final_norm: RmsNorm,
-    /// [1, hidden], fp32.
-    head: Tensor,
+    heads_out: Heads,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     rope_theta: f64,
     /// The gate's activation: SiLU (SwiGLU, Qwen), GELU tanh (GeGLU, Gemma).
     activation: FeedForwardActivation,
-    /// Gemma scales embeddings by √hidden.
+    /// Gemma scales embeddings by √hidden, MiniCPM by scale_emb.
     embedding_scale: Option<f64>,
+    /// MiniCPM scales each residual branch by scale_depth / √layers.
+    residual_scale: Option<f64>,
     /// Bytes of one token's keys and values over all layers (fp32).
     kv_bytes_per_token: usize,
     target: Target,
@@ -156,6 +70,8 @@ pub enum ScoreHead {
     },
     /// A converted checkpoint's stored one-row `score` layer.
     Stored,
+    /// Layerwise rerankers: `lm_head.{i}.linear_head`, one row per layer from `first` (1-based) to the last.
+    PerLayer { first: usize, default: usize },
 }
 
 impl Decoder {
@@ -176,8 +92,23 @@ impl Decoder {
         let layers = (0..config.num_hidden_layers)
             .map(|i| load_layer(&body.pp("layers").pp(i), config, variant, norm))
             .collect::<Result<Vec<_>>>()?;
-        let head = match head {
-            ScoreHead::Stored => vb.pp("score").residual_tensor((1, h), "weight")?,
+        let heads_out = match head {
+            ScoreHead::PerLayer { first, default } => {
+                let rows = (first..=config.num_hidden_layers)
+                    .map(|layer| {
+                        vb.pp("lm_head")
+                            .pp(layer - first)
+                            .pp("linear_head")
+                            .residual_tensor((1, h), "weight")
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Heads::PerLayer {
+                    first,
+                    rows,
+                    default,
+                }
+            }
+            ScoreHead::Stored => Heads::Last(vb.pp("score").residual_tensor((1, h), "weight")?),
             ScoreHead::TokenLogits { positive, negative } => {
                 // Tied checkpoints store no lm_head: the output projection is the embedding table.
                 // (Gemma configs leave the tie implicit: no stored output projection means the tie.)
@@ -187,17 +118,17 @@ impl Decoder {
                     vb.pp("lm_head").tensor((config.vocab_size, h), "weight")?
                 };
                 let row = |id: u32| ops::residual(&table.narrow(0, id as usize, 1)?);
-                match negative {
+                Heads::Last(match negative {
                     Some(negative) => (row(positive)? - row(negative)?)?,
                     None => row(positive)?,
-                }
+                })
             }
         };
         Ok(Self {
             embeddings,
             layers,
             final_norm: norm(body.pp("norm"), h)?,
-            head,
+            heads_out,
             heads,
             kv_heads,
             head_dim,
@@ -205,7 +136,13 @@ impl Decoder {
             activation: FeedForwardActivation::from_config(config.mlp_activation()).ok_or_else(
                 || candle_core::Error::Msg(format!("activation {:?}", config.mlp_activation())),
             )?,
-            embedding_scale: variant.scaled_embeddings.then(|| (h as f64).sqrt()),
+            embedding_scale: match variant.scaled_embeddings {
+                true => Some((h as f64).sqrt()),
+                false => config.scale_emb,
+            },
+            residual_scale: config
+                .scale_depth
+                .map(|depth| depth / (config.num_hidden_layers.max(1) as f64).sqrt()),
             kv_bytes_per_token: config.num_hidden_layers * 2 * kv_heads * head_dim * 4,
             target: vb.target(),
         })
@@ -247,12 +184,57 @@ impl Decoder {
             None => x.clone(),
         };
         let attended = ops::linear(&layer.o, &self.target.gemm_input(&context)?)?;
-        let x = (x + ops::residual(&attended)?)?;
+        let x = (x + self.branch(ops::residual(&attended)?)?)?;
         let normed = self.target.gemm_input(&layer.post_norm.forward(&x)?)?;
         let gate_up = ops::linear(&layer.gate_up, &normed)?;
         let gated = ops::gated_activation(&gate_up, ops::ActivatedHalf::First, self.activation)?;
-        let x = (x + ops::residual(&ops::linear(&layer.down, &gated)?)?)?;
+        let x = (x + self.branch(ops::residual(&ops::linear(&layer.down, &gated)?)?)?)?;
         Ok((x, (k, v)))
+    }
+
+    /// A residual branch as it joins the stream (MiniCPM scales it).
+    fn branch(&self, t: Tensor) -> Result<Tensor> {
+        match self.residual_scale {
+            Some(scale) => t * scale,
+            None => Ok(t),
+        }
+    }
+
+    /// Each sequence's exit layer (1-based), and how many layers the batch runs: all of them for one head or
+    /// for a run without scores (its keys and values are kept for later batches, which may go deeper).
+    fn exits(&self, batch: &PackedBatch, scores: bool) -> Result<(Vec<usize>, usize)> {
+        let all = self.layers.len();
+        let Heads::PerLayer { first, default, .. } = &self.heads_out else {
+            return Ok((vec![all; batch.size()], all));
+        };
+        let exits = (0..batch.size())
+            .map(|i| match batch.exit_layer(i) as usize {
+                0 => *default,
+                layer => layer,
+            })
+            .collect::<Vec<_>>();
+        if let Some(bad) = exits.iter().find(|&&l| l < *first || l > all) {
+            candle_core::bail!("layer {bad} has no score head (layers {first} to {all})");
+        }
+        let depth = match scores {
+            true => exits.iter().copied().max().unwrap_or(all),
+            false => all,
+        };
+        Ok((exits, depth))
+    }
+
+    /// The scores of the sequences that exit after `layer` (1-based): `rows` are their rows of `x`.
+    fn exit_scores(&self, x: &Tensor, rows: &[u32], layer: usize) -> Result<Tensor> {
+        let head = match &self.heads_out {
+            Heads::Last(head) => head,
+            Heads::PerLayer {
+                first, rows: heads, ..
+            } => heads.get(layer.wrapping_sub(*first)).ok_or_else(|| {
+                candle_core::Error::Msg(format!("no score head for layer {layer}"))
+            })?,
+        };
+        let picked = x.index_select(&self.target.ids(rows)?, 0)?;
+        self.final_norm.forward(&picked)?.matmul(&head.t()?)
     }
 }
 
@@ -281,41 +263,51 @@ impl PrefixRun for Decoder {
         let rotary = self
             .target
             .rotary_tables(spans, self.head_dim, self.rope_theta)?;
-        let last: Vec<u32> = batch.cu_seqlens[1..]
+        let last_rows: Vec<u32> = batch.cu_seqlens[1..]
             .iter()
             .map(|&end| (end as u32).saturating_sub(1))
             .collect();
-        let last = self.target.ids(&last)?;
+        let last = self.target.ids(&last_rows)?;
+        let sequence_rows: Vec<u32> = (0..batch.size() as u32).collect();
         let capture = capture.min(batch.lengths().next().unwrap_or(0));
+        let (exits, depth) = self.exits(batch, scores)?;
+        let mut scored = ExitScores {
+            sequences: Vec::new(),
+            pieces: Vec::new(),
+        };
         let mut captured = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
+        if scores && depth == 0 {
+            // No layer to run: the embeddings' last rows are scored.
+            scored.take(self, &x, &exits, 0, &last_rows)?;
+        }
+        for (i, layer) in self.layers.iter().take(depth).enumerate() {
             // Past the last layer's attention only the last token of each sequence matters for its score (and
             // the keys and values are complete before it).
-            let rows = (i + 1 == self.layers.len()).then_some(&last);
+            let at_end = i + 1 == depth;
+            let rows = at_end.then_some(&last);
             let cached = prefix.and_then(|kvs| kvs.get(i));
             let (next, (k, v)) = self.layer(layer, &x, &rotary, &batch.cu_seqlens, rows, cached)?;
             x = next;
+            if scores {
+                // After the last layer run, x holds one row per sequence.
+                let rows = if at_end { &sequence_rows } else { &last_rows };
+                scored.take(self, &x, &exits, i + 1, rows)?;
+            }
             if capture > 0 {
-                captured.push(match capture < k.dim(0)? {
-                    true => (
-                        k.narrow(0, 0, capture)?.copy()?,
-                        v.narrow(0, 0, capture)?.copy()?,
-                    ),
-                    false => (k, v),
-                });
+                captured.push(leading(k, v, capture)?);
             }
         }
         if !scores {
             return Ok((None, captured));
         }
-        if self.layers.is_empty() {
-            x = x.index_select(&last, 0)?;
-        }
-        let h = self.final_norm.forward(&x)?;
         Ok((
-            Some(h.matmul(&self.head.t()?)?.reshape((batch.size(), 1))?),
+            Some(scored.in_batch_order(batch.size(), &self.target)?),
             captured,
         ))
+    }
+
+    fn layer_count(&self) -> usize {
+        self.layers.len()
     }
 }
 
